@@ -1,0 +1,1 @@
+"""Cross-validation, what-if planning, plots and reports. Only the CLI imports this package."""

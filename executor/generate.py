@@ -1,0 +1,139 @@
+"""Prefill and decode a batch through a KV policy, timing every step: the executor's main loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from executor.kvcache import PolicyContext
+from executor.model import StepState, Transformer
+from executor.policies import Policy
+from executor.timing import StepRecorder, StepTimes
+from infinisim.errors import InfinisimError
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InfinisimError(f"generation length must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise InfinisimError("temperature must be >= 0 and top-p in (0, 1]")
+
+
+@dataclass
+class StepRecord:
+    index: int
+    phase: str  # "prefill" or "decode"
+    n_new: int  # positions written by this step, per sequence
+    kv_len: int  # positions in the cache after this step (padded batch)
+    times: StepTimes
+
+
+@dataclass
+class Generation:
+    new_tokens: list[list[int]]  # per sequence, up to and including EOS
+    prompt_lens: list[int]
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+def sample(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> Tensor:
+    """logits: [batch, vocab] float32 -> [batch] token ids."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: SamplingConfig,
+             on_step: Callable[[StepRecord], None] | None = None) -> Generation:
+    """Left-pads the prompts into one batch, prefills, then decodes one token per step."""
+    spec = model.spec
+    device = model.tok_embeddings.weight.device
+    if not prompts or any(not p for p in prompts):
+        raise InfinisimError("every prompt needs at least one token")
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    capacity = longest + cfg.max_new_tokens
+    if spec.family == "opt" and capacity > spec.max_positions:
+        raise InfinisimError(f"prompt + generation = {capacity} positions exceeds {spec.name}'s learned "
+                             f"position table ({spec.max_positions})")
+    if max(max(p) for p in prompts) >= spec.vocab_size:
+        raise InfinisimError(f"a prompt token id is outside {spec.name}'s vocabulary ({spec.vocab_size})")
+
+    tokens = torch.zeros(batch, longest, dtype=torch.long)
+    valid = torch.ones(batch, capacity, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        tokens[b, longest - len(p):] = torch.tensor(p)
+        valid[b, :longest - len(p)] = False
+    tokens, valid = tokens.to(device), valid.to(device)
+    positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
+
+    policy.setup(PolicyContext(spec.n_layers, batch, spec.n_kv_heads, spec.head_dim, capacity,
+                               model.tok_embeddings.weight.dtype, device))
+    recorder = StepRecorder(cuda=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    eos = torch.tensor(spec.eos_token_ids or [-1], device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    out: list[Tensor] = []
+    result = Generation([], [len(p) for p in prompts])
+
+    start = 0
+    with torch.inference_mode():
+        for index in range(cfg.max_new_tokens):
+            n_new = tokens.shape[1]
+            recorder.begin()
+            step = StepState(index, start, n_new, valid[:, :start + n_new], policy, recorder)
+            logits = model(tokens, positions, step)
+            with recorder.span(None, "head"):
+                next_token = sample(logits[:, -1], cfg, gen)
+                next_token = torch.where(finished, eos[0].clamp(min=0), next_token)
+            record = StepRecord(index, "prefill" if index == 0 else "decode", n_new, start + n_new,
+                                recorder.finish())
+            result.steps.append(record)
+            if on_step is not None:
+                on_step(record)
+            out.append(next_token)
+            if cfg.stop_at_eos:
+                finished |= torch.isin(next_token, eos)
+                if bool(finished.all()):
+                    break
+            start += n_new
+            tokens, positions = next_token[:, None], positions[:, -1:] + 1
+
+    generated = torch.stack(out, dim=1).tolist()
+    eos_ids = set(spec.eos_token_ids)
+    for row in generated:
+        cut = next((i + 1 for i, t in enumerate(row) if cfg.stop_at_eos and t in eos_ids), len(row))
+        result.new_tokens.append(row[:cut])
+    return result
+
+
+def prefill_logits(model: Transformer, tokens: list[int], policy: Policy) -> Tensor:
+    """float32 logits of every position of one prompt (for perplexity and reference checks)."""
+    device = model.tok_embeddings.weight.device
+    spec = model.spec
+    ids = torch.tensor([tokens], device=device)
+    policy.setup(PolicyContext(spec.n_layers, 1, spec.n_kv_heads, spec.head_dim, len(tokens),
+                               model.tok_embeddings.weight.dtype, device))
+    recorder = StepRecorder(cuda=device.type == "cuda")
+    recorder.begin()
+    step = StepState(0, 0, len(tokens), torch.ones(1, len(tokens), dtype=torch.bool, device=device),
+                     policy, recorder)
+    with torch.inference_mode():
+        logits = model(ids, torch.arange(len(tokens), device=device)[None], step, last_only=False)
+    recorder.finish()
+    return logits[0]

@@ -1,0 +1,100 @@
+"""Where KV rows live (host or device memory) and how they move between the two."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from executor.timing import StepRecorder
+
+
+class KVStore:
+    """K and V of every layer for a batch, [batch, kv_heads, capacity, head_dim] each, in one memory."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, pin_memory: bool = False):
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory) for _ in range(n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory) for _ in range(n_layers)]
+        self.token_bytes = 2 * batch * n_kv_heads * head_dim * self.k[0].element_size()  # one position, one layer
+
+    def write(self, layer: int, start: int, k: Tensor, v: Tensor, non_blocking: bool = False) -> None:
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end].copy_(k, non_blocking=non_blocking)
+        self.v[layer][:, :, start:end].copy_(v, non_blocking=non_blocking)
+
+
+class CopyEngine:
+    """Host<->device copies. On CUDA: their own streams, ordered with events; on CPU: a timed memcpy.
+
+    Every copy is timed as its own phase ("h2d"/"d2h"); the compute stream's wait for a copy is
+    timed as "wait" (always zero on CPU, where copies are synchronous).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def to_device(self, dst: list[Tensor], src: list[Tensor], layer: int, rec: StepRecorder) -> object:
+        """Copy host tensors into device tensors; returns a handle for `wait`."""
+        if not self.cuda:
+            with rec.span(layer, "h2d"):
+                for d, s in zip(dst, src, strict=True):
+                    d.copy_(s)
+            return None
+        stream = self.h2d_stream
+        stream.wait_stream(torch.cuda.current_stream())  # the destination is free to overwrite
+        stream.wait_stream(self.d2h_stream)  # rows written back last step have landed on the host
+        with torch.cuda.stream(stream), rec.span(layer, "h2d", stream):
+            for d, s in zip(dst, src, strict=True):
+                d.copy_(s, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done
+
+    def wait(self, handle: object, layer: int, rec: StepRecorder) -> None:
+        if handle is None:
+            return
+        with rec.span(layer, "wait"):
+            torch.cuda.current_stream().wait_event(handle)
+
+    def to_host(self, store: KVStore, layer: int, start: int, k: Tensor, v: Tensor, rec: StepRecorder) -> None:
+        """Write new rows back to the host store, asynchronously on CUDA."""
+        if not self.cuda:
+            with rec.span(layer, "d2h"):
+                store.write(layer, start, k, v)
+            return
+        stream = self.d2h_stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), rec.span(layer, "d2h", stream):
+            store.write(layer, start, k, v, non_blocking=True)
+        k.record_stream(stream)
+        v.record_stream(stream)
+
+
+@dataclass
+class PolicyContext:
+    """What a policy needs to place a run's KV cache."""
+
+    n_layers: int
+    batch: int
+    n_kv_heads: int
+    head_dim: int
+    capacity: int  # positions per sequence: longest prompt + new tokens
+    dtype: torch.dtype
+    device: torch.device
+
+    def store(self, device: torch.device, pin_memory: bool = False, n_layers: int | None = None) -> KVStore:
+        return KVStore(self.n_layers if n_layers is None else n_layers, self.batch, self.n_kv_heads,
+                       self.capacity, self.head_dim, self.dtype, device, pin_memory)
+
+    @property
+    def host_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def host_pinned(self) -> bool:
+        return self.device.type == "cuda"

@@ -1,0 +1,91 @@
+"""KV policies: what each layer fetches from host memory and attends over.
+
+A policy sees every layer twice: `on_attention_start` (at the start of the layer's attention;
+where a policy may run work ahead for later layers, e.g. speculation and prefetch) and
+`attend_kv` (stores the layer's new K/V rows, returns what attention runs over). Per layer it
+records bytes moved and tokens fetched/attended on the step recorder, and times its own phases.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from executor.kvcache import CopyEngine, PolicyContext
+from executor.model import StepState
+from infinisim.errors import InfinisimError
+
+
+class Policy:
+    name = ""
+
+    def setup(self, ctx: PolicyContext) -> None:
+        raise NotImplementedError
+
+    def on_attention_start(self, layer: int, attn_input: Tensor, step: StepState) -> None:
+        """Default: no work ahead of the layer."""
+
+    def attend_kv(self, layer: int, k_new: Tensor, v_new: Tensor, step: StepState) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def knobs(self) -> dict[str, object]:
+        """The policy's settings, for the trace header."""
+        return {}
+
+    @staticmethod
+    def count(step: StepState, layer: int, *, kv_len: int, fetched: int, attended: int,
+              bytes_h2d: int = 0, bytes_d2h: int = 0) -> None:
+        step.recorder.count(layer, kv_len=kv_len, tokens_fetched=fetched, tokens_attended=attended,
+                            bytes_h2d=bytes_h2d, bytes_d2h=bytes_d2h)
+
+
+class Resident(Policy):
+    """The whole KV cache stays in device memory: nothing moves; the ideal."""
+
+    name = "resident"
+
+    def setup(self, ctx: PolicyContext) -> None:
+        self.kv = ctx.store(ctx.device)
+
+    def attend_kv(self, layer: int, k_new: Tensor, v_new: Tensor, step: StepState) -> tuple[Tensor, Tensor, Tensor]:
+        end = step.start + step.n_new
+        with step.recorder.span(layer, "attn"):
+            self.kv.write(layer, step.start, k_new, v_new)
+        self.count(step, layer, kv_len=end, fetched=0, attended=end)
+        return self.kv.k[layer][:, :, :end], self.kv.v[layer][:, :, :end], step.valid[:, None, :]
+
+
+class Full(Policy):
+    """FlexGen: the KV cache lives in host memory; before each layer's attention its whole cache is
+    copied to the device, and the new rows are written back. Bytes count the padded batch."""
+
+    name = "full"
+
+    def setup(self, ctx: PolicyContext) -> None:
+        self.host = ctx.store(ctx.host_device, pin_memory=ctx.host_pinned)
+        self.staging = ctx.store(ctx.device, n_layers=1)  # one layer's cache on the device at a time
+        self.copies = CopyEngine(ctx.device)
+
+    def attend_kv(self, layer: int, k_new: Tensor, v_new: Tensor, step: StepState) -> tuple[Tensor, Tensor, Tensor]:
+        start, end = step.start, step.start + step.n_new
+        k, v = self.staging.k[0], self.staging.v[0]
+        fetched = self.copies.to_device([k[:, :, :start], v[:, :, :start]],
+                                        [self.host.k[layer][:, :, :start], self.host.v[layer][:, :, :start]],
+                                        layer, step.recorder) if start else None
+        self.copies.to_host(self.host, layer, start, k_new, v_new, step.recorder)
+        with step.recorder.span(layer, "attn"):
+            self.staging.write(0, start, k_new, v_new)
+        self.copies.wait(fetched, layer, step.recorder)
+        row = self.host.token_bytes
+        self.count(step, layer, kv_len=end, fetched=start, attended=end,
+                   bytes_h2d=start * row, bytes_d2h=step.n_new * row)
+        return k[:, :, :end], v[:, :, :end], step.valid[:, None, :]
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Resident, Full)}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise InfinisimError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})") from None

@@ -1,0 +1,81 @@
+"""Per-phase timing on the clock that matches the device.
+
+CPU: perf_counter around synchronous work. CUDA: event pairs on the stream that does the work,
+resolved once per step after a synchronize, so timing never stalls the pipeline mid-step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+LAYER_PHASES = ("attn", "ffn", "h2d", "d2h", "wait", "spec", "gather")
+STEP_PHASES = ("embed", "head")
+
+
+@dataclass
+class StepTimes:
+    """Resolved times of one step, in seconds."""
+
+    wall_s: float
+    step_phases: dict[str, float]
+    layer_phases: dict[int, dict[str, float]]
+    layer_counts: dict[int, dict[str, int]]
+
+
+@dataclass
+class StepRecorder:
+    """Collects spans of one step; `finish()` turns them into seconds."""
+
+    cuda: bool
+    _spans: list[tuple[int | None, str, object, object]] = field(default_factory=list)
+    _counts: dict[int, dict[str, int]] = field(default_factory=dict)
+    _start: object = None
+
+    def _mark(self, stream: torch.cuda.Stream | None = None) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def begin(self) -> None:
+        self._spans.clear()
+        self._counts = {}
+        self._start = self._mark()
+
+    @contextmanager
+    def span(self, layer: int | None, phase: str, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+        """Time the work issued inside the block (on `stream` when given, else the current one)."""
+        start = self._mark(stream)
+        yield
+        self._spans.append((layer, phase, start, self._mark(stream)))
+
+    def count(self, layer: int, **counts: int) -> None:
+        """Per-layer quantities of this step (bytes moved, tokens fetched, ...)."""
+        self._counts.setdefault(layer, {}).update(counts)
+
+    def finish(self) -> StepTimes:
+        end = self._mark()
+        if self.cuda:
+            torch.cuda.synchronize()
+
+            def elapsed(a: object, b: object) -> float:
+                return a.elapsed_time(b) / 1e3  # type: ignore[attr-defined]
+        else:
+            def elapsed(a: object, b: object) -> float:
+                return b - a  # type: ignore[operator]
+        step: dict[str, float] = defaultdict(float)
+        layers: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for layer, phase, a, b in self._spans:
+            if layer is None:
+                step[phase] += elapsed(a, b)
+            else:
+                layers[layer][phase] += elapsed(a, b)
+        return StepTimes(elapsed(self._start, end), dict(step), {k: dict(v) for k, v in layers.items()},
+                         self._counts)

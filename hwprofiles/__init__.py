@@ -1,0 +1,1 @@
+"""Hardware profiles (YAML), their loader/validator, and calibration. Arrives with the simulator issue."""

@@ -1,0 +1,1 @@
+"""The trace contract between executor and simulator: model specs, schema, writer, reader."""

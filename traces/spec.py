@@ -1,0 +1,125 @@
+"""Model specs: the architecture facts both the executor and the simulator need.
+
+Torch-free on purpose: a planner reads traces and simulates named models without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # "llama" (RoPE, RMSNorm, SwiGLU, GQA) or "opt" (learned positions, LayerNorm, ReLU)
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_hidden: int
+    vocab_size: int
+    max_positions: int = 4096
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # Llama-3 style {"rope_type": "llama3", "factor": ...}
+    qkv_bias: bool = False  # Qwen2; OPT has biases everywhere
+    tie_embeddings: bool = False
+    activation: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.family not in ("llama", "opt"):
+            raise ValueError(f"model {self.name}: family must be 'llama' or 'opt', got {self.family!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model {self.name}: n_heads {self.n_heads} is not a multiple of "
+                             f"n_kv_heads {self.n_kv_heads}")
+
+    def param_count(self) -> int:
+        d, hd = self.hidden, self.head_dim
+        attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+        if self.family == "opt":
+            attn += hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+            ffn = 2 * d * self.ffn_hidden + self.ffn_hidden + d
+            norms = 4 * d
+        else:
+            attn += hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
+            ffn = 3 * d * self.ffn_hidden
+            norms = 2 * d
+        per_layer = attn + ffn + norms
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        if self.family == "opt":
+            embed += (self.max_positions + 2) * d + 2 * d
+        else:
+            embed += d
+        return self.n_layers * per_layer + embed
+
+    def weight_bytes(self, dtype: str) -> int:
+        return self.param_count() * DTYPE_BYTES[dtype]
+
+    def kv_bytes_per_token(self, dtype: str) -> int:
+        """K and V of one token across all layers."""
+        return self.n_layers * 2 * self.n_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise KeyError(f"unknown model spec field(s): {', '.join(sorted(unknown))}")
+        args = dict(data)
+        args["eos_token_ids"] = tuple(args.get("eos_token_ids") or ())
+        return cls(**args)
+
+
+def _llama(name: str, n_layers: int, hidden: int, n_heads: int, n_kv_heads: int, ffn: int, vocab: int,
+           **kw: Any) -> ModelSpec:
+    return ModelSpec(name, "llama", n_layers, hidden, n_heads, n_kv_heads, hidden // n_heads, ffn, vocab, **kw)
+
+
+def _opt(name: str, n_layers: int, hidden: int, n_heads: int, ffn: int) -> ModelSpec:
+    return ModelSpec(name, "opt", n_layers, hidden, n_heads, n_heads, hidden // n_heads, ffn, 50272,
+                     max_positions=2048, activation="relu", tie_embeddings=True, bos_token_id=2, eos_token_ids=(2,))
+
+
+_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+# Published configurations (config.json of each checkpoint).
+MODELS: dict[str, ModelSpec] = {m.name: m for m in [
+    _llama("smollm2-135m", 30, 576, 9, 3, 1536, 49152, max_positions=8192, rope_base=100000.0,
+           tie_embeddings=True, bos_token_id=1, eos_token_ids=(2, 0)),
+    _llama("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, bos_token_id=1, eos_token_ids=(2,)),
+    _llama("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, bos_token_id=1, eos_token_ids=(2,)),
+    _llama("llama-3-8b", 32, 4096, 32, 8, 14336, 128256, max_positions=8192, rope_base=500000.0,
+           bos_token_id=128000, eos_token_ids=(128001,)),
+    _llama("llama-3.1-8b", 32, 4096, 32, 8, 14336, 128256, max_positions=131072, rope_base=500000.0,
+           rope_scaling=_LLAMA3_SCALING, bos_token_id=128000, eos_token_ids=(128001,)),
+    _llama("llama-3.1-70b", 80, 8192, 64, 8, 28672, 128256, max_positions=131072, rope_base=500000.0,
+           rope_scaling=_LLAMA3_SCALING, bos_token_id=128000, eos_token_ids=(128001,)),
+    _llama("mistral-7b", 32, 4096, 32, 8, 14336, 32000, max_positions=32768, bos_token_id=1, eos_token_ids=(2,)),
+    _llama("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, max_positions=32768, rope_base=1000000.0,
+           norm_eps=1e-6, qkv_bias=True, eos_token_ids=(151643,)),
+    _opt("opt-125m", 12, 768, 12, 3072),
+    _opt("opt-6.7b", 32, 4096, 32, 16384),
+    _opt("opt-13b", 40, 5120, 40, 20480),
+    _opt("opt-30b", 48, 7168, 56, 28672),
+    _opt("opt-66b", 64, 9216, 72, 36864),
+]}
+
+
+def named_model(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
