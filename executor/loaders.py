@@ -20,7 +20,7 @@ from torch import Tensor
 from executor.model import Transformer, rope_inv_freq
 from executor.tokenizer import tokenizer_from_file, tokenizer_from_gguf
 from infinisim.errors import InfinisimError
-from traces.spec import DTYPE_BYTES, ModelSpec, named_model
+from traces.spec import ModelSpec, named_model
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMBEDDED_MODEL = "smollm2-135m"
@@ -121,7 +121,7 @@ def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path, dtype: str, device: torch.device) -> LoadedModel:
+def load_gguf(path: Path, dtype: str, device: torch.device, name: str | None = None) -> LoadedModel:
     import gguf
 
     try:
@@ -155,7 +155,7 @@ def load_gguf(path: Path, dtype: str, device: torch.device) -> LoadedModel:
     n_heads, hidden = int(meta("attention.head_count")), int(meta("embedding_length"))
     n_kv_heads = int(meta("attention.head_count_kv", n_heads))
     spec = ModelSpec(
-        name=path.stem.lower(), family="llama", n_layers=int(meta("block_count")), hidden=hidden,
+        name=name or path.stem.lower(), family="llama", n_layers=int(meta("block_count")), hidden=hidden,
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=int(meta("rope.dimension_count", hidden // n_heads)),
         ffn_hidden=int(meta("feed_forward_length")), vocab_size=int(meta("vocab_size", len(token_names) or None)),
         max_positions=int(meta("context_length")), norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
@@ -319,7 +319,7 @@ def load_model(model: str, dtype: str = "float32", device: str | torch.device = 
         tokenizer = _embedded_tokenizer()
         return LoadedModel(materialize(spec, None, dtype, device, "random"), tokenizer, "random")
     if model == EMBEDDED_MODEL:
-        return load_gguf(embedded_gguf_path(), dtype, device)
+        return load_gguf(embedded_gguf_path(), dtype, device, name=EMBEDDED_MODEL)
     raise InfinisimError(f"no weights ship for {model}: pass --random-weights for a timing-only run, "
                          "or a .gguf file / Hugging Face folder")
 
@@ -334,7 +334,3 @@ def _embedded_tokenizer() -> Tokenizer | None:
     fields = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("tokenizer.ggml.")
               and k != "tokenizer.ggml.chat_template"}
     return tokenizer_from_gguf(fields, embedded_gguf_path())
-
-
-def dtype_bytes(dtype: str) -> int:
-    return DTYPE_BYTES[dtype]

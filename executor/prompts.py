@@ -1,0 +1,41 @@
+"""Prompt sources that need no download: text given by the user, or English that ships with Python."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from infinisim.errors import InfinisimError
+
+
+def bundled_text() -> str:
+    """~465 KB of English: Python's own documentation topics (pydoc_data, part of the stdlib)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def read_prompt_file(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InfinisimError(f"cannot read prompt ({exc.__class__.__name__}: {exc})", path) from None
+
+
+def bundled_prompts(tokenizer: Tokenizer, batch: int, length: int, vocab_size: int) -> list[list[int]]:
+    """`batch` different windows of `length` tokens from the bundled text (wrapping around if needed).
+
+    Ids are folded into `vocab_size` so random-weight models with smaller vocabularies can use them.
+    """
+    if length < 1:
+        raise InfinisimError(f"prompt length must be at least 1 token, got {length}")
+    text = bundled_text()
+    need = batch * length
+    chars = min(len(text), need * 6 + 1000)
+    ids = tokenizer.encode(text[:chars]).ids
+    if len(ids) < need and chars < len(text):
+        ids = tokenizer.encode(text).ids
+    while len(ids) < need:
+        ids = ids + ids
+    return [[t % vocab_size for t in ids[b * length:(b + 1) * length]] for b in range(batch)]

@@ -1,0 +1,80 @@
+"""Turning a finished generation into a trace (the executor's side of the contract)."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+
+from executor.generate import Generation, SamplingConfig, StepRecord, generate
+from executor.model import Transformer
+from executor.policies import make_policy
+from traces.spec import ModelSpec
+from traces.trace import LAYER_COLUMNS, Trace
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return {
+        "device_name": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def trace_from_generation(gen: Generation, spec: ModelSpec, run: dict[str, object], device: torch.device) -> Trace:
+    steps, rows = [], []
+    for record in gen.steps:
+        t = record.times
+        steps.append({"step": record.index, "phase": record.phase, "n_new": record.n_new, "kv_len": record.kv_len,
+                      "wall_s": t.wall_s, "embed_s": t.step_phases.get("embed", 0.0),
+                      "head_s": t.step_phases.get("head", 0.0)})
+        for layer in range(spec.n_layers):
+            row = {name: 0 for name in LAYER_COLUMNS}
+            row.update(step=record.index, layer=layer)
+            row.update(t.layer_counts.get(layer, {}))
+            row.update({f"{phase}_s": seconds for phase, seconds in t.layer_phases.get(layer, {}).items()})
+            rows.append(row)
+    layers = pd.DataFrame(rows, columns=list(LAYER_COLUMNS)).astype(
+        {name: ("float64" if dtype == "double" else str(dtype)) for name, dtype in LAYER_COLUMNS.items()})
+    return Trace(spec, run, environment(device), pd.DataFrame(steps), layers)
+
+
+def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, sampling: SamplingConfig,
+               run_info: dict[str, object], on_step: Callable[[StepRecord], None] | None = None
+               ) -> tuple[Generation, Trace]:
+    """Generate through one policy and describe the run as a trace (not yet written)."""
+    policy = make_policy(policy_name)
+    gen = generate(model, prompts, policy, sampling, on_step)
+    device = model.tok_embeddings.weight.device
+    run = {
+        **run_info,
+        "policy": policy.name,
+        "policy_knobs": policy.knobs(),
+        "batch": len(prompts),
+        "prompt_lens": gen.prompt_lens,
+        "gen_len": sampling.max_new_tokens,
+        "new_tokens": [len(t) for t in gen.new_tokens],
+        "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+        "device": device.type,
+        "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+                     "stop_at_eos": sampling.stop_at_eos},
+    }
+    return gen, trace_from_generation(gen, model.spec, run, device)

@@ -1,0 +1,198 @@
+"""`infinisim`: one front door to the executor, the simulator and the analysis."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from infinisim import __version__
+from infinisim.errors import InfinisimError
+
+EPILOG = "Docs: README.md and docs/ in the source tree. Errors exit with status 1, usage errors with 2."
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="live executor run: decode a batch through KV policies, write one trace per policy",
+        description="Run the real executor: prefill and decode a batch through each KV policy, time every "
+                    "phase of every layer of every step, write one trace per policy and print a summary.",
+        epilog=EPILOG)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="named architecture (see `infinisim models`), a .gguf file or a Hugging Face folder "
+                        "(config.json + *.safetensors); default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights for a named architecture (timing-only runs)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (every sequence of the batch gets it)")
+    src.add_argument("--prompt-file", help="file whose text is the prompt")
+    src.add_argument("--prompt-len", type=_positive,
+                     help="prompt of N tokens drawn from Python's bundled documentation text, a different "
+                          "window per sequence (default when no prompt is given: 2048)")
+    p.add_argument("--batch", type=_positive, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--gen-len", type=_positive, default=32, help="new tokens per sequence (default 32)")
+    p.add_argument("--policy", default="resident",
+                   help="KV policy, or several separated by commas, run one after another on the same "
+                        "model and prompts (resident, full; default resident)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present, else cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="always decode --gen-len tokens (timing runs)")
+    p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--trace", help="trace file to write (one policy only)")
+    out.add_argument("--out", default="runs", help="folder for the traces (default runs/)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from executor.generate import SamplingConfig
+    from executor.loaders import load_model
+    from executor.policies import POLICIES
+    from executor.prompts import bundled_prompts, read_prompt_file
+    from executor.recording import run_policy
+    from traces.summary import summarize
+    from traces.trace import write_trace
+
+    policies = [name.strip() for name in args.policy.split(",") if name.strip()]
+    unknown = [name for name in policies if name not in POLICIES]
+    if unknown or not policies:
+        raise InfinisimError(f"unknown policy {unknown[0] if unknown else '(none)'!r} "
+                             f"(choose from {', '.join(POLICIES)})", field="--policy")
+    if args.trace and len(policies) > 1:
+        raise InfinisimError("--trace names one file; with several policies use --out", field="--trace")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InfinisimError("no CUDA device is available", field="--device")
+    sampling = SamplingConfig(args.gen_len, args.temperature, args.top_p, args.seed, not args.ignore_eos)
+
+    print(f"loading {args.model}{' (random weights)' if args.random_weights else ''} "
+          f"on {device} in {args.dtype} ...", file=sys.stderr)
+    loaded = load_model(args.model, args.dtype, device, args.random_weights)
+    spec, tokenizer = loaded.model.spec, loaded.tokenizer
+    text = args.prompt if args.prompt is not None else (
+        read_prompt_file(args.prompt_file) if args.prompt_file else None)
+    if text is not None:
+        if tokenizer is None:
+            raise InfinisimError("this model has no tokenizer: use --prompt-len", field="--prompt")
+        ids = [t % spec.vocab_size for t in tokenizer.encode(text).ids]
+        prompts = [ids] * args.batch
+        prompt_source = "file" if args.prompt_file else "text"
+    else:
+        if tokenizer is None:
+            raise InfinisimError("this model has no tokenizer to draw a prompt with; give a model with a "
+                                 "tokenizer.json", field="--prompt-len")
+        prompts = bundled_prompts(tokenizer, args.batch, args.prompt_len or 2048, spec.vocab_size)
+        prompt_source = "pydoc_data"
+    run_info = {"model": args.model, "weights": loaded.source, "prompt_source": prompt_source}
+
+    summaries, texts = [], {}
+    for name in policies:
+        n_steps = sampling.max_new_tokens
+        with tqdm(total=n_steps, desc=f"{name}", unit="tok", file=sys.stderr, disable=None,
+                  leave=False) as bar:
+            try:
+                gen, trace = run_policy(loaded.model, prompts, name, sampling, run_info,
+                                        on_step=lambda record: bar.update(1))
+            except KeyboardInterrupt:
+                print(f"\ninterrupted: no trace written for {name}", file=sys.stderr)
+                return 130
+        label = f"{spec.name}-{name}-b{args.batch}-p{max(map(len, prompts))}-g{args.gen_len}"
+        path = write_trace(trace, args.trace or Path(args.out) / f"{label}.trace.parquet")
+        summary = {**summarize(trace), "trace": str(path)}
+        summaries.append(summary)
+        if tokenizer is not None:
+            texts[name] = tokenizer.decode(gen.new_tokens[0])
+    if args.json:
+        print(json.dumps({"summaries": summaries, "first_sequence_text": texts}, indent=2))
+    else:
+        print_summaries(summaries, texts)
+    return 0
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def print_summaries(summaries: list[dict], texts: dict[str, str]) -> None:
+    for s in summaries:
+        print(f"[{s['policy']}] first sequence: {texts.get(s['policy'], '(no tokenizer)')!r}")
+    print()
+    header = f"{'policy':<10} {'prefill s':>9} {'decode ms/tok':>13} {'p50':>7} {'p99':>7} {'tok/s':>8} " \
+             f"{'H2D/step':>10} {'D2H/step':>10}"
+    print(header)
+    print("-" * len(header))
+    for s in summaries:
+        print(f"{s['policy']:<10} {s['prefill_s']:>9.3f} {s['decode_ms_mean']:>13.2f} {s['decode_ms_p50']:>7.2f} "
+              f"{s['decode_ms_p99']:>7.2f} {s['decode_tokens_per_s']:>8.1f} "
+              f"{_bytes(s['bytes_h2d_per_decode_step']):>10} {_bytes(s['bytes_d2h_per_decode_step']):>10}")
+    print()
+    for s in summaries:
+        print(f"trace ({s['policy']}): {s['trace']}  [moved H2D {_bytes(s['bytes_h2d_total'])}, "
+              f"D2H {_bytes(s['bytes_d2h_total'])}]")
+
+
+def add_models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the named architectures", epilog=EPILOG,
+                       description="List the named architectures (usable with --random-weights, and by the "
+                                   "simulator), with sizes.")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from traces.spec import MODELS
+
+    print(f"{'name':<15} {'family':<6} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>4} {'params':>8} "
+          f"{'KV/token fp16':>13}")
+    for spec in MODELS.values():
+        kv_token = _bytes(spec.kv_bytes_per_token("float16"))
+        print(f"{spec.name:<15} {spec.family:<6} {spec.n_layers:>6} {spec.hidden:>6} {spec.n_heads:>5} "
+              f"{spec.n_kv_heads:>4} {spec.param_count() / 1e9:>7.2f}B {kv_token:>13}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infinisim", epilog=EPILOG,
+        description="Measure, simulate and plan KV-cache offloading (InfiniGen and baselines) for LLM inference.")
+    parser.add_argument("--version", action="version", version=f"infinisim {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_run_parser(sub)
+    add_models_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InfinisimError as exc:
+        print(f"infinisim: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninfinisim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

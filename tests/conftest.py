@@ -1,0 +1,43 @@
+"""Shared fixtures: the embedded model (ours and transformers'), and the paper's prompt text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+PG19 = Path(os.environ.get("INFINISIM_PG19", REPO.parent / "shared" / "data" / "pg19_firstbook.txt"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from executor.loaders import load_model
+
+    return load_model("smollm2-135m", "float32", "cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' LlamaForCausalLM and tokenizer on the same GGUF (the independent reference)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from executor.loaders import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def pg19_text() -> str:
+    if not PG19.exists():
+        pytest.fail(f"{PG19} is missing: the shared data folder must sit beside the repo "
+                    "(or set INFINISIM_PG19 to the file)")
+    return PG19.read_text(encoding="utf-8")

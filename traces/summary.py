@@ -1,0 +1,34 @@
+"""Headline numbers of a trace: what `infinisim run` prints and benchmarks store."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from traces.trace import Trace
+
+
+def summarize(trace: Trace) -> dict[str, float | int | str]:
+    decode = trace.decode_steps()
+    wall = decode["wall_s"].to_numpy()
+    batch = int(trace.run["batch"])
+    decode_rows = trace.layers[trace.layers["step"].isin(decode["step"])]
+    prefill = trace.steps[trace.steps["phase"] == "prefill"]["wall_s"].sum()
+    n = max(len(decode), 1)
+    return {
+        "policy": trace.run["policy"],
+        "prefill_s": float(prefill),
+        "decode_steps": len(decode),
+        "decode_ms_mean": float(wall.mean() * 1e3) if len(wall) else float("nan"),
+        "decode_ms_p50": float(np.percentile(wall, 50) * 1e3) if len(wall) else float("nan"),
+        "decode_ms_p99": float(np.percentile(wall, 99) * 1e3) if len(wall) else float("nan"),
+        "decode_tokens_per_s": float(batch * len(wall) / wall.sum()) if len(wall) else float("nan"),
+        "bytes_h2d_total": int(trace.layers["bytes_h2d"].sum()),
+        "bytes_d2h_total": int(trace.layers["bytes_d2h"].sum()),
+        "bytes_h2d_per_decode_step": float(decode_rows["bytes_h2d"].sum() / n),
+        "bytes_d2h_per_decode_step": float(decode_rows["bytes_d2h"].sum() / n),
+        "decode_attn_ms": float(decode_rows["attn_s"].sum() / n * 1e3),
+        "decode_ffn_ms": float(decode_rows["ffn_s"].sum() / n * 1e3),
+        "decode_h2d_ms": float(decode_rows["h2d_s"].sum() / n * 1e3),
+        "decode_d2h_ms": float(decode_rows["d2h_s"].sum() / n * 1e3),
+        "decode_wait_ms": float(decode_rows["wait_s"].sum() / n * 1e3),
+    }

@@ -1,0 +1,153 @@
+"""The trace file: one Parquet file, one row per (step, layer), with a JSON header in its metadata.
+
+See docs/TRACE_FORMAT.md for the fields and units. Writes are atomic (temporary name, then
+rename); reads validate everything and fail with one line naming the file and field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from infinisim.errors import InfinisimError
+from traces.spec import ModelSpec
+
+SCHEMA_NAME = "infinisim-trace"
+SCHEMA_VERSION = 1
+METADATA_KEY = b"infinisim"
+
+# (step, layer) rows. Times in seconds, bytes in bytes, token counts per sequence.
+LAYER_COLUMNS: dict[str, pa.DataType] = {
+    "step": pa.int32(),
+    "layer": pa.int32(),
+    "kv_len": pa.int32(),  # cache positions after this step (padded batch)
+    "tokens_fetched": pa.int32(),  # positions copied host->device for this layer
+    "tokens_attended": pa.int32(),  # positions this layer's attention ran over
+    "bytes_h2d": pa.int64(),
+    "bytes_d2h": pa.int64(),
+    "attn_s": pa.float64(),
+    "ffn_s": pa.float64(),
+    "h2d_s": pa.float64(),
+    "d2h_s": pa.float64(),
+    "wait_s": pa.float64(),
+    "spec_s": pa.float64(),
+    "gather_s": pa.float64(),
+}
+STEP_FIELDS = ("step", "phase", "n_new", "kv_len", "wall_s", "embed_s", "head_s")
+RUN_FIELDS = ("policy", "policy_knobs", "batch", "prompt_lens", "gen_len", "dtype", "device", "sampling", "weights")
+ENV_FIELDS = ("device_name", "torch", "python", "host", "created")
+
+
+@dataclass
+class Trace:
+    model: ModelSpec
+    run: dict[str, Any]
+    environment: dict[str, Any]
+    steps: pd.DataFrame  # one row per step: STEP_FIELDS
+    layers: pd.DataFrame  # one row per (step, layer): LAYER_COLUMNS
+
+    def header(self) -> dict[str, Any]:
+        return {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "model": self.model.to_dict(), "run": self.run,
+                "environment": self.environment, "steps": self.steps[list(STEP_FIELDS)].to_dict("records")}
+
+    def decode_steps(self) -> pd.DataFrame:
+        return self.steps[self.steps["phase"] == "decode"]
+
+
+def _content_hash(header: dict[str, Any], table: pa.Table) -> str:
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
+    for name in table.column_names:
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(table.column(name).to_numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def write_trace(trace: Trace, path: str | Path) -> Path:
+    """Write atomically: an interrupted write leaves the old file (or none), never half a trace."""
+    path = Path(path)
+    missing = [c for c in LAYER_COLUMNS if c not in trace.layers.columns]
+    if missing:
+        raise InfinisimError("layer rows lack a column", path, missing[0])
+    table = pa.Table.from_pandas(trace.layers[list(LAYER_COLUMNS)], schema=pa.schema(LAYER_COLUMNS),
+                                 preserve_index=False)
+    header = trace.header()
+    header["content_hash"] = _content_hash(header, table)
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(header, default=str).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _require(mapping: Any, keys: tuple[str, ...], path: Path, where: str) -> None:
+    if not isinstance(mapping, dict):
+        raise InfinisimError("must be a mapping", path, where)
+    for key in keys:
+        if key not in mapping:
+            raise InfinisimError("missing field", path, f"{where}.{key}")
+
+
+def read_trace(path: str | Path) -> Trace:
+    path = Path(path)
+    if not path.exists():
+        raise InfinisimError("no such trace file", path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for truncated or foreign files
+        raise InfinisimError(f"not a readable trace (truncated or not Parquet: {str(exc).splitlines()[0][:100]})",
+                             path) from None
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise InfinisimError("not an infinisim trace (no header in the Parquet metadata)", path, "infinisim")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InfinisimError(f"header is not valid JSON ({exc})", path, "header") from None
+    _require(header, ("schema", "version", "model", "run", "environment", "steps", "content_hash"), path, "header")
+    if header["schema"] != SCHEMA_NAME:
+        raise InfinisimError(f"schema is {header['schema']!r}, expected {SCHEMA_NAME!r}", path, "header.schema")
+    if header["version"] != SCHEMA_VERSION:
+        raise InfinisimError(f"schema version {header['version']} is not supported (this infinisim reads "
+                             f"version {SCHEMA_VERSION})", path, "header.version")
+    try:
+        model = ModelSpec.from_dict(header["model"])
+    except (TypeError, KeyError, ValueError) as exc:
+        raise InfinisimError(f"invalid model spec ({exc})", path, "header.model") from None
+    _require(header["run"], RUN_FIELDS, path, "header.run")
+    _require(header["environment"], ENV_FIELDS, path, "header.environment")
+    if not isinstance(header["steps"], list) or not header["steps"]:
+        raise InfinisimError("must be a non-empty list", path, "header.steps")
+    for i, step in enumerate(header["steps"]):
+        _require(step, STEP_FIELDS, path, f"header.steps[{i}]")
+    for name, dtype in LAYER_COLUMNS.items():
+        if name not in table.column_names:
+            raise InfinisimError("missing column", path, name)
+        if table.schema.field(name).type != dtype:
+            raise InfinisimError(f"column has type {table.schema.field(name).type}, expected {dtype}", path, name)
+    stored_hash = header.pop("content_hash")
+    if _content_hash(header, table.select(list(LAYER_COLUMNS))) != stored_hash:
+        raise InfinisimError("does not match the contents (file modified or corrupted)", path, "header.content_hash")
+    steps = pd.DataFrame(header["steps"], columns=list(STEP_FIELDS))
+    layers = table.select(list(LAYER_COLUMNS)).to_pandas()
+    if len(layers) != len(steps) * model.n_layers:
+        raise InfinisimError(f"{len(layers)} layer rows, expected steps x layers = {len(steps)} x {model.n_layers}",
+                             path, "rows")
+    return Trace(model, header["run"], header["environment"], steps, layers)
