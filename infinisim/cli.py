@@ -105,6 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summaries, texts = [], {}
     for name in policies:
         n_steps = sampling.max_new_tokens
+        print(f"[{name}] decoding {len(prompts)} x {max(map(len, prompts))} prompt tokens, "
+              f"up to {n_steps} new tokens each ...", file=sys.stderr, flush=True)
         with tqdm(total=n_steps, desc=f"{name}", unit="tok", file=sys.stderr, disable=None,
                   leave=False) as bar:
             try:

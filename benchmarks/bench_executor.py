@@ -1,0 +1,91 @@
+"""Executor benchmark: per-step decode latency of KV policies side by side, and the bytes `full` moves.
+
+Writes JSON (default benchmarks/results/executor-<device>-<model>.json). Run on demand:
+    .venv/bin/python benchmarks/bench_executor.py                      # SmolLM2, CPU, b4, p2048, g32
+    .venv/bin/python benchmarks/bench_executor.py --model llama-3-8b --random-weights --batch 8 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from executor.generate import SamplingConfig
+from executor.loaders import load_model
+from executor.prompts import bundled_prompts
+from executor.recording import run_policy
+from traces.spec import DTYPE_BYTES
+from traces.summary import summarize
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--policies", default="resident,full")
+    p.add_argument("--repeats", type=int, default=1, help="run the policy list this many times, interleaved")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", help="JSON path")
+    args = p.parse_args()
+
+    loaded = load_model(args.model, args.dtype, args.device, args.random_weights)
+    spec = loaded.model.spec
+    prompts = bundled_prompts(loaded.tokenizer, args.batch, args.prompt_len, spec.vocab_size)
+    sampling = SamplingConfig(args.gen_len, stop_at_eos=False)
+    policies = args.policies.split(",")
+    results: dict[str, list[dict]] = {name: [] for name in policies}
+    for rep in range(args.repeats):
+        for name in policies:
+            t0 = time.perf_counter()
+            _, trace = run_policy(loaded.model, prompts, name, sampling, {"model": args.model,
+                                                                           "weights": loaded.source})
+            summary = summarize(trace)
+            decode = trace.decode_steps()
+            # full: per step, layers x 2 x kv_heads x head_dim x bytes x cached tokens x batch
+            rows = trace.layers.merge(decode[["step", "n_new"]], on="step")
+            kv_row_bytes = 2 * spec.n_kv_heads * spec.head_dim * DTYPE_BYTES[args.dtype] * args.batch
+            expected = kv_row_bytes * (rows["kv_len"] - rows["n_new"])
+            summary["bytes_h2d_equal_kv_arithmetic"] = bool((rows["bytes_h2d"] == expected).all()) \
+                if name == "full" else None
+            summary["decode_step_ms"] = [round(w * 1e3, 3) for w in decode["wall_s"]]
+            summary["run_s"] = time.perf_counter() - t0
+            results[name].append(summary)
+            print(f"[{rep}] {name}: decode {summary['decode_ms_mean']:.1f} ms/step (p50 "
+                  f"{summary['decode_ms_p50']:.1f}), H2D {summary['bytes_h2d_per_decode_step'] / 1e6:.1f} MB/step",
+                  file=sys.stderr)
+
+    def median_ms(name: str) -> float:
+        return statistics.median(r["decode_ms_mean"] for r in results[name])
+
+    ratios = {f"{name}_vs_{policies[0]}": median_ms(name) / median_ms(policies[0]) for name in policies[1:]}
+    report = {
+        "benchmark": "executor_decode",
+        "config": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "device_name": torch.cuda.get_device_name() if args.device == "cuda" else None},
+        "model": spec.to_dict(),
+        "kv_bytes_per_token_all_layers": spec.kv_bytes_per_token(args.dtype),
+        "results": results,
+        "decode_ms_mean_median": {name: median_ms(name) for name in policies},
+        "ratios": ratios,
+    }
+    out = Path(args.out or f"benchmarks/results/executor-{args.device}-{spec.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    full_bytes = results["full"][0]["bytes_h2d_per_decode_step"] if "full" in results else None
+    print(json.dumps({"decode_ms_mean": report["decode_ms_mean_median"], "ratios": ratios,
+                      "full_bytes_h2d_per_decode_step": full_bytes, "out": str(out)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

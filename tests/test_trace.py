@@ -1,0 +1,115 @@
+"""The trace contract: round trip, validation errors, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from executor.generate import SamplingConfig
+from executor.loaders import load_model
+from executor.recording import run_policy
+from infinisim.errors import InfinisimError
+from traces import trace as trace_module
+from traces.summary import summarize
+from traces.trace import METADATA_KEY, read_trace, write_trace
+
+
+@pytest.fixture(scope="module")
+def tiny_trace():
+    loaded = load_model("smollm2-135m", "float32", "cpu", random_weights=True)
+    _, trace = run_policy(loaded.model, [[1, 2, 3, 4], [5, 6]], "full", SamplingConfig(5, stop_at_eos=False),
+                          {"model": "smollm2-135m", "weights": "random"})
+    return trace
+
+
+def _rewrite_header(src: Path, dst: Path, edit) -> None:
+    table = pq.read_table(src)
+    header = json.loads(table.schema.metadata[METADATA_KEY])
+    edit(header)
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(header).encode()}), dst)
+
+
+def test_round_trip(tiny_trace, tmp_path):
+    path = write_trace(tiny_trace, tmp_path / "t.trace.parquet")
+    back = read_trace(path)
+    assert back.model == tiny_trace.model
+    assert back.run == json.loads(json.dumps(tiny_trace.run))
+    assert back.environment == tiny_trace.environment
+    assert back.steps.equals(tiny_trace.steps)
+    assert back.layers.equals(tiny_trace.layers)
+    assert len(back.layers) == 5 * back.model.n_layers
+    summary = summarize(back)
+    assert summary["decode_steps"] == 4 and summary["bytes_h2d_total"] > 0
+
+
+def test_truncated_file(tiny_trace, tmp_path):
+    path = write_trace(tiny_trace, tmp_path / "t.trace.parquet")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.trace.parquet"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InfinisimError, match=r"cut\.trace\.parquet: not a readable trace \(truncated"):
+        read_trace(cut)
+
+
+def test_wrong_schema_version(tiny_trace, tmp_path):
+    path = write_trace(tiny_trace, tmp_path / "t.trace.parquet")
+    _rewrite_header(path, tmp_path / "v.parquet", lambda h: h.update(version=99))
+    with pytest.raises(InfinisimError, match=r"v\.parquet: header\.version: schema version 99 is not supported"):
+        read_trace(tmp_path / "v.parquet")
+
+
+def test_missing_header_field(tiny_trace, tmp_path):
+    path = write_trace(tiny_trace, tmp_path / "t.trace.parquet")
+    _rewrite_header(path, tmp_path / "m.parquet", lambda h: h["run"].pop("batch"))
+    with pytest.raises(InfinisimError, match=r"m\.parquet: header\.run\.batch: missing field"):
+        read_trace(tmp_path / "m.parquet")
+
+
+def test_missing_column(tiny_trace, tmp_path):
+    path = write_trace(tiny_trace, tmp_path / "t.trace.parquet")
+    table = pq.read_table(path)
+    pq.write_table(table.drop_columns(["bytes_h2d"]).replace_schema_metadata(table.schema.metadata),
+                   tmp_path / "c.parquet")
+    with pytest.raises(InfinisimError, match=r"c\.parquet: bytes_h2d: missing column"):
+        read_trace(tmp_path / "c.parquet")
+
+
+def test_modified_contents_fail_the_hash(tiny_trace, tmp_path):
+    path = write_trace(tiny_trace, tmp_path / "t.trace.parquet")
+    _rewrite_header(path, tmp_path / "h.parquet", lambda h: h["steps"][1].update(wall_s=123.0))
+    with pytest.raises(InfinisimError, match="content_hash: does not match"):
+        read_trace(tmp_path / "h.parquet")
+
+
+def test_not_a_trace(tmp_path):
+    (tmp_path / "x.parquet").write_text("hello")
+    with pytest.raises(InfinisimError, match="not a readable trace"):
+        read_trace(tmp_path / "x.parquet")
+    with pytest.raises(InfinisimError, match="no such trace file"):
+        read_trace(tmp_path / "absent.parquet")
+
+
+def test_interrupted_write_leaves_nothing(tiny_trace, tmp_path, monkeypatch):
+    target = tmp_path / "t.trace.parquet"
+
+    def interrupted(table, where, **kwargs):
+        where.write(b"PAR1 partial bytes")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trace_module.pq, "write_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_trace(tiny_trace, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_overwrite_keeps_the_old_trace(tiny_trace, tmp_path, monkeypatch):
+    target = write_trace(tiny_trace, tmp_path / "t.trace.parquet")
+    before = target.read_bytes()
+    monkeypatch.setattr(trace_module.pq, "write_table", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        write_trace(tiny_trace, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.trace.parquet"]
