@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from executor.timing import StepRecorder
+from infinisim.errors import InfinisimError
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(what: str, nbytes: int, device: torch.device) -> None:
+    free = available_bytes(device)
+    if nbytes > free:
+        raise InfinisimError(f"{what} needs {nbytes / 1e9:.1f} GB but the {device.type} has "
+                             f"{free / 1e9:.1f} GB available")
 
 
 class KVStore:
@@ -88,7 +110,10 @@ class PolicyContext:
     device: torch.device
 
     def store(self, device: torch.device, pin_memory: bool = False, n_layers: int | None = None) -> KVStore:
-        return KVStore(self.n_layers if n_layers is None else n_layers, self.batch, self.n_kv_heads,
+        n_layers = self.n_layers if n_layers is None else n_layers
+        nbytes = 2 * n_layers * self.batch * self.n_kv_heads * self.capacity * self.head_dim * self.dtype.itemsize
+        check_fits(f"a KV cache of {self.batch} x {self.capacity} positions x {n_layers} layers", nbytes, device)
+        return KVStore(n_layers, self.batch, self.n_kv_heads,
                        self.capacity, self.head_dim, self.dtype, device, pin_memory)
 
     @property

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from executor.kvcache import check_fits
 from executor.model import Transformer, rope_inv_freq
 from executor.tokenizer import tokenizer_from_file, tokenizer_from_gguf
 from infinisim.errors import InfinisimError
@@ -45,29 +45,13 @@ def embedded_gguf_path() -> Path:
     return files[0]
 
 
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_fits(what: str, nbytes: int, device: torch.device) -> None:
-    free = available_bytes(device)
-    if nbytes > free:
-        raise InfinisimError(f"{what} needs {nbytes / 1e9:.1f} GB but the {device.type} has "
-                             f"{free / 1e9:.1f} GB available")
-
-
 def materialize(spec: ModelSpec, state: dict[str, Tensor] | None, dtype: str, device: torch.device,
-                source: str) -> Transformer:
-    """Our Transformer on `device` with `state` (our names), or random weights when state is None."""
+                source: str, file_names: dict[str, str] | None = None) -> Transformer:
+    """Our Transformer on `device` with `state` (our names), or random weights when state is None.
+
+    `file_names` maps our tensor names to the names in the user's file, for error messages.
+    """
+    file_names = file_names or {}
     check_fits(f"{spec.name} weights in {dtype}", spec.weight_bytes(dtype), device)
     with torch.device("meta"):
         model = Transformer(spec)
@@ -88,13 +72,14 @@ def materialize(spec: ModelSpec, state: dict[str, Tensor] | None, dtype: str, de
             state.pop("output.weight", None)
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+            what = f"missing tensor {missing[0]}" if missing else \
+                f"unexpected tensor {file_names.get(unexpected[0], unexpected[0])}"
             raise InfinisimError(f"weights do not match the architecture ({what})", source)
         own = model.state_dict()
         for name, tensor in state.items():
             if tuple(tensor.shape) != tuple(own[name].shape):
                 raise InfinisimError(f"tensor has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}",
-                                     source, name)
+                                     source, file_names.get(name, name))
             state[name] = tensor.to(device=device, dtype=TORCH_DTYPES[dtype])
         model.load_state_dict(state, strict=False, assign=True)
     if spec.tie_embeddings:
@@ -164,6 +149,7 @@ def load_gguf(path: Path, dtype: str, device: torch.device, name: str | None = N
         eos_token_ids=tuple(int(e) for e in eos),
     )
     state: dict[str, Tensor] = {}
+    file_names: dict[str, str] = {}
     for name, t in tensors.items():
         if name == "token_embd.weight":
             ours = "tok_embeddings.weight"
@@ -185,7 +171,8 @@ def load_gguf(path: Path, dtype: str, device: torch.device, name: str | None = N
         elif name.endswith(("attn_k.weight", "attn_k.bias")):
             w = _unpermute_rotary(w, n_kv_heads)
         state[ours] = torch.from_numpy(np.array(w, dtype=np.float32))  # copy: GGUF data is a read-only mmap
-    return LoadedModel(materialize(spec, state, dtype, device, str(path)), tokenizer, str(path))
+        file_names[ours] = name
+    return LoadedModel(materialize(spec, state, dtype, device, str(path), file_names), tokenizer, str(path))
 
 
 # ---------------------------------------------------------------- Hugging Face folders
@@ -226,7 +213,7 @@ def spec_from_hf_config(cfg: dict, path: Path) -> ModelSpec:
                          tie_embeddings=cfg.get("tie_word_embeddings", True),
                          bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids)
     if kind not in ("llama", "mistral", "qwen2"):
-        raise InfinisimError(f"model_type {kind!r} is not supported (llama, mistral, qwen2, opt)", path, "model_type")
+        raise InfinisimError(f"{kind!r} is not supported (llama, mistral, qwen2, opt)", path, "model_type")
     hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type"))
@@ -281,6 +268,7 @@ def load_hf_folder(folder: Path, dtype: str, device: torch.device) -> LoadedMode
         raise InfinisimError("no *.safetensors weights", folder)
     check_fits(f"{spec.name} weights in {dtype}", spec.weight_bytes(dtype), device)
     state: dict[str, Tensor] = {}
+    file_names: dict[str, str] = {}
     for file in files:
         try:
             tensors = load_file(str(file))
@@ -289,12 +277,12 @@ def load_hf_folder(folder: Path, dtype: str, device: torch.device) -> LoadedMode
         for name, tensor in tensors.items():
             ours = _hf_name(name, spec.family)
             if ours is not None:
-                state[ours] = tensor
+                state[ours], file_names[ours] = tensor, name
     if "output.weight" not in state and not spec.tie_embeddings:
         spec = replace(spec, tie_embeddings=True)
     tok_file = folder / "tokenizer.json"
     tokenizer = tokenizer_from_file(tok_file) if tok_file.exists() else None
-    return LoadedModel(materialize(spec, state, dtype, device, str(folder)), tokenizer, str(folder))
+    return LoadedModel(materialize(spec, state, dtype, device, str(folder), file_names), tokenizer, str(folder))
 
 
 def load_model(model: str, dtype: str = "float32", device: str | torch.device = "cpu",
