@@ -44,6 +44,7 @@ class Generation:
     new_tokens: list[list[int]]  # per sequence, up to and including EOS
     prompt_lens: list[int]
     steps: list[StepRecord] = field(default_factory=list)
+    logits: list[Tensor] = field(default_factory=list)  # per step [batch, vocab], when asked for
 
 
 def sample(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> Tensor:
@@ -60,13 +61,23 @@ def sample(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> 
 
 
 def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: SamplingConfig,
-             on_step: Callable[[StepRecord], None] | None = None) -> Generation:
-    """Left-pads the prompts into one batch, prefills, then decodes one token per step."""
+             on_step: Callable[[StepRecord], None] | None = None, forced: list[list[int]] | None = None,
+             keep_logits: bool = False, quality: bool = False) -> Generation:
+    """Left-pads the prompts into one batch, prefills, then decodes one token per step.
+
+    `forced` (teacher forcing): per sequence, the tokens to feed instead of sampled ones, one per
+    step (its length caps the steps); selection and fetching happen exactly as in generation.
+    """
     spec = model.spec
     device = model.tok_embeddings.weight.device
     if not prompts or any(not p for p in prompts):
         raise InfinisimError("every prompt needs at least one token")
     batch, longest = len(prompts), max(len(p) for p in prompts)
+    if forced is not None:
+        if len(forced) != batch or len({len(f) for f in forced}) != 1 or not forced[0]:
+            raise InfinisimError("teacher forcing needs one non-empty continuation per prompt, all the same length")
+        cfg = SamplingConfig(min(cfg.max_new_tokens, len(forced[0])), stop_at_eos=False)
+        forced_tokens = torch.tensor(forced, device=device)
     capacity = longest + cfg.max_new_tokens
     if spec.family == "opt" and capacity > spec.max_positions:
         raise InfinisimError(f"prompt + generation = {capacity} positions exceeds {spec.name}'s learned "
@@ -83,7 +94,7 @@ def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: 
     positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
 
     policy.setup(PolicyContext(spec.n_layers, batch, spec.n_kv_heads, spec.head_dim, capacity,
-                               model.tok_embeddings.weight.dtype, device))
+                               model.tok_embeddings.weight.dtype, device, model, quality))
     recorder = StepRecorder(cuda=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     eos = torch.tensor(spec.eos_token_ids or [-1], device=device)
@@ -99,11 +110,16 @@ def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: 
             step = StepState(index, start, n_new, valid[:, :start + n_new], policy, recorder)
             logits = model(tokens, positions, step)
             with recorder.span(None, "head"):
-                next_token = sample(logits[:, -1], cfg, gen)
-                next_token = torch.where(finished, eos[0].clamp(min=0), next_token)
+                if forced is not None:
+                    next_token = forced_tokens[:, index]
+                else:
+                    next_token = sample(logits[:, -1], cfg, gen)
+                    next_token = torch.where(finished, eos[0].clamp(min=0), next_token)
             record = StepRecord(index, "prefill" if index == 0 else "decode", n_new, start + n_new,
                                 recorder.finish())
             result.steps.append(record)
+            if keep_logits:
+                result.logits.append(logits[:, -1])
             if on_step is not None:
                 on_step(record)
             out.append(next_token)
@@ -128,7 +144,7 @@ def prefill_logits(model: Transformer, tokens: list[int], policy: Policy) -> Ten
     spec = model.spec
     ids = torch.tensor([tokens], device=device)
     policy.setup(PolicyContext(spec.n_layers, 1, spec.n_kv_heads, spec.head_dim, len(tokens),
-                               model.tok_embeddings.weight.dtype, device))
+                               model.tok_embeddings.weight.dtype, device, model))
     recorder = StepRecorder(cuda=device.type == "cuda")
     recorder.begin()
     step = StepState(0, 0, len(tokens), torch.ones(1, len(tokens), dtype=torch.bool, device=device),

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from executor.timing import StepRecorder
 from infinisim.errors import InfinisimError
+
+if TYPE_CHECKING:
+    from executor.model import Transformer
 
 
 def available_bytes(device: torch.device) -> int:
@@ -108,6 +112,8 @@ class PolicyContext:
     capacity: int  # positions per sequence: longest prompt + new tokens
     dtype: torch.dtype
     device: torch.device
+    model: Transformer  # policies that speculate use later layers' weights
+    quality: bool = False  # measure selections against exact attention (costly; measurement only)
 
     def store(self, device: torch.device, pin_memory: bool = False, n_layers: int | None = None) -> KVStore:
         n_layers = self.n_layers if n_layers is None else n_layers

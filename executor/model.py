@@ -25,10 +25,13 @@ OPT_POSITION_OFFSET = 2  # OPT's learned position table reserves two leading row
 class KVPolicy(Protocol):
     """What the model needs from a KV policy (see executor/policies.py)."""
 
-    def on_attention_start(self, layer: int, attn_input: Tensor, step: StepState) -> None: ...
+    def on_attention_start(self, layer: int, residual: Tensor, step: StepState) -> None:
+        """Called before the layer's attention with the layer's input (the residual stream)."""
+        ...
 
-    def attend_kv(self, layer: int, k_new: Tensor, v_new: Tensor, step: StepState) -> tuple[Tensor, Tensor, Tensor]:
-        """Store the new rows; return (k, v, key_valid) to attend over.
+    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """Store the new rows; return (k, v, key_valid) for the queries q to attend over.
 
         k, v: [batch, kv_heads, n_keys, head_dim]; key_valid: bool [batch, 1 or kv_heads, n_keys].
         The last `step.n_new` keys must be the new rows, in order (for the causal mask).
@@ -46,6 +49,7 @@ class StepState:
     valid: Tensor  # bool [batch, start + n_new]: False for left padding
     policy: KVPolicy
     recorder: StepRecorder
+    rope: tuple[Tensor, Tensor] | None = None  # this step's (cos, sin), set by the model; None for OPT
 
 
 class RMSNorm(nn.Module):
@@ -164,12 +168,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, step: StepState) -> Tensor:
         i, rec, policy = self.index, step.recorder, step.policy
+        policy.on_attention_start(i, x, step)
         with rec.span(i, "attn"):
-            h = self.attention_norm(x)
-        policy.on_attention_start(i, h, step)
-        with rec.span(i, "attn"):
-            q, k_new, v_new = self.attention.project_qkv(h, rope)
-        k, v, key_valid = policy.attend_kv(i, k_new, v_new, step)
+            q, k_new, v_new = self.attention.project_qkv(self.attention_norm(x), rope)
+        k, v, key_valid = policy.attend_kv(i, q, k_new, v_new, step)
         with rec.span(i, "attn"):
             x = x + self.attention.attend(q, k, v, key_valid)
         with rec.span(i, "ffn"):
@@ -204,6 +206,7 @@ class Transformer(nn.Module):
                 angles = positions[..., None].float() * self.inv_freq
                 emb = torch.cat((angles, angles), dim=-1)
                 rope = (emb.cos(), emb.sin())
+        step.rope = rope
         for block in self.layers:
             x = block(x, rope, step)
         with rec.span(None, "head"):

@@ -14,7 +14,7 @@ from executor.generate import Generation, SamplingConfig, StepRecord, generate
 from executor.model import Transformer
 from executor.policies import make_policy
 from traces.spec import ModelSpec
-from traces.trace import LAYER_COLUMNS, Trace
+from traces.trace import LAYER_COLUMNS, LIST_COLUMNS, Trace
 
 
 def environment(device: torch.device) -> dict[str, object]:
@@ -47,21 +47,22 @@ def trace_from_generation(gen: Generation, spec: ModelSpec, run: dict[str, objec
                       "wall_s": t.wall_s, "embed_s": t.step_phases.get("embed", 0.0),
                       "head_s": t.step_phases.get("head", 0.0)})
         for layer in range(spec.n_layers):
-            row = {name: 0 for name in LAYER_COLUMNS}
+            row = {name: [] if name in LIST_COLUMNS else 0 for name in LAYER_COLUMNS}
             row.update(step=record.index, layer=layer)
             row.update(t.layer_counts.get(layer, {}))
             row.update({f"{phase}_s": seconds for phase, seconds in t.layer_phases.get(layer, {}).items()})
             rows.append(row)
     layers = pd.DataFrame(rows, columns=list(LAYER_COLUMNS)).astype(
-        {name: ("float64" if dtype == "double" else str(dtype)) for name, dtype in LAYER_COLUMNS.items()})
+        {name: ("float64" if dtype == "double" else str(dtype)) for name, dtype in LAYER_COLUMNS.items()
+         if name not in LIST_COLUMNS})
     return Trace(spec, run, environment(device), pd.DataFrame(steps), layers)
 
 
 def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, sampling: SamplingConfig,
-               run_info: dict[str, object], on_step: Callable[[StepRecord], None] | None = None
-               ) -> tuple[Generation, Trace]:
+               run_info: dict[str, object], on_step: Callable[[StepRecord], None] | None = None,
+               knobs: dict[str, object] | None = None) -> tuple[Generation, Trace]:
     """Generate through one policy and describe the run as a trace (not yet written)."""
-    policy = make_policy(policy_name)
+    policy = make_policy(policy_name, **(knobs or {}))
     gen = generate(model, prompts, policy, sampling, on_step)
     device = model.tok_embeddings.weight.device
     run = {

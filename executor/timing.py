@@ -37,8 +37,8 @@ class StepRecorder:
     _counts: dict[int, dict[str, int]] = field(default_factory=dict)
     _start: object = None
 
-    def _mark(self, stream: torch.cuda.Stream | None = None) -> object:
-        if not self.cuda:
+    def _mark(self, stream: torch.cuda.Stream | None = None, host: bool = False) -> object:
+        if not self.cuda or host:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
         event.record(stream)
@@ -50,11 +50,13 @@ class StepRecorder:
         self._start = self._mark()
 
     @contextmanager
-    def span(self, layer: int | None, phase: str, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
-        """Time the work issued inside the block (on `stream` when given, else the current one)."""
-        start = self._mark(stream)
+    def span(self, layer: int | None, phase: str, stream: torch.cuda.Stream | None = None,
+             host: bool = False) -> Iterator[None]:
+        """Time the work issued inside the block: on `stream` (default: the current one), or, with
+        host=True, work the CPU does itself (a gather) on perf_counter even when CUDA is present."""
+        start = self._mark(stream, host)
         yield
-        self._spans.append((layer, phase, start, self._mark(stream)))
+        self._spans.append((layer, phase, start, self._mark(stream, host)))
 
     def count(self, layer: int, **counts: int) -> None:
         """Per-layer quantities of this step (bytes moved, tokens fetched, ...)."""
@@ -66,6 +68,8 @@ class StepRecorder:
             torch.cuda.synchronize()
 
             def elapsed(a: object, b: object) -> float:
+                if isinstance(a, float):
+                    return b - a  # type: ignore[operator]
                 return a.elapsed_time(b) / 1e3  # type: ignore[attr-defined]
         else:
             def elapsed(a: object, b: object) -> float:

@@ -41,7 +41,19 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-len", type=_positive, default=32, help="new tokens per sequence (default 32)")
     p.add_argument("--policy", default="resident",
                    help="KV policy, or several separated by commas, run one after another on the same "
-                        "model and prompts (resident, full; default resident)")
+                        "model and prompts (resident, full, infinigen, oracle; default resident)")
+    knobs = p.add_argument_group("policy knobs (each applies to the policies that have it)")
+    knobs.add_argument("--alpha", type=float,
+                       help="infinigen/oracle: fetch tokens scoring within alpha of the max (default 4 for OPT, "
+                            "5 for the Llama family)")
+    knobs.add_argument("--budget", type=float,
+                       help="infinigen/oracle: most tokens fetched per layer, a fraction of the context (0.2 = "
+                            "20%%, the default) or a count (> 1)")
+    knobs.add_argument("--partial-ratio", type=float, help="infinigen/oracle: partial weight ratio (default 0.3)")
+    knobs.add_argument("--dense-layers", type=int,
+                       help="infinigen/oracle: leading layers that fetch fully instead of speculating (default 1)")
+    knobs.add_argument("--gqa-combine", choices=["softmax_sum", "max"],
+                       help="infinigen: how query heads sharing a KV head vote (default softmax_sum)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
@@ -62,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from executor.generate import SamplingConfig
     from executor.loaders import load_model
-    from executor.policies import POLICIES
+    from executor.policies import POLICIES, make_policy
     from executor.prompts import bundled_prompts, read_prompt_file
     from executor.recording import run_policy
     from traces.summary import summarize
@@ -101,6 +113,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompts = bundled_prompts(tokenizer, args.batch, args.prompt_len or 2048, spec.vocab_size)
         prompt_source = "pydoc_data"
     run_info = {"model": args.model, "weights": loaded.source, "prompt_source": prompt_source}
+    knobs = {"alpha": args.alpha, "budget": args.budget, "partial_ratio": args.partial_ratio,
+             "dense_layers": args.dense_layers, "gqa_combine": args.gqa_combine}
+    for name in policies:  # bad knobs fail before the model runs
+        make_policy(name, **knobs)
 
     summaries, texts = [], {}
     for name in policies:
@@ -111,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   leave=False) as bar:
             try:
                 gen, trace = run_policy(loaded.model, prompts, name, sampling, run_info,
-                                        on_step=lambda record: bar.update(1))
+                                        on_step=lambda record: bar.update(1), knobs=knobs)
             except KeyboardInterrupt:
                 print(f"\ninterrupted: no trace written for {name}", file=sys.stderr)
                 return 130

@@ -20,8 +20,8 @@ from traces.trace import METADATA_KEY, read_trace, write_trace
 @pytest.fixture(scope="module")
 def tiny_trace():
     loaded = load_model("smollm2-135m", "float32", "cpu", random_weights=True)
-    _, trace = run_policy(loaded.model, [[1, 2, 3, 4], [5, 6]], "full", SamplingConfig(5, stop_at_eos=False),
-                          {"model": "smollm2-135m", "weights": "random"})
+    _, trace = run_policy(loaded.model, [[1, 2, 3, 4, 7, 8, 9], [5, 6]], "infinigen",
+                          SamplingConfig(5, stop_at_eos=False), {"model": "smollm2-135m", "weights": "random"})
     return trace
 
 
@@ -43,6 +43,8 @@ def test_round_trip(tiny_trace, tmp_path):
     assert len(back.layers) == 5 * back.model.n_layers
     summary = summarize(back)
     assert summary["decode_steps"] == 4 and summary["bytes_h2d_total"] > 0
+    speculated = back.layers[(back.layers.step == 2) & (back.layers.layer == 4)]
+    assert len(speculated.alpha_counts.iloc[0]) == 3 * 9  # KV heads x alphas
 
 
 def test_truncated_file(tiny_trace, tmp_path):

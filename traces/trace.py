@@ -42,7 +42,15 @@ LAYER_COLUMNS: dict[str, pa.DataType] = {
     "wait_s": pa.float64(),
     "spec_s": pa.float64(),
     "gather_s": pa.float64(),
+    # speculating policies: per KV head, the uncapped count of tokens within alpha of the max for
+    # alpha = 1..9 (mean over the batch and the group's query heads), flattened [kv_head][alpha]
+    "alpha_counts": pa.list_(pa.float32()),
+    # with --quality, selective policies: per query head (mean over the batch) the share of exact
+    # attention mass on the rows attended, and the overlap of the fetched rows with the exact top rows
+    "recall": pa.list_(pa.float32()),
+    "topk_overlap": pa.list_(pa.float32()),
 }
+LIST_COLUMNS = tuple(name for name, dtype in LAYER_COLUMNS.items() if pa.types.is_list(dtype))
 STEP_FIELDS = ("step", "phase", "n_new", "kv_len", "wall_s", "embed_s", "head_s")
 RUN_FIELDS = ("policy", "policy_knobs", "batch", "prompt_lens", "gen_len", "dtype", "device", "sampling", "weights")
 ENV_FIELDS = ("device_name", "torch", "python", "host", "created")
@@ -68,7 +76,11 @@ def _content_hash(header: dict[str, Any], table: pa.Table) -> str:
     digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
     for name in table.column_names:
         digest.update(name.encode())
-        digest.update(np.ascontiguousarray(table.column(name).to_numpy()).tobytes())
+        column = table.column(name).combine_chunks()
+        if pa.types.is_list(column.type):
+            digest.update(np.ascontiguousarray(column.offsets.to_numpy()).tobytes())
+            column = column.flatten()
+        digest.update(np.ascontiguousarray(column.to_numpy(zero_copy_only=False)).tobytes())
     return digest.hexdigest()
 
 
@@ -147,6 +159,8 @@ def read_trace(path: str | Path) -> Trace:
         raise InfinisimError("does not match the contents (file modified or corrupted)", path, "header.content_hash")
     steps = pd.DataFrame(header["steps"], columns=list(STEP_FIELDS))
     layers = table.select(list(LAYER_COLUMNS)).to_pandas()
+    for name in LIST_COLUMNS:  # plain lists, as the writer was given (pandas would hold numpy arrays)
+        layers[name] = table.column(name).to_pylist()
     if len(layers) != len(steps) * model.n_layers:
         raise InfinisimError(f"{len(layers)} layer rows, expected steps x layers = {len(steps)} x {model.n_layers}",
                              path, "rows")

@@ -1,10 +1,4 @@
-"""KV policies: what each layer fetches from host memory and attends over.
-
-A policy sees every layer twice: `on_attention_start` (at the start of the layer's attention;
-where a policy may run work ahead for later layers, e.g. speculation and prefetch) and
-`attend_kv` (stores the layer's new K/V rows, returns what attention runs over). Per layer it
-records bytes moved and tokens fetched/attended on the step recorder, and times its own phases.
-"""
+"""The two dense policies: everything on the device (resident), or everything fetched (full)."""
 
 from __future__ import annotations
 
@@ -12,30 +6,7 @@ from torch import Tensor
 
 from executor.kvcache import CopyEngine, PolicyContext
 from executor.model import StepState
-from infinisim.errors import InfinisimError
-
-
-class Policy:
-    name = ""
-
-    def setup(self, ctx: PolicyContext) -> None:
-        raise NotImplementedError
-
-    def on_attention_start(self, layer: int, attn_input: Tensor, step: StepState) -> None:
-        """Default: no work ahead of the layer."""
-
-    def attend_kv(self, layer: int, k_new: Tensor, v_new: Tensor, step: StepState) -> tuple[Tensor, Tensor, Tensor]:
-        raise NotImplementedError
-
-    def knobs(self) -> dict[str, object]:
-        """The policy's settings, for the trace header."""
-        return {}
-
-    @staticmethod
-    def count(step: StepState, layer: int, *, kv_len: int, fetched: int, attended: int,
-              bytes_h2d: int = 0, bytes_d2h: int = 0) -> None:
-        step.recorder.count(layer, kv_len=kv_len, tokens_fetched=fetched, tokens_attended=attended,
-                            bytes_h2d=bytes_h2d, bytes_d2h=bytes_d2h)
+from executor.policies.base import Policy
 
 
 class Resident(Policy):
@@ -46,7 +17,8 @@ class Resident(Policy):
     def setup(self, ctx: PolicyContext) -> None:
         self.kv = ctx.store(ctx.device)
 
-    def attend_kv(self, layer: int, k_new: Tensor, v_new: Tensor, step: StepState) -> tuple[Tensor, Tensor, Tensor]:
+    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+                  ) -> tuple[Tensor, Tensor, Tensor]:
         end = step.start + step.n_new
         with step.recorder.span(layer, "attn"):
             self.kv.write(layer, step.start, k_new, v_new)
@@ -65,7 +37,8 @@ class Full(Policy):
         self.staging = ctx.store(ctx.device, n_layers=1)  # one layer's cache on the device at a time
         self.copies = CopyEngine(ctx.device)
 
-    def attend_kv(self, layer: int, k_new: Tensor, v_new: Tensor, step: StepState) -> tuple[Tensor, Tensor, Tensor]:
+    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+                  ) -> tuple[Tensor, Tensor, Tensor]:
         start, end = step.start, step.start + step.n_new
         k, v = self.staging.k[0], self.staging.v[0]
         fetched = self.copies.to_device([k[:, :, :start], v[:, :, :start]],
@@ -79,13 +52,3 @@ class Full(Policy):
         self.count(step, layer, kv_len=end, fetched=start, attended=end,
                    bytes_h2d=start * row, bytes_d2h=step.n_new * row)
         return k[:, :, :end], v[:, :, :end], step.valid[:, None, :]
-
-
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Resident, Full)}
-
-
-def make_policy(name: str) -> Policy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise InfinisimError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})") from None

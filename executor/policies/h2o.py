@@ -1,0 +1,113 @@
+"""H2O (heavy-hitter oracle) as the InfiniGen paper runs it: the KV cache stays in host memory
+and each step fetches a fixed-size kept set per KV head: the tokens with the largest accumulated
+attention plus a window of the most recent ones. A token that leaves the set is gone for good.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from executor.kvcache import PolicyContext
+from executor.model import StepState
+from executor.policies.selective import Selective
+from executor.selection import budget_tokens
+from infinisim.errors import InfinisimError
+
+QUERY_CHUNK = 256  # prompt rows per chunk when accumulating the prefill's attention
+
+
+def accumulated_attention(q: Tensor, k: Tensor, valid: Tensor) -> Tensor:
+    """Column sums of the causal attention matrix, summed over each KV head's query heads.
+
+    q: [B, H, T, d], k: [B, G, T, d], valid: bool [B, T] -> float32 [B, G, T].
+    """
+    b, h, t, d = q.shape
+    g = k.shape[1]
+    total = torch.zeros(b, g, t, dtype=torch.float32, device=q.device)
+    key_pos = torch.arange(t, device=q.device)
+    for lo in range(0, t, QUERY_CHUNK):
+        hi = min(t, lo + QUERY_CHUNK)
+        logits = torch.einsum("bgqtd,bgsd->bgqts", q[:, :, lo:hi].reshape(b, g, h // g, hi - lo, d).float(),
+                              k.float()) / math.sqrt(d)
+        allowed = valid[:, None, None, None, :] & (key_pos <= torch.arange(lo, hi, device=q.device)[:, None])
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        probs = probs * valid[:, None, None, lo:hi, None]  # padding queries do not vote
+        total += probs.sum(dim=(2, 3))
+    return total
+
+
+def keep_set(scores: Tensor, positions: Tensor, usable: Tensor, sizes: Tensor, recent: Tensor, newest: int
+             ) -> tuple[Tensor, Tensor]:
+    """Choose per (sequence, KV head) `sizes[b]` of the candidate `positions`: the `recent[b]`
+    newest always, then the largest accumulated `scores`. Candidates not `usable` are never kept.
+
+    scores, positions, usable: [B, G, C]; sizes, recent: [B]. Returns (positions [B, G, m], keep [B, G, m]).
+    """
+    is_recent = positions > newest - recent[:, None, None]
+    rank_key = torch.where(is_recent, torch.inf, scores).masked_fill(~usable, -torch.inf)
+    m = int(sizes.max())
+    order = torch.topk(rank_key, m, dim=-1).indices
+    keep = (torch.arange(m, device=scores.device) < sizes[:, None, None]) & usable.gather(-1, order)
+    return positions.gather(-1, order), keep
+
+
+class H2O(Selective):
+    name = "h2o"
+
+    def __init__(self, budget: float = 0.2, recent_ratio: float = 0.5):
+        if budget <= 0 or (budget > 1 and budget != int(budget)):
+            raise InfinisimError(f"budget must be a fraction in (0, 1] or a whole token count, got {budget}",
+                                 field="budget")
+        if not 0 <= recent_ratio <= 1:
+            raise InfinisimError(f"recent ratio must be in [0, 1], got {recent_ratio}", field="recent_ratio")
+        self.budget, self.recent_ratio = budget, recent_ratio
+
+    def knobs(self) -> dict[str, object]:
+        return {"budget": self.budget, "recent_ratio": self.recent_ratio}
+
+    def setup(self, ctx: PolicyContext) -> None:
+        super().setup(ctx)
+        self.scores = torch.zeros(ctx.n_layers, ctx.batch, ctx.n_kv_heads, ctx.capacity, dtype=torch.float32,
+                                  device=ctx.device)
+        self.kept: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (positions [B, G, m], keep [B, G, m])
+
+    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        if step.start == 0:
+            out = super().attend_kv(layer, q, k_new, v_new, step)
+            with step.recorder.span(layer, "attn"):
+                self.start_kept_set(layer, q, k_new, step.valid)
+            return out
+        positions, keep = self.kept[layer]
+        self.fetch(layer, positions, keep, step)
+        k, v, attended = self.attend_fetched(layer, q, k_new, v_new, step)
+        with step.recorder.span(layer, "attn"):
+            self.update_kept_set(layer, q, k, attended, step)
+        return k, v, attended
+
+    def start_kept_set(self, layer: int, q: Tensor, k: Tensor, valid: Tensor) -> None:
+        t = k.shape[2]
+        self.scores[layer, :, :, :t] = accumulated_attention(q, k, valid)
+        lengths = valid.sum(-1)
+        sizes = budget_tokens(self.budget, lengths)
+        recent = (sizes.float() * self.recent_ratio).floor().long()
+        positions = torch.arange(t, device=k.device).expand(*self.scores.shape[1:3], t)
+        usable = valid[:, None, :].expand_as(positions)
+        self.kept[layer] = keep_set(self.scores[layer, :, :, :t], positions, usable, sizes, recent, t - 1)
+
+    def update_kept_set(self, layer: int, q: Tensor, k: Tensor, attended: Tensor, step: StepState) -> None:
+        """Add this step's attention to the scores, take in the newest token, evict down to the budget."""
+        b, h, _, d = q.shape
+        g = k.shape[1]
+        logits = torch.einsum("bgqd,bgnd->bgqn", q[:, :, 0].view(b, g, h // g, d).float(), k.float()) / math.sqrt(d)
+        probs = torch.softmax(logits.masked_fill(~attended[:, :, None, :], float("-inf")), -1).sum(2)  # [B, G, m+1]
+        positions, keep = self.kept[layer]
+        candidates = torch.cat([positions, torch.full_like(positions[..., :1], step.start)], dim=-1)
+        scores = self.scores[layer]
+        scores.scatter_add_(-1, candidates, probs * attended)
+        sizes = keep.sum(-1).amax(-1)  # the set stays at its prefill size per sequence
+        recent = (sizes.float() * self.recent_ratio).floor().long()
+        self.kept[layer] = keep_set(scores.gather(-1, candidates), candidates, attended, sizes, recent, step.start)

@@ -1,0 +1,108 @@
+"""Policies that fetch a chosen subset of each layer's KV rows (InfiniGen, H2O, the oracle).
+
+The rows a layer attends over are gathered on the host into a (pinned) staging buffer and
+copied to the device into one of two slots, so layer i's rows can arrive while layer i-1 still
+reads its own. Layers that do not select fall back to the full fetch of `Full`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from executor.kvcache import PolicyContext
+from executor.model import StepState
+from executor.policies.dense import Full
+
+
+@dataclass
+class Prefetch:
+    """Rows of one layer on their way to the device."""
+
+    slot: int
+    indices: Tensor  # [B, G, n] positions
+    keep: Tensor  # bool [B, G, n]
+    handle: object
+
+
+class Selective(Full):
+    def setup(self, ctx: PolicyContext) -> None:
+        super().setup(ctx)
+        self.ctx = ctx
+        rows = ctx.batch * ctx.n_kv_heads * ctx.capacity * ctx.head_dim
+        self.slots = [(torch.empty(rows, dtype=ctx.dtype, device=ctx.device),
+                       torch.empty(rows, dtype=ctx.dtype, device=ctx.device)) for _ in range(2)]
+        self.gathered = [(torch.empty(rows, dtype=ctx.dtype, pin_memory=ctx.host_pinned),
+                          torch.empty(rows, dtype=ctx.dtype, pin_memory=ctx.host_pinned)) for _ in range(2)]
+        self.gathered_free: list[torch.cuda.Event | None] = [None, None]
+        self.pending: dict[int, Prefetch] = {}
+
+    def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: StepState) -> None:
+        """Gather the chosen rows on the host into a staging buffer and start their copy."""
+        b, g, n = indices.shape
+        d = self.ctx.head_dim
+        slot = layer % 2  # layer i-1 may still read the other slot
+        size = b * g * n * d
+        host_k, host_v = (buf[:size].view(b, g, n, d) for buf in self.gathered[slot])
+        if self.gathered_free[slot] is not None:
+            self.gathered_free[slot].synchronize()  # its previous copy has left the staging buffer
+        rows = indices.cpu()[..., None].expand(b, g, n, d)
+        with step.recorder.span(layer, "gather", host=True):
+            torch.gather(self.host.k[layer][:, :, :step.start], 2, rows, out=host_k)
+            torch.gather(self.host.v[layer][:, :, :step.start], 2, rows, out=host_v)
+        dev_k, dev_v = (buf[:size].view(b, g, n, d) for buf in self.slots[slot])
+        handle = self.copies.to_device([dev_k, dev_v], [host_k, host_v], layer, step.recorder)
+        self.gathered_free[slot] = handle
+        self.pending[layer] = Prefetch(slot, indices, keep, handle)
+
+    def attend_fetched(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """Wait for the layer's fetched rows; attend over them plus the newest row (always kept),
+        which is also written back to the host."""
+        fetched = self.pending.pop(layer)
+        b, g, n, d = k_new.shape[0], self.ctx.n_kv_heads, fetched.indices.shape[-1], self.ctx.head_dim
+        if self.ctx.quality:
+            self.measure_quality(layer, q, k_new, fetched, step)
+        self.copies.to_host(self.host, layer, step.start, k_new, v_new, step.recorder)
+        self.copies.wait(fetched.handle, layer, step.recorder)
+        with step.recorder.span(layer, "attn"):
+            dev_k, dev_v = (buf[:b * g * n * d].view(b, g, n, d) for buf in self.slots[fetched.slot])
+            k = torch.cat([dev_k, k_new], dim=2)
+            v = torch.cat([dev_v, v_new], dim=2)
+            keep = torch.cat([fetched.keep, torch.ones(b, g, 1, dtype=torch.bool, device=k.device)], dim=2)
+        row = self.host.token_bytes
+        self.count(step, layer, kv_len=step.start + 1, fetched=n, attended=n + 1, bytes_h2d=n * row,
+                   bytes_d2h=row)
+        return k, v, keep
+
+    def measure_quality(self, layer: int, q: Tensor, k_new: Tensor, fetched: Prefetch, step: StepState) -> None:
+        """Against exact attention over every cached row (measurement only, not timed as policy work):
+        per query head, the attention mass the fetched rows capture, and their overlap with the
+        exact top rows of the same count. The newest row is always attended and counts as captured."""
+        cached = self.host.k[layer][:, :, :step.start].to(q.device)
+        probs, top_overlap = attention_quality(q, torch.cat([cached, k_new], dim=2), step.valid[:, :step.start + 1],
+                                               fetched.indices, fetched.keep)
+        step.recorder.count(layer, recall=probs.tolist(), topk_overlap=top_overlap.tolist())
+
+
+def attention_quality(q: Tensor, keys: Tensor, valid: Tensor, indices: Tensor, keep: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+    """q: [B, H, 1, d]; keys: [B, G, L+1, d] (the last is the newest); valid: [B, L+1];
+    indices, keep: [B, G, n] rows fetched among the first L. Returns per-head means over the
+    batch of (captured attention mass, top-n overlap), each [H]."""
+    b, h, _, d = q.shape
+    g, length = keys.shape[1], keys.shape[2] - 1
+    group = h // g
+    logits = torch.einsum("bgqd,bgld->bgql", q[:, :, 0].view(b, g, group, d).float(), keys.float()) / d ** 0.5
+    probs = torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), -1)  # [B, G, group, L+1]
+    chosen = torch.zeros(b, g, length + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, indices, keep)
+    chosen[..., length] = True
+    recall = (probs * chosen[:, :, None, :]).sum(-1)  # [B, G, group]
+    n_kept = keep.sum(-1, keepdim=True)  # [B, G, 1]
+    exact_rank = probs[..., :length].argsort(dim=-1, descending=True).argsort(dim=-1)  # rank of each row
+    in_top = exact_rank < n_kept[:, :, None, :]
+    overlap = (in_top & chosen[:, :, None, :length]).sum(-1) / n_kept.clamp(min=1)
+    return recall.reshape(b, h).mean(0), overlap.reshape(b, h).float().mean(0)

@@ -1,0 +1,89 @@
+"""The math of InfiniGen's speculation as pure tensor functions: skewing, column choice,
+counting tokens within alpha of the max, and choosing tokens per KV head.
+
+Shapes: B batch, H query heads, G KV heads (H = G x group), L keys, d head dim, r partial columns.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ALPHAS = tuple(range(1, 10))  # the trace records uncapped counts for each of these
+
+
+def skew_matrix(q: Tensor, k: Tensor) -> Tensor:
+    """Orthogonal d x d rotation that concentrates Q's (and K's) magnitude in the first columns.
+
+    q: [N_q, d], k: [N_k, d] rows of one KV head's group. The columns are Q's right singular
+    vectors, ordered by (singular value of Q) x (norm of K along that vector). Since A A^T = I,
+    (Q A)(K A)^T = Q K^T: skewing never changes attention, only which columns carry it.
+    """
+    _, s_q, vh = torch.linalg.svd(q.double(), full_matrices=False)
+    a = vh.transpose(0, 1)  # [d, d], columns are right singular vectors
+    k_strength = (k.double() @ a).norm(dim=0)
+    order = torch.argsort(s_q * k_strength, descending=True)
+    return a[:, order].to(q.dtype)
+
+
+def partial_columns(q_skewed: Tensor, r: int) -> Tensor:
+    """Indices of the r columns with the largest sum of |Q'| over the rows. q_skewed: [N, d]."""
+    return torch.topk(q_skewed.abs().sum(0), r).indices.sort().values
+
+
+def partial_count(ratio: float, head_dim: int) -> int:
+    return max(1, min(head_dim, round(ratio * head_dim)))
+
+
+def counts_within_alpha(scores: Tensor, alphas: tuple[int, ...] = ALPHAS) -> Tensor:
+    """Per head, how many keys score within alpha of that head's max (uncapped).
+
+    scores: [B, H, L] attention logits (scaled), -inf where a key is not valid. Returns [B, H, len(alphas)].
+    """
+    top = scores.max(dim=-1, keepdim=True).values
+    gaps = top - scores  # >= 0; inf for invalid keys
+    return torch.stack([(gaps < a).sum(-1) for a in alphas], dim=-1)
+
+
+def fetch_counts(scores: Tensor, alpha: float, budgets: Tensor) -> Tensor:
+    """Tokens to fetch per sequence for one layer: the within-alpha count averaged over heads,
+    capped by the sequence's budget, at least 1. scores: [B, H, L]; budgets: [B] -> [B]."""
+    top = scores.max(dim=-1, keepdim=True).values
+    mean = ((top - scores) < alpha).sum(-1).float().mean(-1)
+    return torch.minimum(mean.ceil().long(), budgets).clamp(min=1)
+
+
+def budget_tokens(budget: float, valid_lens: Tensor) -> Tensor:
+    """The cap per sequence: a fraction (0 < budget <= 1) of its cached tokens, or a count (> 1)."""
+    if budget <= 1:
+        return (valid_lens.float() * budget).ceil().long().clamp(min=1)
+    return valid_lens.clamp(max=int(budget))
+
+
+def group_scores(scores: Tensor, n_kv_heads: int, combine: str = "softmax_sum") -> Tensor:
+    """Combine the query heads that share a KV head into one score per key: [B, H, L] -> [B, G, L].
+
+    softmax_sum: sum of each head's attention distribution (a key matters if any head of the
+    group attends to it; heads with flat distributions count less). max: the largest raw score.
+    """
+    b, h, length = scores.shape
+    grouped = scores.view(b, n_kv_heads, h // n_kv_heads, length)
+    if combine == "softmax_sum":
+        return torch.softmax(grouped, dim=-1).nan_to_num(0.0).sum(2)
+    if combine == "max":
+        return grouped.max(dim=2).values
+    raise ValueError(f"unknown GQA combine {combine!r} (softmax_sum, max)")
+
+
+def select_top(kv_scores: Tensor, counts: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sequence b and KV head, the counts[b] best keys.
+
+    kv_scores: [B, G, L]; counts: [B]; valid: bool [B, L]. The batch fetches max(counts) rows per
+    sequence (one shape for one copy); rows beyond a sequence's own count, or on padding, come
+    back marked False in `keep`. Returns (indices [B, G, n], keep [B, G, n]).
+    """
+    n = int(counts.max())
+    indices = torch.topk(kv_scores, n, dim=-1).indices  # best first
+    rank = torch.arange(n, device=kv_scores.device)
+    keep = (rank < counts[:, None, None]) & valid[:, None, :].expand_as(kv_scores).gather(-1, indices)
+    return indices, keep

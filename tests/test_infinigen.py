@@ -1,0 +1,149 @@
+"""InfiniGen: the selection math on hand-made cases, skewing, and dense equivalence at 100% budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from executor.generate import SamplingConfig, generate
+from executor.loaders import load_model
+from executor.policies import InfiniGen, Oracle, Resident, make_policy
+from executor.selection import (
+    budget_tokens,
+    counts_within_alpha,
+    fetch_counts,
+    group_scores,
+    partial_columns,
+    select_top,
+    skew_matrix,
+)
+from infinisim.errors import InfinisimError
+
+NEG = float("-inf")
+
+
+def test_counts_within_alpha_hand_made():
+    scores = torch.tensor([[[10.0, 9.5, 7.0, 2.0, NEG], [1.0, 1.0, 1.0, 1.0, 1.0]]])  # [B=1, H=2, L=5]
+    counts = counts_within_alpha(scores, (1, 4, 9))
+    assert counts.tolist() == [[[2, 3, 4], [5, 5, 5]]]  # -inf (padding) is never counted
+
+
+def test_fetch_counts_average_heads_and_cap():
+    scores = torch.tensor([[[10.0, 9.5, 7.0, 2.0], [5.0, 5.0, 5.0, 5.0]],
+                           [[3.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]])
+    # sequence 0: heads count 2 and 4 within alpha=1 -> mean 3; sequence 1: 1 and 1 -> 1
+    assert fetch_counts(scores, 1.0, torch.tensor([10, 10])).tolist() == [3, 1]
+    assert fetch_counts(scores, 1.0, torch.tensor([2, 10])).tolist() == [2, 1]
+    assert budget_tokens(0.2, torch.tensor([100, 7])).tolist() == [20, 2]
+    assert budget_tokens(50, torch.tensor([100, 7])).tolist() == [50, 7]
+
+
+def test_select_top_per_sequence_counts_and_padding():
+    kv_scores = torch.tensor([[[0.1, 0.9, 0.5, 0.7]], [[0.0, 0.0, 0.8, 0.6]]])  # [B=2, G=1, L=4]
+    valid = torch.tensor([[True, True, True, True], [False, False, True, True]])
+    indices, keep = select_top(kv_scores, torch.tensor([2, 3]), valid)
+    assert indices.shape == (2, 1, 3)
+    assert indices[0, 0, :2].tolist() == [1, 3] and keep[0, 0].tolist() == [True, True, False]
+    assert set(indices[1, 0, :2].tolist()) == {2, 3}
+    assert keep[1, 0].tolist() == [True, True, False]  # the third pick is padding
+
+
+def test_gqa_scores_are_per_kv_head():
+    # 4 query heads, 2 KV heads: heads 0,1 like key 0; heads 2,3 like key 3
+    scores = torch.full((1, 4, 4), 0.0)
+    scores[0, 0:2, 0] = 8.0
+    scores[0, 2:4, 3] = 8.0
+    for combine in ("softmax_sum", "max"):
+        grouped = group_scores(scores, 2, combine)
+        assert grouped.shape == (1, 2, 4)
+        assert grouped[0, 0].argmax() == 0 and grouped[0, 1].argmax() == 3
+    soft = group_scores(scores, 2, "softmax_sum")
+    assert torch.allclose(soft.sum(-1), torch.full((1, 2), 2.0))  # two distributions per group
+
+
+def test_skew_is_orthogonal_keeps_qk_and_concentrates():
+    gen = torch.Generator().manual_seed(0)
+    d = 32
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+    scales = torch.logspace(1, -2, d)
+    q = (torch.randn(500, d, generator=gen) * scales) @ basis.T  # energy in a few hidden directions
+    k = (torch.randn(400, d, generator=gen) * scales) @ basis.T
+    a = skew_matrix(q, k)
+    assert torch.allclose(a @ a.T, torch.eye(d), atol=1e-5)
+    assert torch.allclose((q @ a) @ (k @ a).T, q @ k.T, atol=1e-3)
+    r = 6
+    mass = lambda m, cols: m.abs()[:, cols].sum() / m.abs().sum()  # noqa: E731
+    assert mass(q @ a, partial_columns(q @ a, r)) > mass(q, partial_columns(q, r)) + 0.2
+
+
+def _forced_logits(model, prompts, conts, policy):
+    gen = generate(model, prompts, policy, SamplingConfig(len(conts[0])), forced=conts, keep_logits=True)
+    return torch.stack(gen.logits)
+
+
+@pytest.mark.parametrize("name", ["infinigen", "oracle"])
+def test_full_budget_equals_dense_smollm2(smollm2, pg19_text, name):
+    ids = smollm2.tokenizer.encode(pg19_text[:8000]).ids
+    prompts, conts = [ids[:300], ids[400:520]], [ids[300:310], ids[520:530]]  # padded batch
+    dense = _forced_logits(smollm2.model, prompts, conts, Resident())
+    policy = make_policy(name, budget=1.0, alpha=1000.0)
+    ours = _forced_logits(smollm2.model, prompts, conts, policy)
+    assert ((ours - dense).norm() / dense.norm()).item() <= 1e-4
+
+
+def test_full_budget_equals_dense_random_opt():
+    loaded = load_model("opt-125m", "float32", "cpu", random_weights=True)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 50000, (90,), generator=gen).tolist()]
+    conts = [torch.randint(0, 50000, (8,), generator=gen).tolist()]
+    dense = _forced_logits(loaded.model, prompts, conts, Resident())
+    policy = InfiniGen(budget=1.0, alpha=1000.0)
+    ours = _forced_logits(loaded.model, prompts, conts, policy)
+    assert policy.partial_wq  # OPT: the rotation is folded into a partial query weight
+    assert ((ours - dense).norm() / dense.norm()).item() <= 1e-4
+
+
+def test_selects_per_kv_head_with_budget(smollm2, pg19_text, monkeypatch):
+    spec = smollm2.model.spec
+    ids = smollm2.tokenizer.encode(pg19_text[:8000]).ids
+    seen = []
+    original = InfiniGen.fetch
+
+    def spy(self, layer, indices, keep, step):
+        seen.append((layer, step.start, indices.clone(), keep.clone()))
+        return original(self, layer, indices, keep, step)
+
+    monkeypatch.setattr(InfiniGen, "fetch", spy)
+    gen = generate(smollm2.model, [ids[:500]], InfiniGen(budget=0.1), SamplingConfig(4, stop_at_eos=False))
+    assert {layer for layer, *_ in seen} == set(range(1, spec.n_layers))
+    differ = 0
+    for _, start, indices, keep in seen:
+        assert indices.shape[1] == spec.n_kv_heads
+        assert int(keep.sum(-1).max()) <= math.ceil(0.1 * start)
+        heads = [set(indices[0, g][keep[0, g]].tolist()) for g in range(spec.n_kv_heads)]
+        differ += heads[0] != heads[1] or heads[1] != heads[2]
+    assert differ > len(seen) // 2  # KV heads choose their own tokens
+    counts = gen.steps[2].times.layer_counts
+    assert counts[0]["tokens_fetched"] == 501 and counts[5]["tokens_fetched"] <= 51
+    alpha_counts = torch.tensor(counts[5]["alpha_counts"]).view(spec.n_kv_heads, 9)
+    assert (alpha_counts.diff(dim=1) >= 0).all() and alpha_counts[:, -1].max() <= 501
+
+
+def test_oracle_captures_at_least_as_much_exact_attention(smollm2, pg19_text):
+    ids = smollm2.tokenizer.encode(pg19_text[:8000]).ids
+    prompts, conts = [ids[:600]], [ids[600:612]]
+    dense = _forced_logits(smollm2.model, prompts, conts, Resident())
+    infinigen = _forced_logits(smollm2.model, prompts, conts, InfiniGen(budget=0.1))
+    oracle = _forced_logits(smollm2.model, prompts, conts, Oracle(budget=0.1))
+    err = lambda x: ((x - dense).norm() / dense.norm()).item()  # noqa: E731
+    assert err(oracle) < err(infinigen)
+
+
+def test_knob_errors():
+    for knobs, field in [({"budget": 0}, "budget"), ({"budget": 2.5}, "budget"), ({"partial_ratio": 1.5},
+                         "partial_ratio"), ({"alpha": -1}, "alpha"), ({"dense_layers": 0}, "dense_layers"),
+                         ({"gqa_combine": "mean"}, "gqa_combine")]:
+        with pytest.raises(InfinisimError, match=field):
+            make_policy("infinigen", **knobs)
