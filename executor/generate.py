@@ -37,6 +37,7 @@ class StepRecord:
     n_new: int  # positions written by this step, per sequence
     kv_len: int  # positions in the cache after this step (padded batch)
     times: StepTimes
+    nll: float | None = None  # teacher forcing: mean negative log-likelihood of the forced tokens
 
 
 @dataclass
@@ -117,6 +118,9 @@ def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: 
                     next_token = torch.where(finished, eos[0].clamp(min=0), next_token)
             record = StepRecord(index, "prefill" if index == 0 else "decode", n_new, start + n_new,
                                 recorder.finish())
+            if forced is not None:
+                log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+                record.nll = -log_probs.gather(-1, next_token[:, None]).mean().item()
             result.steps.append(record)
             if keep_logits:
                 result.logits.append(logits[:, -1])

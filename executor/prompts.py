@@ -39,3 +39,23 @@ def bundled_prompts(tokenizer: Tokenizer, batch: int, length: int, vocab_size: i
     while len(ids) < need:
         ids = ids + ids
     return [[t % vocab_size for t in ids[b * length:(b + 1) * length]] for b in range(batch)]
+
+
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def needle_prompt(tokenizer: Tokenizer, context_tokens: int, depth: float, key: str, offset: int = 0) -> list[int]:
+    """A passkey-retrieval prompt of `context_tokens` tokens: Python's documentation as filler
+    (starting `offset` tokens in), the key sentence at `depth` (0 = start, 1 = end), a question last."""
+    if not 0 <= depth <= 1:
+        raise InfinisimError(f"needle depth must be in [0, 1], got {depth}")
+    needle = tokenizer.encode(NEEDLE.format(key=key)).ids
+    question = tokenizer.encode(QUESTION).ids
+    n_fill = context_tokens - len(needle) - len(question)
+    if n_fill < 1:
+        raise InfinisimError(f"context of {context_tokens} tokens is too short for the needle and question")
+    text = bundled_text()
+    filler = tokenizer.encode(text[:(offset + n_fill) * 6 + 1000]).ids[offset:offset + n_fill]
+    cut = round(len(filler) * depth)
+    return filler[:cut] + needle + filler[cut:] + question

@@ -45,7 +45,8 @@ def trace_from_generation(gen: Generation, spec: ModelSpec, run: dict[str, objec
         t = record.times
         steps.append({"step": record.index, "phase": record.phase, "n_new": record.n_new, "kv_len": record.kv_len,
                       "wall_s": t.wall_s, "embed_s": t.step_phases.get("embed", 0.0),
-                      "head_s": t.step_phases.get("head", 0.0)})
+                      "head_s": t.step_phases.get("head", 0.0), "nll": record.nll,
+                      "evicted": t.step_counts.get("evicted", 0)})
         for layer in range(spec.n_layers):
             row = {name: [] if name in LIST_COLUMNS else 0 for name in LAYER_COLUMNS}
             row.update(step=record.index, layer=layer)
@@ -60,10 +61,14 @@ def trace_from_generation(gen: Generation, spec: ModelSpec, run: dict[str, objec
 
 def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, sampling: SamplingConfig,
                run_info: dict[str, object], on_step: Callable[[StepRecord], None] | None = None,
-               knobs: dict[str, object] | None = None) -> tuple[Generation, Trace]:
-    """Generate through one policy and describe the run as a trace (not yet written)."""
+               knobs: dict[str, object] | None = None, forced: list[list[int]] | None = None,
+               quality: bool = False) -> tuple[Generation, Trace]:
+    """Generate through one policy and describe the run as a trace (not yet written).
+
+    With `forced` continuations the run is teacher-forced (each step's NLL is recorded); with
+    `quality`, selective policies measure their selections against exact attention."""
     policy = make_policy(policy_name, **(knobs or {}))
-    gen = generate(model, prompts, policy, sampling, on_step)
+    gen = generate(model, prompts, policy, sampling, on_step, forced=forced, quality=quality)
     device = model.tok_embeddings.weight.device
     run = {
         **run_info,
@@ -77,5 +82,7 @@ def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, s
         "device": device.type,
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
                      "stop_at_eos": sampling.stop_at_eos},
+        "teacher_forced": forced is not None,
+        "quality": quality,
     }
     return gen, trace_from_generation(gen, model.spec, run, device)

@@ -26,6 +26,7 @@ class StepTimes:
     step_phases: dict[str, float]
     layer_phases: dict[int, dict[str, float]]
     layer_counts: dict[int, dict[str, int]]
+    step_counts: dict[str, int]
 
 
 @dataclass
@@ -34,7 +35,7 @@ class StepRecorder:
 
     cuda: bool
     _spans: list[tuple[int | None, str, object, object]] = field(default_factory=list)
-    _counts: dict[int, dict[str, int]] = field(default_factory=dict)
+    _counts: dict[int | None, dict[str, int]] = field(default_factory=dict)
     _start: object = None
 
     def _mark(self, stream: torch.cuda.Stream | None = None, host: bool = False) -> object:
@@ -58,8 +59,8 @@ class StepRecorder:
         yield
         self._spans.append((layer, phase, start, self._mark(stream, host)))
 
-    def count(self, layer: int, **counts: int) -> None:
-        """Per-layer quantities of this step (bytes moved, tokens fetched, ...)."""
+    def count(self, layer: int | None, **counts: int) -> None:
+        """Per-layer (or, with layer None, per-step) quantities: bytes moved, tokens fetched, ..."""
         self._counts.setdefault(layer, {}).update(counts)
 
     def finish(self) -> StepTimes:
@@ -81,5 +82,6 @@ class StepRecorder:
                 step[phase] += elapsed(a, b)
             else:
                 layers[layer][phase] += elapsed(a, b)
+        step_counts = self._counts.pop(None, {})
         return StepTimes(elapsed(self._start, end), dict(step), {k: dict(v) for k, v in layers.items()},
-                         self._counts)
+                         self._counts, step_counts)

@@ -41,25 +41,37 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-len", type=_positive, default=32, help="new tokens per sequence (default 32)")
     p.add_argument("--policy", default="resident",
                    help="KV policy, or several separated by commas, run one after another on the same "
-                        "model and prompts (resident, full, infinigen, oracle; default resident)")
+                        "model and prompts (resident, full, infinigen, oracle, h2o, int4; default resident)")
     knobs = p.add_argument_group("policy knobs (each applies to the policies that have it)")
     knobs.add_argument("--alpha", type=float,
                        help="infinigen/oracle: fetch tokens scoring within alpha of the max (default 4 for OPT, "
                             "5 for the Llama family)")
     knobs.add_argument("--budget", type=float,
-                       help="infinigen/oracle: most tokens fetched per layer, a fraction of the context (0.2 = "
-                            "20%%, the default) or a count (> 1)")
+                       help="infinigen/oracle/h2o: most tokens fetched per layer, a fraction of the context "
+                            "(0.2 = 20%%, the default) or a count (> 1)")
     knobs.add_argument("--partial-ratio", type=float, help="infinigen/oracle: partial weight ratio (default 0.3)")
     knobs.add_argument("--dense-layers", type=int,
                        help="infinigen/oracle: leading layers that fetch fully instead of speculating (default 1)")
     knobs.add_argument("--gqa-combine", choices=["softmax_sum", "max"],
                        help="infinigen: how query heads sharing a KV head vote (default softmax_sum)")
+    knobs.add_argument("--pool-capacity", type=_positive,
+                       help="infinigen/oracle: host KV pool capacity in tokens per sequence (default unbounded)")
+    knobs.add_argument("--eviction", choices=["counter", "lru", "fifo"],
+                       help="infinigen/oracle: which token leaves a full pool (default counter, the paper's)")
+    knobs.add_argument("--recent-ratio", type=float,
+                       help="h2o: share of the budget kept for the most recent tokens (default 0.5)")
+    knobs.add_argument("--group-size", type=_positive, help="int4: values per quantization group (default 64)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="always decode --gen-len tokens (timing runs)")
+    p.add_argument("--quality", action="store_true",
+                   help="measure accuracy: decode teacher-forced on the text that follows the prompt (the last "
+                        "--gen-len tokens of --prompt/--prompt-file text), report perplexity, and for selecting "
+                        "policies the recall of exact attention mass and the top-k overlap (computes dense "
+                        "attention alongside: slower)")
     p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--trace", help="trace file to write (one policy only)")
@@ -100,21 +112,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec, tokenizer = loaded.model.spec, loaded.tokenizer
     text = args.prompt if args.prompt is not None else (
         read_prompt_file(args.prompt_file) if args.prompt_file else None)
+    extra = args.gen_len if args.quality else 0  # teacher forcing reads the continuation from the text
     if text is not None:
         if tokenizer is None:
             raise InfinisimError("this model has no tokenizer: use --prompt-len", field="--prompt")
         ids = [t % spec.vocab_size for t in tokenizer.encode(text).ids]
-        prompts = [ids] * args.batch
+        if len(ids) <= extra:
+            raise InfinisimError(f"--quality needs more than --gen-len ({extra}) tokens of text; it has {len(ids)}",
+                                 field="--prompt-file" if args.prompt_file else "--prompt")
+        windows = [ids] * args.batch
         prompt_source = "file" if args.prompt_file else "text"
     else:
         if tokenizer is None:
             raise InfinisimError("this model has no tokenizer to draw a prompt with; give a model with a "
                                  "tokenizer.json", field="--prompt-len")
-        prompts = bundled_prompts(tokenizer, args.batch, args.prompt_len or 2048, spec.vocab_size)
+        windows = bundled_prompts(tokenizer, args.batch, (args.prompt_len or 2048) + extra, spec.vocab_size)
         prompt_source = "pydoc_data"
+    prompts = [w[:len(w) - extra] for w in windows]
+    forced = [w[len(w) - extra:] for w in windows] if args.quality else None
     run_info = {"model": args.model, "weights": loaded.source, "prompt_source": prompt_source}
     knobs = {"alpha": args.alpha, "budget": args.budget, "partial_ratio": args.partial_ratio,
-             "dense_layers": args.dense_layers, "gqa_combine": args.gqa_combine}
+             "dense_layers": args.dense_layers, "gqa_combine": args.gqa_combine,
+             "pool_capacity": args.pool_capacity, "eviction": args.eviction, "recent_ratio": args.recent_ratio,
+             "group_size": args.group_size}
     for name in policies:  # bad knobs fail before the model runs
         make_policy(name, **knobs)
 
@@ -127,7 +147,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   leave=False) as bar:
             try:
                 gen, trace = run_policy(loaded.model, prompts, name, sampling, run_info,
-                                        on_step=lambda record: bar.update(1), knobs=knobs)
+                                        on_step=lambda record: bar.update(1), knobs=knobs, forced=forced,
+                                        quality=args.quality)
             except KeyboardInterrupt:
                 print(f"\ninterrupted: no trace written for {name}", file=sys.stderr)
                 return 130
@@ -152,6 +173,10 @@ def _bytes(n: float) -> str:
     return ""
 
 
+def _maybe(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"
+
+
 def print_summaries(summaries: list[dict], texts: dict[str, str]) -> None:
     for s in summaries:
         print(f"[{s['policy']}] first sequence: {texts.get(s['policy'], '(no tokenizer)')!r}")
@@ -164,6 +189,17 @@ def print_summaries(summaries: list[dict], texts: dict[str, str]) -> None:
         print(f"{s['policy']:<10} {s['prefill_s']:>9.3f} {s['decode_ms_mean']:>13.2f} {s['decode_ms_p50']:>7.2f} "
               f"{s['decode_ms_p99']:>7.2f} {s['decode_tokens_per_s']:>8.1f} "
               f"{_bytes(s['bytes_h2d_per_decode_step']):>10} {_bytes(s['bytes_d2h_per_decode_step']):>10}")
+    if any(s["perplexity"] == s["perplexity"] for s in summaries):  # a teacher-forced (--quality) run
+        print()
+        header = f"{'policy':<10} {'attended':>9} {'recall':>7} {'top-k':>7} {'perplexity':>10}"
+        print(header)
+        print("-" * len(header))
+        for s in summaries:
+            print(f"{s['policy']:<10} {s['attended_fraction']:>9.1%} {_maybe(s['recall']):>7} "
+                  f"{_maybe(s['topk_overlap']):>7} {s['perplexity']:>10.3f}")
+        print("(attended: share of the cache each layer attended, mean over decode steps; recall: share of exact "
+              "attention mass on the attended rows; top-k: overlap of the fetched rows with the exact top rows; "
+              "- where a policy attends everything)")
     print()
     for s in summaries:
         print(f"trace ({s['policy']}): {s['trace']}  [moved H2D {_bytes(s['bytes_h2d_total'])}, "

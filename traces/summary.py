@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from traces.trace import Trace
 
@@ -31,4 +32,26 @@ def summarize(trace: Trace) -> dict[str, float | int | str]:
         "decode_h2d_ms": float(decode_rows["h2d_s"].sum() / n * 1e3),
         "decode_d2h_ms": float(decode_rows["d2h_s"].sum() / n * 1e3),
         "decode_wait_ms": float(decode_rows["wait_s"].sum() / n * 1e3),
+        "decode_spec_ms": float(decode_rows["spec_s"].sum() / n * 1e3),
+        "decode_gather_ms": float(decode_rows["gather_s"].sum() / n * 1e3),
+        **quality(trace),
+    }
+
+
+def _mean_of_lists(column: pd.Series) -> float:
+    values = [v for row in column for v in row]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def quality(trace: Trace) -> dict[str, float]:
+    """Accuracy side of a run: the fraction of the cache attended, and (teacher-forced or --quality
+    runs) perplexity, recall of exact attention mass and top-k overlap over the selecting layers."""
+    decode = trace.layers[trace.layers["step"].isin(trace.decode_steps()["step"])]
+    nll = pd.to_numeric(trace.steps["nll"], errors="coerce").dropna()
+    return {
+        "attended_fraction": float((decode["tokens_attended"] / decode["kv_len"]).mean()) if len(decode)
+        else float("nan"),
+        "perplexity": float(np.exp(nll.mean())) if len(nll) else float("nan"),
+        "recall": _mean_of_lists(decode["recall"]),
+        "topk_overlap": _mean_of_lists(decode["topk_overlap"]),
     }

@@ -51,7 +51,7 @@ LAYER_COLUMNS: dict[str, pa.DataType] = {
     "topk_overlap": pa.list_(pa.float32()),
 }
 LIST_COLUMNS = tuple(name for name, dtype in LAYER_COLUMNS.items() if pa.types.is_list(dtype))
-STEP_FIELDS = ("step", "phase", "n_new", "kv_len", "wall_s", "embed_s", "head_s")
+STEP_FIELDS = ("step", "phase", "n_new", "kv_len", "wall_s", "embed_s", "head_s", "nll", "evicted")
 RUN_FIELDS = ("policy", "policy_knobs", "batch", "prompt_lens", "gen_len", "dtype", "device", "sampling", "weights")
 ENV_FIELDS = ("device_name", "torch", "python", "host", "created")
 

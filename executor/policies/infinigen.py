@@ -27,6 +27,7 @@ from torch import Tensor
 from executor.kvcache import PolicyContext
 from executor.model import StepState, apply_rope
 from executor.policies.selective import Selective
+from executor.pool import HostPool
 from executor.selection import (
     budget_tokens,
     counts_within_alpha,
@@ -44,7 +45,8 @@ class InfiniGen(Selective):
     name = "infinigen"
 
     def __init__(self, alpha: float | None = None, partial_ratio: float = 0.3, budget: float = 0.2,
-                 dense_layers: int = 1, gqa_combine: str = "softmax_sum"):
+                 dense_layers: int = 1, gqa_combine: str = "softmax_sum", pool_capacity: int | None = None,
+                 eviction: str = "counter"):
         if not 0 < partial_ratio <= 1:
             raise InfinisimError(f"partial ratio must be in (0, 1], got {partial_ratio}", field="partial_ratio")
         if budget <= 0 or (budget > 1 and budget != int(budget)):
@@ -57,12 +59,16 @@ class InfiniGen(Selective):
                                  field="dense_layers")
         if gqa_combine not in ("softmax_sum", "max"):
             raise InfinisimError(f"unknown GQA combine {gqa_combine!r} (softmax_sum, max)", field="gqa_combine")
+        if pool_capacity is not None:
+            HostPool(pool_capacity, eviction, 1, 1)  # validates the pool knobs now, before any run
         self.alpha, self.partial_ratio, self.budget = alpha, partial_ratio, budget
         self.dense_layers, self.gqa_combine = dense_layers, gqa_combine
+        self.pool_capacity, self.eviction = pool_capacity, eviction
 
     def knobs(self) -> dict[str, object]:
         return {"alpha": self.alpha, "partial_ratio": self.partial_ratio, "budget": self.budget,
-                "dense_layers": self.dense_layers, "gqa_combine": self.gqa_combine}
+                "dense_layers": self.dense_layers, "gqa_combine": self.gqa_combine,
+                "pool_capacity": self.pool_capacity, "eviction": self.eviction}
 
     def setup(self, ctx: PolicyContext) -> None:
         super().setup(ctx)
@@ -73,6 +79,14 @@ class InfiniGen(Selective):
         self.skew: dict[int, Tensor] = {}  # layer -> [G, d, r]: A restricted to the partial columns
         self.partial_keys: dict[int, Tensor] = {}  # layer -> [B, G, capacity, r] on the device
         self.partial_wq: dict[int, tuple[Tensor, Tensor | None]] = {}  # OPT: folded (W_q A)[:, cols], bias
+        self.pool = HostPool(self.pool_capacity, self.eviction, ctx.batch, ctx.capacity) \
+            if self.pool_capacity is not None else None
+        self.stored: Tensor | None = None  # this step's pool membership on the device
+
+    def cached_valid(self, step: StepState) -> Tensor:
+        """Which cached positions [0, start) can be attended: not padding, not evicted from the pool."""
+        valid = step.valid[:, :step.start]
+        return valid if self.stored is None else valid & self.stored[:, :step.start]
 
     def speculates(self, layer: int) -> bool:
         return layer >= self.dense_layers
@@ -117,7 +131,12 @@ class InfiniGen(Selective):
         if step.n_new != 1:
             raise InfinisimError("infinigen decodes one token per step after the prefill")
         if not self.speculates(layer):
-            return super().attend_kv(layer, q, k_new, v_new, step)
+            if self.pool is None:
+                return super().attend_kv(layer, q, k_new, v_new, step)
+            stored = self.cached_valid(step)  # fetch every stored row, nothing evicted
+            indices, keep = select_top(stored[:, None, :].expand(-1, self.ctx.n_kv_heads, -1).float(),
+                                       stored.sum(-1).clamp(min=1), stored)
+            self.fetch(layer, indices, keep, step)
         return self.attend_prefetched(layer, q, k_new, v_new, step)
 
     # ------------------------------------------------------------------ decode
@@ -138,11 +157,11 @@ class InfiniGen(Selective):
         keys = self.partial_keys[layer][:, :, :step.start]  # [B, G, L, r]
         scores = torch.einsum("bghr,bglr->bghl", q_partial.view(b, g, h // g, self.r), keys)
         scores = scores.reshape(b, h, step.start).float() / math.sqrt(d)
-        return scores.masked_fill(~step.valid[:, None, :step.start], float("-inf"))
+        return scores.masked_fill(~self.cached_valid(step)[:, None, :], float("-inf"))
 
     def choose(self, layer: int, scores: Tensor, rank_scores: Tensor, step: StepState) -> tuple[Tensor, Tensor]:
         """How many (from the speculated `scores`) and which (by `rank_scores`) rows to fetch."""
-        valid = step.valid[:, :step.start]
+        valid = self.cached_valid(step)
         counts = fetch_counts(scores, self.alpha, budget_tokens(self.budget, valid.sum(-1)))
         alpha_counts = counts_within_alpha(scores).float()  # [B, H, 9]
         b, h, n_alpha = alpha_counts.shape
@@ -151,7 +170,21 @@ class InfiniGen(Selective):
         step.recorder.count(layer, alpha_counts=per_kv_head.flatten().tolist())
         return select_top(group_scores(rank_scores, g, self.gqa_combine), counts, valid)
 
+    def start_step(self, layer: int, step: StepState) -> None:
+        """Before the first layer of a decode step: the pool takes in last step's rows and makes room."""
+        if layer != 0 or step.start == 0 or self.pool is None:
+            return
+        self.pool.admit(step.valid, step.start)
+        step.recorder.count(None, evicted=self.pool.make_room(1))
+        self.stored = self.pool.stored.to(step.valid.device)
+
+    def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: StepState) -> None:
+        if self.pool is not None:
+            self.pool.record_fetch(indices, keep, step.index)
+        super().fetch(layer, indices, keep, step)
+
     def on_attention_start(self, layer: int, residual: Tensor, step: StepState) -> None:
+        self.start_step(layer, step)
         target = layer + 1
         if step.start == 0 or target >= self.ctx.n_layers or not self.speculates(target):
             return
@@ -163,9 +196,10 @@ class InfiniGen(Selective):
     def attend_prefetched(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
                           ) -> tuple[Tensor, Tensor, Tensor]:
         k, v, keep = self.attend_fetched(layer, q, k_new, v_new, step)
-        with step.recorder.span(layer, "attn"):
-            self.partial_keys[layer][:, :, step.start] = torch.einsum("bgd,gdr->bgr", k_new[:, :, 0],
-                                                                      self.skew[layer])
+        if self.speculates(layer):
+            with step.recorder.span(layer, "attn"):
+                self.partial_keys[layer][:, :, step.start] = torch.einsum("bgd,gdr->bgr", k_new[:, :, 0],
+                                                                          self.skew[layer])
         return k, v, keep
 
 
@@ -176,6 +210,7 @@ class Oracle(InfiniGen):
     name = "oracle"
 
     def on_attention_start(self, layer: int, residual: Tensor, step: StepState) -> None:
+        self.start_step(layer, step)
         target = layer + 1
         if step.start == 0 or target >= self.ctx.n_layers or not self.speculates(target):
             return
@@ -185,7 +220,7 @@ class Oracle(InfiniGen):
     def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
                   ) -> tuple[Tensor, Tensor, Tensor]:
         if step.start > 0 and step.n_new == 1 and self.speculates(layer):
-            exact = exact_scores(q, self.host.k[layer][:, :, :step.start], step.valid[:, :step.start])
+            exact = exact_scores(q, self.host.k[layer][:, :, :step.start], self.cached_valid(step))
             indices, keep = self.choose(layer, self.speculated, exact, step)
             self.fetch(layer, indices, keep, step)
         return super().attend_kv(layer, q, k_new, v_new, step)
