@@ -36,13 +36,17 @@ def partial_count(ratio: float, head_dim: int) -> int:
 
 
 def counts_within_alpha(scores: Tensor, alphas: tuple[int, ...] = ALPHAS) -> Tensor:
-    """Per head, how many keys score within alpha of that head's max (uncapped).
+    """Per head, how many keys score within alpha of that head's max (uncapped), for whole alphas.
 
     scores: [B, H, L] attention logits (scaled), -inf where a key is not valid. Returns [B, H, len(alphas)].
+    One pass: a histogram of floor(max - score), then a cumulative sum (gap < a <=> floor(gap) <= a - 1).
     """
-    top = scores.max(dim=-1, keepdim=True).values
-    gaps = top - scores  # >= 0; inf for invalid keys
-    return torch.stack([(gaps < a).sum(-1) for a in alphas], dim=-1)
+    top = max(alphas)
+    gaps = (scores.max(dim=-1, keepdim=True).values - scores).clamp(max=top).floor().long()  # inf -> top
+    histogram = torch.zeros(*scores.shape[:-1], top + 1, dtype=torch.long, device=scores.device)
+    histogram.scatter_add_(-1, gaps, torch.ones_like(gaps))
+    below = histogram.cumsum(-1)  # below[..., j] = #(floor(gap) <= j)
+    return below[..., [a - 1 for a in alphas]]
 
 
 def fetch_counts(scores: Tensor, alpha: float, budgets: Tensor) -> Tensor:

@@ -147,3 +147,12 @@ def test_knob_errors():
                          ({"gqa_combine": "mean"}, "gqa_combine")]:
         with pytest.raises(InfinisimError, match=field):
             make_policy("infinigen", **knobs)
+
+
+def test_counts_within_alpha_equals_direct_count():
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(3, 4, 50, generator=gen) * 4
+    scores[0, :, :7] = NEG
+    scores[1, 2, 10] = scores[1, 2].max() - 3.0  # a gap of exactly 3 is not within alpha 3
+    direct = torch.stack([((scores.max(-1, keepdim=True).values - scores) < a).sum(-1) for a in range(1, 10)], -1)
+    assert torch.equal(counts_within_alpha(scores), direct)

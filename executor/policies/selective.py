@@ -48,10 +48,11 @@ class Selective(Full):
         host_k, host_v = (buf[:size].view(b, g, n, d) for buf in self.gathered[slot])
         if self.gathered_free[slot] is not None:
             self.gathered_free[slot].synchronize()  # its previous copy has left the staging buffer
-        rows = indices.cpu()[..., None].expand(b, g, n, d)
+        # whole rows by flat index: [B, G, capacity, d] viewed as [B*G*capacity, d]
+        rows = (indices.cpu() + torch.arange(b * g).view(b, g, 1) * self.ctx.capacity).view(-1)
         with step.recorder.span(layer, "gather", host=True):
-            torch.gather(self.host.k[layer][:, :, :step.start], 2, rows, out=host_k)
-            torch.gather(self.host.v[layer][:, :, :step.start], 2, rows, out=host_v)
+            torch.index_select(self.host.k[layer].view(-1, d), 0, rows, out=host_k.view(-1, d))
+            torch.index_select(self.host.v[layer].view(-1, d), 0, rows, out=host_v.view(-1, d))
         dev_k, dev_v = (buf[:size].view(b, g, n, d) for buf in self.slots[slot])
         handle = self.copies.to_device([dev_k, dev_v], [host_k, host_v], layer, step.recorder)
         self.gathered_free[slot] = handle
