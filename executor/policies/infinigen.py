@@ -19,6 +19,8 @@ projected, rotated by RoPE, then by A[:, cols].
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,7 @@ class InfiniGen(Selective):
         self.pool = HostPool(self.pool_capacity, self.eviction, ctx.batch, ctx.capacity) \
             if self.pool_capacity is not None else None
         self.stored: Tensor | None = None  # this step's pool membership on the device
+        self.spec_stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
 
     def cached_valid(self, step: StepState) -> Tensor:
         """Which cached positions [0, start) can be attended: not padding, not evicted from the pool."""
@@ -188,10 +191,26 @@ class InfiniGen(Selective):
         target = layer + 1
         if step.start == 0 or target >= self.ctx.n_layers or not self.speculates(target):
             return
-        with step.recorder.span(target, "spec"):
+        with self.on_spec_stream(), step.recorder.span(target, "spec", self.spec_stream):
             scores = self.speculate(target, residual, step)
             indices, keep = self.choose(target, scores, scores, step)
+            indices = indices.cpu()  # the host gather needs them; on CUDA this waits for the spec stream only
+        if self.spec_stream is not None:
+            keep.record_stream(torch.cuda.current_stream())  # made on the spec stream, read by the compute stream
         self.fetch(target, indices, keep, step)
+
+    @contextmanager
+    def on_spec_stream(self) -> Iterator[None]:
+        """CUDA: run the block on the speculation stream, after the work already issued on the
+        compute stream (the residual and the partial key cache it reads). CPU: the same thread."""
+        if self.spec_stream is None:
+            yield
+            return
+        compute = torch.cuda.current_stream()
+        self.spec_stream.wait_stream(compute)
+        with torch.cuda.stream(self.spec_stream):
+            yield
+        compute.wait_stream(self.spec_stream)  # the choice is read by later compute kernels
 
     def attend_prefetched(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
                           ) -> tuple[Tensor, Tensor, Tensor]:
