@@ -6,6 +6,8 @@ Shapes: B batch, H query heads, G KV heads (H = G x group), L keys, d head dim, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,17 @@ def skew_matrix(q: Tensor, k: Tensor) -> Tensor:
     k_strength = (k.double() @ a).norm(dim=0)
     order = torch.argsort(s_q * k_strength, descending=True)
     return a[:, order].to(q.dtype)
+
+
+def decode_logits(q: Tensor, keys: Tensor) -> Tensor:
+    """Exact attention logits of one decode query per head over a KV head's keys, in float32.
+
+    q: [B, H, 1, d]; keys: [B, G, L, d] -> [B, G, H/G, L] (query heads grouped by their KV head).
+    """
+    b, h, _, d = q.shape
+    g = keys.shape[1]
+    grouped = q[:, :, 0].reshape(b, g, h // g, d).float()
+    return torch.einsum("bgqd,bgld->bgql", grouped, keys.float()) / math.sqrt(d)
 
 
 def partial_columns(q_skewed: Tensor, r: int) -> Tensor:

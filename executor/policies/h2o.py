@@ -13,7 +13,7 @@ from torch import Tensor
 from executor.kvcache import PolicyContext
 from executor.model import StepState
 from executor.policies.selective import Selective
-from executor.selection import budget_tokens
+from executor.selection import budget_tokens, decode_logits
 from infinisim.errors import InfinisimError
 
 QUERY_CHUNK = 256  # prompt rows per chunk when accumulating the prefill's attention
@@ -100,9 +100,7 @@ class H2O(Selective):
 
     def update_kept_set(self, layer: int, q: Tensor, k: Tensor, attended: Tensor, step: StepState) -> None:
         """Add this step's attention to the scores, take in the newest token, evict down to the budget."""
-        b, h, _, d = q.shape
-        g = k.shape[1]
-        logits = torch.einsum("bgqd,bgnd->bgqn", q[:, :, 0].view(b, g, h // g, d).float(), k.float()) / math.sqrt(d)
+        logits = decode_logits(q, k)
         probs = torch.softmax(logits.masked_fill(~attended[:, :, None, :], float("-inf")), -1).sum(2)  # [B, G, m+1]
         positions, keep = self.kept[layer]
         candidates = torch.cat([positions, torch.full_like(positions[..., :1], step.start)], dim=-1)

@@ -33,6 +33,7 @@ from executor.pool import HostPool
 from executor.selection import (
     budget_tokens,
     counts_within_alpha,
+    decode_logits,
     fetch_counts,
     group_scores,
     partial_columns,
@@ -247,8 +248,5 @@ class Oracle(InfiniGen):
 
 def exact_scores(q: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
     """Exact attention logits of one decode query over all cached keys: [B, H, L] (on q's device)."""
-    b, h, _, d = q.shape
-    g = keys.shape[1]
-    keys = keys.to(q.device)
-    scores = torch.einsum("bghd,bgld->bghl", q[:, :, 0].view(b, g, h // g, d), keys).reshape(b, h, -1)
-    return (scores.float() / math.sqrt(d)).masked_fill(~valid[:, None, :].to(q.device), float("-inf"))
+    scores = decode_logits(q, keys.to(q.device)).flatten(1, 2)
+    return scores.masked_fill(~valid[:, None, :].to(q.device), float("-inf"))

@@ -15,6 +15,7 @@ from torch import Tensor
 from executor.kvcache import PolicyContext
 from executor.model import StepState
 from executor.policies.dense import Full
+from executor.selection import decode_logits
 
 
 @dataclass
@@ -93,10 +94,9 @@ def attention_quality(q: Tensor, keys: Tensor, valid: Tensor, indices: Tensor, k
     """q: [B, H, 1, d]; keys: [B, G, L+1, d] (the last is the newest); valid: [B, L+1];
     indices, keep: [B, G, n] rows fetched among the first L. Returns per-head means over the
     batch of (captured attention mass, top-n overlap), each [H]."""
-    b, h, _, d = q.shape
+    b, h = q.shape[:2]
     g, length = keys.shape[1], keys.shape[2] - 1
-    group = h // g
-    logits = torch.einsum("bgqd,bgld->bgql", q[:, :, 0].view(b, g, group, d).float(), keys.float()) / d ** 0.5
+    logits = decode_logits(q, keys)
     probs = torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), -1)  # [B, G, group, L+1]
     chosen = torch.zeros(b, g, length + 1, dtype=torch.bool, device=q.device)
     chosen.scatter_(-1, indices, keep)
