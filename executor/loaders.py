@@ -106,7 +106,8 @@ def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path, dtype: str, device: torch.device, name: str | None = None) -> LoadedModel:
+def read_gguf(path: Path) -> tuple[object, dict[str, object]]:
+    """The GGUF reader and its decoded metadata fields."""
     import gguf
 
     try:
@@ -119,6 +120,13 @@ def load_gguf(path: Path, dtype: str, device: torch.device, name: str | None = N
             fields[key] = field.contents()
         except Exception:  # a few array types cannot be decoded; we never need them
             continue
+    return reader, fields
+
+
+def load_gguf(path: Path, dtype: str, device: torch.device, name: str | None = None) -> LoadedModel:
+    import gguf
+
+    reader, fields = read_gguf(path)
     arch = fields.get("general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):
         raise InfinisimError(f"architecture {arch!r} is not supported (llama, qwen2, mistral)", path,
@@ -313,12 +321,9 @@ def load_model(model: str, dtype: str = "float32", device: str | torch.device = 
 
 
 def _embedded_tokenizer() -> Tokenizer | None:
-    import gguf
-
+    """The embedded model's tokenizer (random-weight runs draw prompts with it), if installed."""
     try:
-        reader = gguf.GGUFReader(str(embedded_gguf_path()))
+        path = embedded_gguf_path()
     except InfinisimError:
         return None
-    fields = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("tokenizer.ggml.")
-              and k != "tokenizer.ggml.chat_template"}
-    return tokenizer_from_gguf(fields, embedded_gguf_path())
+    return tokenizer_from_gguf(read_gguf(path)[1], path)
