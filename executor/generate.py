@@ -63,7 +63,7 @@ def sample(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> 
 
 def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: SamplingConfig,
              on_step: Callable[[StepRecord], None] | None = None, forced: list[list[int]] | None = None,
-             keep_logits: bool = False, quality: bool = False) -> Generation:
+             keep_logits: bool = False, quality: bool = False, record_selection: bool = False) -> Generation:
     """Left-pads the prompts into one batch, prefills, then decodes one token per step.
 
     `forced` (teacher forcing): per sequence, the tokens to feed instead of sampled ones, one per
@@ -95,7 +95,7 @@ def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: 
     positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
 
     policy.setup(PolicyContext(spec.n_layers, batch, spec.n_kv_heads, spec.head_dim, capacity,
-                               model.tok_embeddings.weight.dtype, device, model, quality))
+                               model.tok_embeddings.weight.dtype, device, model, quality, record_selection))
     recorder = StepRecorder(cuda=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     eos = torch.tensor(spec.eos_token_ids or [-1], device=device)

@@ -114,6 +114,7 @@ class PolicyContext:
     device: torch.device
     model: Transformer  # policies that speculate use later layers' weights
     quality: bool = False  # measure selections against exact attention (costly; measurement only)
+    record_selection: bool = False  # put the fetched positions in the trace (selective policies)
 
     def store(self, device: torch.device, pin_memory: bool = False, n_layers: int | None = None) -> KVStore:
         n_layers = self.n_layers if n_layers is None else n_layers

@@ -62,13 +62,15 @@ def trace_from_generation(gen: Generation, spec: ModelSpec, run: dict[str, objec
 def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, sampling: SamplingConfig,
                run_info: dict[str, object], on_step: Callable[[StepRecord], None] | None = None,
                knobs: dict[str, object] | None = None, forced: list[list[int]] | None = None,
-               quality: bool = False) -> tuple[Generation, Trace]:
+               quality: bool = False, record_selection: bool = False) -> tuple[Generation, Trace]:
     """Generate through one policy and describe the run as a trace (not yet written).
 
     With `forced` continuations the run is teacher-forced (each step's NLL is recorded); with
-    `quality`, selective policies measure their selections against exact attention."""
+    `quality`, selective policies measure their selections against exact attention; with
+    `record_selection` they write the positions they fetched into the trace."""
     policy = make_policy(policy_name, **(knobs or {}))
-    gen = generate(model, prompts, policy, sampling, on_step, forced=forced, quality=quality)
+    gen = generate(model, prompts, policy, sampling, on_step, forced=forced, quality=quality,
+                   record_selection=record_selection)
     device = model.tok_embeddings.weight.device
     run = {
         **run_info,
@@ -84,5 +86,6 @@ def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, s
                      "stop_at_eos": sampling.stop_at_eos},
         "teacher_forced": forced is not None,
         "quality": quality,
+        "record_selection": record_selection,
     }
     return gen, trace_from_generation(gen, model.spec, run, device)

@@ -48,25 +48,30 @@ def partial_count(ratio: float, head_dim: int) -> int:
     return max(1, min(head_dim, round(ratio * head_dim)))
 
 
-def counts_within_alpha(scores: Tensor, alphas: tuple[int, ...] = ALPHAS) -> Tensor:
+def score_gaps(scores: Tensor) -> Tensor:
+    """How far each key scores below its head's best: [B, H, L] logits (scaled, -inf where a key
+    is not valid) -> [B, H, L] gaps (inf where not valid). Computed once, read by both counts below."""
+    return scores.max(dim=-1, keepdim=True).values - scores
+
+
+def counts_within_alpha(gaps: Tensor, alphas: tuple[int, ...] = ALPHAS) -> Tensor:
     """Per head, how many keys score within alpha of that head's max (uncapped), for whole alphas.
 
-    scores: [B, H, L] attention logits (scaled), -inf where a key is not valid. Returns [B, H, len(alphas)].
-    One pass: a histogram of floor(max - score), then a cumulative sum (gap < a <=> floor(gap) <= a - 1).
+    gaps: [B, H, L] from score_gaps. Returns [B, H, len(alphas)]. One pass: a histogram of
+    floor(gap), then a cumulative sum (gap < a <=> floor(gap) <= a - 1).
     """
     top = max(alphas)
-    gaps = (scores.max(dim=-1, keepdim=True).values - scores).clamp(max=top).floor().long()  # inf -> top
-    histogram = torch.zeros(*scores.shape[:-1], top + 1, dtype=torch.long, device=scores.device)
-    histogram.scatter_add_(-1, gaps, torch.ones_like(gaps))
+    bins = gaps.clamp(max=top).floor().long()  # inf -> top
+    histogram = torch.zeros(*gaps.shape[:-1], top + 1, dtype=torch.long, device=gaps.device)
+    histogram.scatter_add_(-1, bins, torch.ones_like(bins))
     below = histogram.cumsum(-1)  # below[..., j] = #(floor(gap) <= j)
     return below[..., [a - 1 for a in alphas]]
 
 
-def fetch_counts(scores: Tensor, alpha: float, budgets: Tensor) -> Tensor:
+def fetch_counts(gaps: Tensor, alpha: float, budgets: Tensor) -> Tensor:
     """Tokens to fetch per sequence for one layer: the within-alpha count averaged over heads,
-    capped by the sequence's budget, at least 1. scores: [B, H, L]; budgets: [B] -> [B]."""
-    top = scores.max(dim=-1, keepdim=True).values
-    mean = ((top - scores) < alpha).sum(-1).float().mean(-1)
+    capped by the sequence's budget, at least 1. gaps: [B, H, L] from score_gaps; budgets: [B] -> [B]."""
+    mean = (gaps < alpha).sum(-1).float().mean(-1)
     return torch.minimum(mean.ceil().long(), budgets).clamp(min=1)
 
 

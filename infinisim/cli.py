@@ -72,6 +72,9 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                         "--gen-len tokens of --prompt/--prompt-file text), report perplexity, and for selecting "
                         "policies the recall of exact attention mass and the top-k overlap (computes dense "
                         "attention alongside: slower)")
+    p.add_argument("--record-selection", action="store_true",
+                   help="write the token positions each selecting layer fetched, per sequence and KV head, into "
+                        "the trace (column `selected`, gap-coded; larger traces)")
     p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--trace", help="trace file to write (one policy only)")
@@ -148,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             try:
                 gen, trace = run_policy(loaded.model, prompts, name, sampling, run_info,
                                         on_step=lambda record: bar.update(1), knobs=knobs, forced=forced,
-                                        quality=args.quality)
+                                        quality=args.quality, record_selection=args.record_selection)
             except KeyboardInterrupt:
                 print(f"\ninterrupted: no trace written for {name}", file=sys.stderr)
                 return 130

@@ -16,6 +16,7 @@ from executor.selection import (
     fetch_counts,
     group_scores,
     partial_columns,
+    score_gaps,
     select_top,
     skew_matrix,
 )
@@ -26,7 +27,7 @@ NEG = float("-inf")
 
 def test_counts_within_alpha_hand_made():
     scores = torch.tensor([[[10.0, 9.5, 7.0, 2.0, NEG], [1.0, 1.0, 1.0, 1.0, 1.0]]])  # [B=1, H=2, L=5]
-    counts = counts_within_alpha(scores, (1, 4, 9))
+    counts = counts_within_alpha(score_gaps(scores), (1, 4, 9))
     assert counts.tolist() == [[[2, 3, 4], [5, 5, 5]]]  # -inf (padding) is never counted
 
 
@@ -34,8 +35,8 @@ def test_fetch_counts_average_heads_and_cap():
     scores = torch.tensor([[[10.0, 9.5, 7.0, 2.0], [5.0, 5.0, 5.0, 5.0]],
                            [[3.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]])
     # sequence 0: heads count 2 and 4 within alpha=1 -> mean 3; sequence 1: 1 and 1 -> 1
-    assert fetch_counts(scores, 1.0, torch.tensor([10, 10])).tolist() == [3, 1]
-    assert fetch_counts(scores, 1.0, torch.tensor([2, 10])).tolist() == [2, 1]
+    assert fetch_counts(score_gaps(scores), 1.0, torch.tensor([10, 10])).tolist() == [3, 1]
+    assert fetch_counts(score_gaps(scores), 1.0, torch.tensor([2, 10])).tolist() == [2, 1]
     assert budget_tokens(0.2, torch.tensor([100, 7])).tolist() == [20, 2]
     assert budget_tokens(50, torch.tensor([100, 7])).tolist() == [50, 7]
 
@@ -155,4 +156,4 @@ def test_counts_within_alpha_equals_direct_count():
     scores[0, :, :7] = NEG
     scores[1, 2, 10] = scores[1, 2].max() - 3.0  # a gap of exactly 3 is not within alpha 3
     direct = torch.stack([((scores.max(-1, keepdim=True).values - scores) < a).sum(-1) for a in range(1, 10)], -1)
-    assert torch.equal(counts_within_alpha(scores), direct)
+    assert torch.equal(counts_within_alpha(score_gaps(scores)), direct)

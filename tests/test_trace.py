@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -14,7 +15,7 @@ from executor.recording import run_policy
 from infinisim.errors import InfinisimError
 from traces import trace as trace_module
 from traces.summary import summarize
-from traces.trace import METADATA_KEY, read_trace, write_trace
+from traces.trace import METADATA_KEY, decode_selection, encode_selection, read_trace, write_trace
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,48 @@ def test_round_trip(tiny_trace, tmp_path):
     assert summary["decode_steps"] == 4 and summary["bytes_h2d_total"] > 0
     speculated = back.layers[(back.layers.step == 2) & (back.layers.layer == 4)]
     assert len(speculated.alpha_counts.iloc[0]) == 3 * 9  # KV heads x alphas
+
+
+def test_selection_coding_round_trip():
+    indices = np.array([[[7, 2, 5, 0], [3, 1, 9, 4]], [[6, 0, 2, 8], [5, 4, 3, 2]]])  # [B=2, G=2, n=4]
+    keep = np.array([[[1, 1, 1, 0], [1, 1, 1, 1]], [[1, 0, 0, 0], [0, 0, 0, 0]]], dtype=bool)
+    values = encode_selection(indices, keep)
+    assert values == [3, 2, 3, 2, 4, 1, 2, 1, 5, 1, 6, 0]
+    back = decode_selection(values, 2, 2)
+    assert [h.tolist() for h in back[0]] == [[2, 5, 7], [1, 3, 4, 9]]
+    assert [h.tolist() for h in back[1]] == [[6], []]
+    with pytest.raises(ValueError, match="left over"):
+        decode_selection(values, 1, 2)
+
+
+def test_recorded_selection_matches_fetch_counts(tmp_path):
+    loaded = load_model("smollm2-135m", "float32", "cpu", random_weights=True)
+    _, trace = run_policy(loaded.model, [list(range(10, 70)), list(range(100, 130))], "infinigen",
+                          SamplingConfig(3, stop_at_eos=False), {"model": "smollm2-135m", "weights": "random"},
+                          knobs={"budget": 0.25}, record_selection=True)
+    back = read_trace(write_trace(trace, tmp_path / "sel.trace.parquet"))
+    decode = back.layers[back.layers.step > 0]
+    assert (decode[decode.layer == 0].selected.map(len) == 0).all()  # the dense first layer does not select
+    for row in decode[decode.layer > 0].itertuples():
+        heads = decode_selection(row.selected, 2, back.model.n_kv_heads)
+        kept = [len(h) for seq in heads for h in seq]
+        assert max(kept) <= row.tokens_fetched <= max(row.kv_len - 1, 1)
+        for seq, prompt_len in zip(heads, (60, 30), strict=True):
+            for h in seq:
+                assert len(np.unique(h)) == len(h) and h.max() < row.kv_len - 1
+                assert h.min() >= 60 - prompt_len  # the short prompt's left padding is never fetched
+
+
+def test_trace_without_optional_column_reads(tiny_trace, tmp_path):
+    path = write_trace(tiny_trace, tmp_path / "t.trace.parquet")
+    table = pq.read_table(path)
+    header = json.loads(table.schema.metadata[METADATA_KEY])
+    old = table.drop_columns(["selected"])
+    header.pop("content_hash")
+    header["content_hash"] = trace_module._content_hash(header, old)
+    pq.write_table(old.replace_schema_metadata({METADATA_KEY: json.dumps(header).encode()}), tmp_path / "old.parquet")
+    back = read_trace(tmp_path / "old.parquet")
+    assert (back.layers.selected.map(len) == 0).all() and back.layers.attn_s.equals(tiny_trace.layers.attn_s)
 
 
 def test_truncated_file(tiny_trace, tmp_path):

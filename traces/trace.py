@@ -49,7 +49,12 @@ LAYER_COLUMNS: dict[str, pa.DataType] = {
     # attention mass on the rows attended, and the overlap of the fetched rows with the exact top rows
     "recall": pa.list_(pa.float32()),
     "topk_overlap": pa.list_(pa.float32()),
+    # with --record-selection, selective policies: the rows fetched, per sequence then KV head, each
+    # as n followed by n gaps between sorted positions (small numbers, which zstd packs well);
+    # see encode_selection / decode_selection
+    "selected": pa.list_(pa.int32()),
 }
+OPTIONAL_COLUMNS = ("selected",)  # traces written before the column existed read as empty lists
 LIST_COLUMNS = tuple(name for name, dtype in LAYER_COLUMNS.items() if pa.types.is_list(dtype))
 STEP_FIELDS = ("step", "phase", "n_new", "kv_len", "wall_s", "embed_s", "head_s", "nll", "evicted")
 RUN_FIELDS = ("policy", "policy_knobs", "batch", "prompt_lens", "gen_len", "dtype", "device", "sampling", "weights")
@@ -109,6 +114,35 @@ def write_trace(trace: Trace, path: str | Path) -> Path:
     return path
 
 
+def encode_selection(indices: np.ndarray, keep: np.ndarray) -> list[int]:
+    """Rows one layer fetched, [B, G, n] positions with a [B, G, n] keep mask, as one flat list:
+    per (sequence, KV head) the kept count, then the gaps between the sorted kept positions."""
+    out: list[int] = []
+    for rows, kept in zip(indices.reshape(-1, indices.shape[-1]), keep.reshape(-1, keep.shape[-1]), strict=True):
+        positions = np.sort(rows[kept])
+        out.append(len(positions))
+        out.extend(np.diff(positions, prepend=0).tolist())
+    return out
+
+
+def decode_selection(values: list[int] | np.ndarray, batch: int, n_kv_heads: int) -> list[list[np.ndarray]]:
+    """Inverse of encode_selection: [sequence][kv_head] -> sorted positions."""
+    values = np.asarray(values, dtype=np.int64)
+    out, at = [], 0
+    for _ in range(batch):
+        heads = []
+        for _ in range(n_kv_heads):
+            if at >= len(values):
+                raise ValueError(f"selection list ends early ({len(values)} values for {batch} x {n_kv_heads})")
+            n = int(values[at])
+            heads.append(np.cumsum(values[at + 1:at + 1 + n]))
+            at += 1 + n
+        out.append(heads)
+    if at != len(values):
+        raise ValueError(f"selection list has {len(values) - at} values left over")
+    return out
+
+
 def _require(mapping: Any, keys: tuple[str, ...], path: Path, where: str) -> None:
     if not isinstance(mapping, dict):
         raise InfinisimError("must be a mapping", path, where)
@@ -149,14 +183,20 @@ def read_trace(path: str | Path) -> Trace:
         raise InfinisimError("must be a non-empty list", path, "header.steps")
     for i, step in enumerate(header["steps"]):
         _require(step, STEP_FIELDS, path, f"header.steps[{i}]")
-    for name, dtype in LAYER_COLUMNS.items():
+    present = [name for name in LAYER_COLUMNS if name in table.column_names or name not in OPTIONAL_COLUMNS]
+    for name in present:
+        dtype = LAYER_COLUMNS[name]
         if name not in table.column_names:
             raise InfinisimError("missing column", path, name)
         if table.schema.field(name).type != dtype:
             raise InfinisimError(f"column has type {table.schema.field(name).type}, expected {dtype}", path, name)
     stored_hash = header.pop("content_hash")
-    if _content_hash(header, table.select(list(LAYER_COLUMNS))) != stored_hash:
+    if _content_hash(header, table.select(present)) != stored_hash:
         raise InfinisimError("does not match the contents (file modified or corrupted)", path, "header.content_hash")
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(pa.field(name, LAYER_COLUMNS[name]),
+                                        pa.array([[]] * table.num_rows, LAYER_COLUMNS[name]))
     steps = pd.DataFrame(header["steps"], columns=list(STEP_FIELDS))
     layers = table.select(list(LAYER_COLUMNS)).to_pandas()
     for name in LIST_COLUMNS:  # plain lists, as the writer was given (pandas would hold numpy arrays)

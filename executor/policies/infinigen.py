@@ -38,6 +38,7 @@ from executor.selection import (
     group_scores,
     partial_columns,
     partial_count,
+    score_gaps,
     select_top,
     skew_matrix,
 )
@@ -166,8 +167,9 @@ class InfiniGen(Selective):
     def choose(self, layer: int, scores: Tensor, rank_scores: Tensor, step: StepState) -> tuple[Tensor, Tensor]:
         """How many (from the speculated `scores`) and which (by `rank_scores`) rows to fetch."""
         valid = self.cached_valid(step)
-        counts = fetch_counts(scores, self.alpha, budget_tokens(self.budget, valid.sum(-1)))
-        alpha_counts = counts_within_alpha(scores).float()  # [B, H, 9]
+        gaps = score_gaps(scores)
+        counts = fetch_counts(gaps, self.alpha, budget_tokens(self.budget, valid.sum(-1)))
+        alpha_counts = counts_within_alpha(gaps).float()  # [B, H, 9]
         b, h, n_alpha = alpha_counts.shape
         g = self.ctx.n_kv_heads
         per_kv_head = alpha_counts.view(b, g, h // g, n_alpha).mean(dim=(0, 2))

@@ -16,6 +16,7 @@ from executor.kvcache import PolicyContext
 from executor.model import StepState
 from executor.policies.dense import Full
 from executor.selection import decode_logits
+from traces.trace import encode_selection
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Selective(Full):
         handle = self.copies.to_device([dev_k, dev_v], [host_k, host_v], layer, step.recorder)
         self.gathered_free[slot] = handle
         self.pending[layer] = Prefetch(slot, indices, keep, handle)
+        if self.ctx.record_selection:
+            step.recorder.count(layer, selected=encode_selection(indices.cpu().numpy(), keep.cpu().numpy()))
 
     def attend_fetched(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
                        ) -> tuple[Tensor, Tensor, Tensor]:
