@@ -109,3 +109,18 @@ def select_top(kv_scores: Tensor, counts: Tensor, valid: Tensor) -> tuple[Tensor
     rank = torch.arange(n, device=kv_scores.device)
     keep = (rank < counts[:, None, None]) & valid[:, None, :].expand_as(kv_scores).gather(-1, indices)
     return indices, keep
+
+
+def choose_rows(scores: Tensor, rank_scores: Tensor, valid: Tensor, alpha: float, budget: float, n_kv_heads: int,
+                combine: str = "softmax_sum") -> tuple[Tensor, Tensor, Tensor]:
+    """InfiniGen's count-and-choose for one layer: how many rows (tokens within alpha of the max in
+    the speculated `scores` [B, H, L], averaged over heads, capped by the budget) and which (top
+    `rank_scores` per KV head). Returns (indices [B, G, n], keep [B, G, n], the uncapped counts per KV
+    head for alpha = 1..9 [G, 9], mean over the batch and the group's query heads)."""
+    gaps = score_gaps(scores)
+    counts = fetch_counts(gaps, alpha, budget_tokens(budget, valid.sum(-1)))
+    alpha_counts = counts_within_alpha(gaps).float()  # [B, H, 9]
+    b, h, n_alpha = alpha_counts.shape
+    per_kv_head = alpha_counts.view(b, n_kv_heads, h // n_kv_heads, n_alpha).mean(dim=(0, 2))
+    indices, keep = select_top(group_scores(rank_scores, n_kv_heads, combine), counts, valid)
+    return indices, keep, per_kv_head

@@ -9,6 +9,13 @@ from pathlib import Path
 
 from infinisim import __version__
 from infinisim.errors import InfinisimError
+from infinisim.sim_commands import (
+    add_calibrate_parser,
+    add_profiles_parser,
+    add_replay_parser,
+    add_simulate_parser,
+    add_validate_parser,
+)
 
 EPILOG = "Docs: README.md and docs/ in the source tree. Errors exit with status 1, usage errors with 2."
 
@@ -235,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"infinisim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run_parser(sub)
+    add_validate_parser(sub)
+    add_replay_parser(sub)
+    add_simulate_parser(sub)
+    add_calibrate_parser(sub)
+    add_profiles_parser(sub)
     add_models_parser(sub)
     return parser
 

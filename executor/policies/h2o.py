@@ -68,6 +68,9 @@ class H2O(Selective):
     def knobs(self) -> dict[str, object]:
         return {"budget": self.budget, "recent_ratio": self.recent_ratio}
 
+    def max_fetch(self, ctx: PolicyContext) -> int:
+        return int(budget_tokens(self.budget, torch.tensor([ctx.capacity]))[0])
+
     def setup(self, ctx: PolicyContext) -> None:
         super().setup(ctx)
         self.scores = torch.zeros(ctx.n_layers, ctx.batch, ctx.n_kv_heads, ctx.capacity, dtype=torch.float32,

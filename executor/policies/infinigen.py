@@ -32,13 +32,10 @@ from executor.policies.selective import Selective
 from executor.pool import HostPool
 from executor.selection import (
     budget_tokens,
-    counts_within_alpha,
+    choose_rows,
     decode_logits,
-    fetch_counts,
-    group_scores,
     partial_columns,
     partial_count,
-    score_gaps,
     select_top,
     skew_matrix,
 )
@@ -87,6 +84,11 @@ class InfiniGen(Selective):
             if self.pool_capacity is not None else None
         self.stored: Tensor | None = None  # this step's pool membership on the device
         self.spec_stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
+
+    def max_fetch(self, ctx: PolicyContext) -> int:
+        if self.pool_capacity is not None:  # layers that do not speculate fetch every stored row
+            return min(ctx.capacity, self.pool_capacity)
+        return int(budget_tokens(self.budget, torch.tensor([ctx.capacity]))[0])
 
     def cached_valid(self, step: StepState) -> Tensor:
         """Which cached positions [0, start) can be attended: not padding, not evicted from the pool."""
@@ -166,15 +168,10 @@ class InfiniGen(Selective):
 
     def choose(self, layer: int, scores: Tensor, rank_scores: Tensor, step: StepState) -> tuple[Tensor, Tensor]:
         """How many (from the speculated `scores`) and which (by `rank_scores`) rows to fetch."""
-        valid = self.cached_valid(step)
-        gaps = score_gaps(scores)
-        counts = fetch_counts(gaps, self.alpha, budget_tokens(self.budget, valid.sum(-1)))
-        alpha_counts = counts_within_alpha(gaps).float()  # [B, H, 9]
-        b, h, n_alpha = alpha_counts.shape
-        g = self.ctx.n_kv_heads
-        per_kv_head = alpha_counts.view(b, g, h // g, n_alpha).mean(dim=(0, 2))
-        step.recorder.count(layer, alpha_counts=per_kv_head.flatten().tolist())
-        return select_top(group_scores(rank_scores, g, self.gqa_combine), counts, valid)
+        indices, keep, alpha_counts = choose_rows(scores, rank_scores, self.cached_valid(step), self.alpha,
+                                                  self.budget, self.ctx.n_kv_heads, self.gqa_combine)
+        step.recorder.count(layer, alpha_counts=alpha_counts.flatten().tolist())
+        return indices, keep
 
     def start_step(self, layer: int, step: StepState) -> None:
         """Before the first layer of a decode step: the pool takes in last step's rows and makes room."""

@@ -33,13 +33,17 @@ class Selective(Full):
     def setup(self, ctx: PolicyContext) -> None:
         super().setup(ctx)
         self.ctx = ctx
-        rows = ctx.batch * ctx.n_kv_heads * ctx.capacity * ctx.head_dim
+        rows = ctx.batch * ctx.n_kv_heads * self.max_fetch(ctx) * ctx.head_dim
         self.slots = [(torch.empty(rows, dtype=ctx.dtype, device=ctx.device),
                        torch.empty(rows, dtype=ctx.dtype, device=ctx.device)) for _ in range(2)]
         self.gathered = [(torch.empty(rows, dtype=ctx.dtype, pin_memory=ctx.host_pinned),
                           torch.empty(rows, dtype=ctx.dtype, pin_memory=ctx.host_pinned)) for _ in range(2)]
         self.gathered_free: list[torch.cuda.Event | None] = [None, None]
         self.pending: dict[int, Prefetch] = {}
+
+    def max_fetch(self, ctx: PolicyContext) -> int:
+        """Most rows one layer fetches per sequence and KV head: the size of the fetch slots."""
+        return ctx.capacity
 
     def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: StepState) -> None:
         """Gather the chosen rows on the host into a staging buffer and start their copy."""

@@ -1,0 +1,94 @@
+"""Predicted vs measured: how well the simulator reproduces a run it can check against.
+
+The measured side is a trace's own times (step wall clock, per-phase spans); the predicted side
+is the replay of that trace's workload on a profile. Errors are relative to the measurement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sim.engine import PHASES, SimResult
+from sim.workload import Workload
+
+COMPARED_PHASES = ("attn", "ffn", "spec", "gather", "h2d", "d2h")
+
+
+def _errors(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
+    rel = np.abs(predicted - measured) / np.maximum(measured, 1e-12)
+    return {"mape": float(rel.mean() * 100), "p50": float(np.percentile(rel, 50) * 100),
+            "p90": float(np.percentile(rel, 90) * 100)}
+
+
+def compare(workload: Workload, result: SimResult) -> dict[str, Any]:
+    """Per decode step, per phase (summed over layers) and end to end; and the worst layer."""
+    measured_steps = np.asarray(workload.measured["step_wall_s"], dtype=float)
+    predicted_steps = result.decode_step_s
+    layers = workload.measured["layers"]
+    n_layers, n_steps = workload.spec.n_layers, workload.n_steps
+    out: dict[str, Any] = {
+        "policy": workload.policy, "profile": result.profile.name, "model": workload.spec.name,
+        "batch": workload.batch, "prompt_len": workload.prompt_len, "decode_steps": n_steps,
+        "step": _errors(predicted_steps, measured_steps),
+        "decode_ms_measured": float(measured_steps.mean() * 1e3),
+        "decode_ms_predicted": float(predicted_steps.mean() * 1e3),
+    }
+    measured_total = workload.measured["prefill_wall_s"] + measured_steps.sum()
+    out["end_to_end_s"] = {"measured": float(measured_total), "predicted": result.total_s,
+                           "error_pct": float((result.total_s - measured_total) / measured_total * 100)}
+    out["decode_total_s"] = {"measured": float(measured_steps.sum()), "predicted": float(predicted_steps.sum()),
+                             "error_pct": float((predicted_steps.sum() - measured_steps.sum())
+                                                / measured_steps.sum() * 100)}
+    out["prefill_s"] = {"measured": workload.measured["prefill_wall_s"], "predicted": float(result.step_s[0])}
+    phases = {}
+    for phase in COMPARED_PHASES:
+        measured = layers[f"{phase}_s"].to_numpy().reshape(n_steps, n_layers).sum(axis=1)
+        predicted = result.phase_s[1:, :n_layers, PHASES.index(phase)].sum(axis=1)
+        if measured.sum() <= 0 and predicted.sum() <= 0:
+            continue
+        phases[phase] = {"measured_ms": float(measured.mean() * 1e3), "predicted_ms": float(predicted.mean() * 1e3),
+                         "error_pct": float((predicted.sum() - measured.sum()) / max(measured.sum(), 1e-12) * 100)}
+    other_measured = measured_steps - sum(
+        layers[f"{p}_s"].to_numpy().reshape(n_steps, n_layers).sum(axis=1) for p in COMPARED_PHASES)
+    phases["other (embed, head, host)"] = {
+        "measured_ms": float(other_measured.mean() * 1e3),
+        "predicted_ms": float((predicted_steps - result.phase_s[1:, :n_layers][..., [PHASES.index(p) for p in
+                                                                                  COMPARED_PHASES]].sum(
+            axis=(1, 2))).mean() * 1e3)}
+    out["phases"] = phases
+    measured_layer = sum(layers[f"{p}_s"].to_numpy().reshape(n_steps, n_layers) for p in COMPARED_PHASES).mean(0)
+    predicted_layer = result.phase_s[1:, :n_layers][..., [PHASES.index(p) for p in COMPARED_PHASES]].sum(-1).mean(0)
+    rel = np.abs(predicted_layer - measured_layer) / np.maximum(measured_layer, 1e-12)
+    worst = int(rel.argmax())
+    out["worst_layer"] = {"layer": worst, "measured_ms": float(measured_layer[worst] * 1e3),
+                          "predicted_ms": float(predicted_layer[worst] * 1e3), "error_pct": float(rel[worst] * 100)}
+    out["per_step_ms"] = {"measured": (measured_steps * 1e3).round(4).tolist(),
+                          "predicted": (predicted_steps * 1e3).round(4).tolist()}
+    return out
+
+
+def plot_steps(comparisons: list[dict[str, Any]], path: str) -> str:
+    """Predicted vs measured decode latency per step, one panel per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(comparisons)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for ax, c in zip(axes[0], comparisons, strict=True):
+        steps = np.arange(1, len(c["per_step_ms"]["measured"]) + 1)
+        ax.plot(steps, c["per_step_ms"]["measured"], "o-", ms=3, label="measured")
+        ax.plot(steps, c["per_step_ms"]["predicted"], "s--", ms=3, label="predicted")
+        ax.set_title(f"{c['policy']} b{c['batch']} p{c['prompt_len']}\nMAPE {c['step']['mape']:.1f}%", fontsize=9)
+        ax.set_xlabel("decode step")
+        ax.set_ylabel("ms")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"infinisim validate: {comparisons[0]['model']} on {comparisons[0]['profile']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

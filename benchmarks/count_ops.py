@@ -1,0 +1,86 @@
+"""Count the ops the executor dispatches per phase of a decode step, per policy.
+
+The simulator charges the host a launch overhead per dispatched op; its op counts
+(sim/costs.py: QKV_OPS, ATTEND_OPS, FFN_OPS, SPEC_OPS, ...) come from this script. Every
+PyTorch dispatcher call counts (views included), attributed to the timed phase it runs in
+("outside": between phases: bookkeeping, sampling). Random weights; decode steps only.
+
+    .venv/bin/python benchmarks/count_ops.py [--model smollm2-135m] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from executor import timing
+from executor.generate import SamplingConfig, generate
+from executor.loaders import load_model
+from executor.policies import make_policy
+
+POLICIES = ("resident", "full", "infinigen", "h2o", "int4")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="a small named architecture (random weights)")
+    p.add_argument("--out", default="benchmarks/results/op-counts.json")
+    args = p.parse_args()
+
+    loaded = load_model(args.model, "float32", "cpu", random_weights=True)
+    n_layers = loaded.model.spec.n_layers
+    phase = ["outside"]
+    counts: collections.Counter[str] = collections.Counter()
+    counting = [False]
+    original_span = timing.StepRecorder.span
+
+    @contextlib.contextmanager
+    def span(self: timing.StepRecorder, layer: int | None, name: str, stream: object = None,
+             host: bool = False) -> Iterator[None]:
+        outer, phase[0] = phase[0], name
+        with original_span(self, layer, name, stream, host):
+            yield
+        phase[0] = outer
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if counting[0]:
+                counts[phase[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    timing.StepRecorder.span = span  # type: ignore[method-assign]
+    results = {}
+    steps = 4
+    try:
+        for name in POLICIES:
+            counts.clear()
+            counting[0] = False
+
+            def after_step(record: object) -> None:
+                counting[0] = True  # from the first decode step on
+
+            with Count():
+                generate(loaded.model, [list(range(1, 300))], make_policy(name),
+                         SamplingConfig(steps + 1, stop_at_eos=False), after_step)
+            per_step = {k: v / steps for k, v in counts.items()}
+            results[name] = {k: round(v if k in ("embed", "head", "outside") else v / n_layers, 1)
+                             for k, v in per_step.items()}
+            print(f"{name:<10} {results[name]}  (embed/head/outside: per step; others: per layer)")
+    finally:
+        timing.StepRecorder.span = original_span  # type: ignore[method-assign]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "layers": n_layers, "ops": results}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Measure the machine this runs on and describe it as a profile.
+
+What is measured, each over the shapes decoding uses, with working sets larger than the caches
+(decoding streams weights and KV from memory every step):
+- host->device and device->host copies over a sweep of sizes (on a CPU-only machine: memcpy
+  between two buffers, which is what the executor's copies are there);
+- gathering scattered KV-sized rows into a staging buffer (the selective policies' host gather);
+- matmul: the streaming rate of decode projections (bytes of weights per second) and the FLOP/s
+  of a large matmul;
+- decode attention: bytes of KV per second through scaled_dot_product_attention;
+- the host's cost of issuing one small op (the launch overhead).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hwprofiles.profile import Device, Host, Link, Profile
+
+SWEEP_SIZES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
+QUICK_SWEEP_SIZES = (4 << 10, 256 << 10, 4 << 20)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], None], int], float]:
+    """Median seconds per call of fn, over `repeats` timed calls after one warm-up."""
+
+    def measure(fn: Callable[[], None], repeats: int) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        return times[len(times) // 2]
+
+    return measure
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> float:
+    return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+Measure = Callable[[Callable[[], object], int], float]
+
+
+def _copies(measure: Measure, dev: torch.device, repeats: int, sizes: tuple[int, ...], working_set: int,
+            log: Callable[[str], None]) -> tuple[list[tuple[float, float, float]], float]:
+    """(size, h2d B/s, d2h B/s) per size, cycling through buffers larger than the caches as
+    decoding does; and the pageable host->device bandwidth (CUDA only, else 0)."""
+    cuda = dev.type == "cuda"
+    sweep = []
+    for size in sizes:
+        n_bufs = max(1, working_set // size)
+        hosts = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(n_bufs)]
+        targets = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(n_bufs)]
+
+        def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+            for dst, src in zip(dsts, srcs, strict=True):
+                dst.copy_(src, non_blocking=cuda)
+
+        h2d = measure(lambda h=hosts, t=targets: copy_all(t, h), repeats) / n_bufs
+        d2h = measure(lambda h=hosts, t=targets: copy_all(h, t), repeats) / n_bufs
+        sweep.append((float(size), size / h2d, size / d2h))
+        log(f"copy {size >> 10:>7} KiB: h2d {size / h2d / 1e9:6.2f} GB/s, d2h {size / d2h / 1e9:6.2f} GB/s")
+    pageable = 0.0
+    if cuda:
+        plain = torch.empty(sizes[-1], dtype=torch.uint8)
+        target = torch.empty(sizes[-1], dtype=torch.uint8, device=dev)
+        pageable = sizes[-1] / measure(lambda: target.copy_(plain), repeats)
+    return sweep, pageable
+
+
+def _gather(measure: Measure, dt: torch.dtype, pinned: bool, repeats: int, n_rows: int) -> float:
+    """B/s of gathering a 20% selection of scattered 256-byte rows (a KV head row: head dim 64 in
+    float32, 128 in 16-bit) into a staging buffer, as the selective policies do."""
+    row_values = 256 // dt.itemsize
+    source = torch.randn(n_rows, row_values).to(dt)
+    index = torch.randperm(n_rows)[: n_rows // 5]
+    staging = torch.empty(len(index), row_values, dtype=dt, pin_memory=pinned)
+    seconds = measure(lambda: torch.index_select(source, 0, index, out=staging), repeats)
+    return staging.numel() * dt.itemsize / seconds
+
+
+def _streaming(measure: Measure, dt: torch.dtype, dev: torch.device, repeats: int, working_set: int,
+               rows: tuple[int, ...]) -> list[tuple[float, float, float]]:
+    """(rows, B/s, B/s) of weights through decode projections of a few rows by wide (1024 x 4096)
+    and narrow (4096 x 1024) weights, more of them than the caches hold: decoding reads every
+    weight from memory each step, and the rate depends on the batch and the weight's shape."""
+    out = []
+    for m in rows:
+        rates = []
+        for k, n in ((1024, 4096), (4096, 1024)):
+            n_mats = max(2, working_set // (k * n * dt.itemsize))
+            weights = [torch.randn(n, k, device=dev).to(dt) for _ in range(n_mats)]
+            x = torch.randn(m, k, device=dev).to(dt)
+            rates.append(n_mats * k * n * dt.itemsize / measure(lambda x=x, ws=weights: [F.linear(x, w) for w in ws],
+                                                                repeats))
+        out.append((float(m), rates[0], rates[1]))
+    return out
+
+
+def _matmul_sweep(measure: Measure, dev: torch.device, repeats: int, m: int, sizes: tuple[int, ...]
+                  ) -> list[tuple[float, float, float]]:
+    """(inner size d, float32 FLOP/s, bfloat16 FLOP/s) of prompt-sized projections: m rows by
+    FFN-like d x 4d and 4d x d weights."""
+    out = []
+    for d in sizes:
+        rates = []
+        for dt in (torch.float32, torch.bfloat16):
+            seconds = 0.0
+            for k, n in ((d, 4 * d), (4 * d, d)):
+                x = torch.randn(m, k, device=dev).to(dt)
+                w = torch.randn(n, k, device=dev).to(dt)
+                seconds += measure(lambda x=x, w=w: F.linear(x, w), repeats)
+            rates.append(2 * 2.0 * m * d * 4 * d / seconds)
+        out.append((float(d), rates[0], rates[1]))
+    return out
+
+
+def _decode_attention(measure: Measure, dt: torch.dtype, dev: torch.device, repeats: int, length: int,
+                      working_set: int) -> float:
+    """B/s of KV through decode attention (8 x 32 query heads, 8 KV heads, head dim 64)."""
+    b, heads, kv_heads, d = 8, 32, 8, 64
+    n_layers = max(2, working_set // (2 * b * kv_heads * length * d * dt.itemsize))
+    caches = [(torch.randn(b, kv_heads, length, d, device=dev).to(dt),
+               torch.randn(b, kv_heads, length, d, device=dev).to(dt)) for _ in range(n_layers)]
+    q = torch.randn(b, heads, 1, d, device=dev).to(dt)
+    seconds = measure(lambda: [F.scaled_dot_product_attention(q, k, v, enable_gqa=True) for k, v in caches], repeats)
+    return n_layers * 2 * b * kv_heads * length * d * dt.itemsize / seconds
+
+
+def _prefill_attention(measure: Measure, dt: torch.dtype, dev: torch.device, repeats: int, length: int) -> float:
+    """FLOP/s (4 B H T^2 d) of prompt attention with an explicit causal mask, as the executor runs it."""
+    b, heads, d = 1, 8, 64
+    q, k, v = (torch.randn(b, heads, length, d, device=dev).to(dt) for _ in range(3))
+    mask = torch.ones(length, length, dtype=torch.bool, device=dev).tril()[None, None]
+    seconds = measure(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), repeats)
+    return 4.0 * b * heads * length * length * d / seconds
+
+
+def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[int, int, int]
+               ) -> tuple[float, float]:
+    """InfiniGen's count-and-choose (executor.selection.choose_rows, the policy's own code): its
+    fixed cost (a tiny case) and its cost per speculated score (from a large case)."""
+    from executor.selection import choose_rows
+
+    def seconds(b: int, h: int, length: int) -> float:
+        scores = torch.randn(b, h, length, device=dev) * 3
+        valid = torch.ones(b, length, dtype=torch.bool, device=dev)
+        return measure(lambda: choose_rows(scores, scores, valid, 5.0, 0.2, h // 4, "softmax_sum")[0].cpu(),
+                       repeats)
+
+    small = (1, 8, 64)
+    fixed, big = seconds(*small), seconds(*large)
+    n_small, n_large = small[0] * small[1] * small[2], large[0] * large[1] * large[2]
+    return fixed, max(big - fixed, 0.0) / (n_large - n_small)
+
+
+def _skew(measure: Measure, dev: torch.device, repeats: int, rows: int) -> float:
+    """Seconds per query row of building one KV head's skew (SVD, ordering, column choice)."""
+    from executor.selection import partial_columns, skew_matrix
+
+    q, k = torch.randn(rows, 64, device=dev), torch.randn(rows // 4, 64, device=dev)
+    return measure(lambda: partial_columns(q @ skew_matrix(q, k), 19), repeats) / rows
+
+
+def _launch_overhead(measure: Measure, dt: torch.dtype, dev: torch.device, repeats: int) -> float:
+    """Seconds of host time per dispatched op, from a tiny decode-like block (norm, projection,
+    views, rotary halves, softmax, top-k) whose ops are counted with a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.randn(1, 1, 64, device=dev).to(dt)
+    w = torch.randn(64, 64, device=dev).to(dt)
+
+    def block() -> None:
+        h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(dt)
+        q = F.linear(h, w).view(1, 1, 4, 16).transpose(1, 2)
+        q = q * 0.5 + torch.cat((-q[..., 8:], q[..., :8]), dim=-1) * 0.5
+        scores = torch.softmax(q.reshape(1, -1).float(), dim=-1)
+        torch.topk(scores, 4, dim=-1)
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        block()
+    calls = 200
+    return measure(lambda: [block() for _ in range(calls)], repeats) / (calls * Count.ops)
+
+
+def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, name: str | None = None,
+              log: Callable[[str], None] = lambda _: None) -> Profile:
+    """Measure this machine (under two minutes; `quick`: a few seconds, smaller shapes) and return it
+    as a profile. On a CPU-only machine the CPU plays the device and copies are memcpys."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    dt = getattr(torch, dtype)
+    measure = _timer(dev)
+    repeats = 3 if quick else 9
+    working_set = (32 if quick else 256) << 20
+
+    sweep, pageable = _copies(measure, dev, repeats, QUICK_SWEEP_SIZES if quick else SWEEP_SIZES,
+                              working_set // 4, log)
+    gather_bw = _gather(measure, dt, cuda, repeats, (1 << 18) if quick else (1 << 20))
+    log(f"gather of 256-byte rows: {gather_bw / 1e9:.2f} GB/s")
+    streams = _streaming(measure, dt, dev, repeats, working_set, (1, 8) if quick else (1, 2, 4, 8, 16, 32))
+    for m, wide, narrow in streams:
+        log(f"decode projections, {int(m):>2} rows: {wide / 1e9:.2f} GB/s (wide), {narrow / 1e9:.2f} GB/s (narrow)")
+    stream_bw = sorted(r for p in streams for r in p[1:])[len(streams)]  # the median
+    matmuls = _matmul_sweep(measure, dev, repeats, 128 if quick else 512,
+                            (256, 1024) if quick else (256, 512, 1024, 2048))
+    for d, f32, bf16 in matmuls:
+        log(f"prompt-sized matmul, inner size {int(d):>5}: {f32 / 1e12:.3f} TFLOP/s float32, "
+            f"{bf16 / 1e12:.3f} bfloat16")
+    attention_bw = _decode_attention(measure, dt, dev, repeats, 1024 if quick else 4096, working_set)
+    log(f"decode attention: {attention_bw / 1e9:.2f} GB/s of KV")
+    prefill_flops = _prefill_attention(measure, dt, dev, repeats, 256 if quick else 1024)
+    log(f"prompt attention with a causal mask: {prefill_flops / 1e12:.3f} TFLOP/s")
+    selection_fixed, selection_per_score = _selection(measure, dev, repeats, (2, 8, 1024) if quick else (8, 32, 4096))
+    log(f"InfiniGen count-and-choose: {selection_fixed * 1e3:.3f} ms + {selection_per_score * 1e9:.2f} ns per score")
+    skew_row = _skew(measure, dev, repeats, 1024 if quick else 8192)
+    log(f"skew build: {skew_row * 1e9:.1f} ns per query row")
+    launch = _launch_overhead(measure, dt, dev, repeats)
+    log(f"launch overhead: {launch * 1e6:.1f} us per op")
+
+    if cuda:
+        props = torch.cuda.get_device_properties(dev)
+        dev_name, memory = props.name, float(props.total_memory)
+    else:
+        dev_name, memory = f"{_cpu_name()} (CPU as device)", _ram_bytes()
+    device_part = Device(
+        name=dev_name, memory=memory, matmul_flops=max(p[2] for p in matmuls),
+        matmul_flops_fp32=max(p[1] for p in matmuls), memory_bandwidth=stream_bw, launch_overhead=launch,
+        matmul_efficiency=1.0, bandwidth_efficiency=1.0, attention_efficiency=min(1.0, attention_bw / stream_bw),
+        matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_flops=prefill_flops,
+        selection_overhead=selection_fixed,
+        selection_per_score=selection_per_score, skew_per_row=skew_row)
+    top = sweep[-1]
+    link = Link(name="PCIe (measured)" if cuda else "memcpy between buffers (measured)",
+                h2d_bandwidth=top[1], d2h_bandwidth=top[2], pageable_bandwidth=pageable or top[1],
+                latency=sweep[0][0] / sweep[0][1], duplex=True, sweep=tuple(sweep))
+    host = Host(name=_cpu_name(), cores=os.cpu_count() or 1, memory=_ram_bytes(),
+                memory_bandwidth=stream_bw if not cuda else gather_bw, gather_bandwidth=gather_bw)
+    return Profile(
+        name=name or f"calibrated-{platform.node() or 'host'}", kind="gpu" if cuda else "cpu",
+        description=(f"Measured by `infinisim calibrate` ({'quick, ' if quick else ''}{dtype}, torch "
+                     f"{torch.__version__}, {torch.get_num_threads()} threads) on {platform.node()}. Efficiencies "
+                     "are folded into the measured rates (1.0); attention's is relative to the streaming rate."),
+        sources=(f"infinisim calibrate on {platform.node()}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",),
+        device=device_part, link=link, host=host)

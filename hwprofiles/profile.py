@@ -1,0 +1,277 @@
+"""Hardware profiles: one YAML file per machine, loaded into a validated `Profile`.
+
+Quantities carry their unit in the YAML ("48 GB", "12.5 GB/s", "10 us", "154.8 TFLOP/s"), or are
+plain numbers in the base unit (bytes, bytes/s, seconds, FLOP/s). The loader checks each field's
+unit, its range, and that no unknown key is present, and names the file and field when it fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infinisim.errors import InfinisimError
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "data"
+
+_SCALE = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+          "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40}
+_UNITS = {  # dimension -> unit (after the prefix) -> factor to the base unit
+    "bytes": {"B": 1.0},
+    "bandwidth": {"B/s": 1.0},
+    "time": {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9},
+    "flops": {"FLOP/s": 1.0, "FLOPS": 1.0},
+}
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z/]*)\s*$")
+
+
+def parse_quantity(value: Any, dimension: str) -> float:
+    """'12.5 GB/s' -> 12.5e9. A plain number is taken in the base unit. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a {dimension} quantity, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str) or not (m := _QUANTITY.match(value)):
+        raise ValueError(f"expected a number with a {dimension} unit, got {value!r}")
+    number, unit = float(m.group(1)), m.group(2)
+    if dimension == "time" and unit in _UNITS["time"]:
+        return number * _UNITS["time"][unit]
+    for prefix, scale in _SCALE.items():
+        base = unit[len(prefix):] if unit.startswith(prefix) else None
+        if base is not None and base in _UNITS[dimension]:
+            return number * scale * _UNITS[dimension][base]
+    units = ", ".join(_UNITS[dimension])
+    raise ValueError(f"unit {unit!r} is not a {dimension} unit (use {units}, with K/M/G/T or Ki/Mi/Gi prefixes)")
+
+
+def _q(dimension: str, low: float = 0.0, high: float = math.inf, doc: str = "", optional: bool = False) -> Any:
+    meta = {"dimension": dimension, "range": (low, high), "doc": doc}
+    return field(default=None, metadata=meta) if optional else field(metadata=meta)
+
+
+def _n(low: float, high: float, doc: str = "") -> Any:
+    return field(metadata={"dimension": "number", "range": (low, high), "doc": doc})
+
+
+@dataclass(frozen=True)
+class Device:
+    """The accelerator (or, on a CPU-only machine, the CPU acting as one)."""
+
+    name: str
+    memory: float = _q("bytes", 1e6, doc="device memory")
+    matmul_flops: float = _q("flops", 1e9, doc="peak dense 16-bit (fp16/bf16) matmul throughput")
+    matmul_flops_fp32: float = _q("flops", 1e9, doc="peak dense float32 matmul throughput")
+    memory_bandwidth: float = _q("bandwidth", 1e9, doc="peak device memory bandwidth")
+    launch_overhead: float = _q("time", 0, 1e-2, doc="host time to issue one kernel")
+    matmul_efficiency: float = _n(0.01, 1.0, "share of peak FLOP/s a matmul reaches")
+    bandwidth_efficiency: float = _n(0.01, 1.0, "share of peak bandwidth a streaming kernel reaches")
+    attention_efficiency: float = _n(0.01, 1.0, "share of peak bandwidth decode attention reaches over the KV")
+    # Measured by calibrate; when absent, the simulator derives them from the fields above.
+    matmul_sweep: tuple[tuple[float, float, float], ...] = ()  # (inner size, float32 FLOP/s, 16-bit FLOP/s)
+    stream_sweep: tuple[tuple[float, float, float], ...] = ()  # (rows, B/s of weights, d x 4d and 4d x d)
+    prefill_attention_flops: float | None = _q("flops", 1e6, doc="prompt attention with a causal mask, "
+                                               "counting all T x T scores", optional=True)
+    selection_overhead: float | None = _q("time", 0, 1.0, doc="InfiniGen's count-and-choose per layer, fixed part",
+                                          optional=True)
+    selection_per_score: float | None = _q("time", 0, 1e-3, doc="InfiniGen's count-and-choose per speculated score",
+                                           optional=True)
+    skew_per_row: float | None = _q("time", 0, 1e-3, doc="building InfiniGen's skew: per query row per KV head",
+                                    optional=True)
+
+
+@dataclass(frozen=True)
+class Link:
+    """The host<->device interconnect. Copy time = latency + bytes / bandwidth, or, where a
+    measured sweep is given, the sweep's effective bandwidth at that size (log-interpolated)."""
+
+    name: str
+    h2d_bandwidth: float = _q("bandwidth", 1e6, doc="host->device, pinned host memory, large copies")
+    d2h_bandwidth: float = _q("bandwidth", 1e6, doc="device->host, pinned, large copies")
+    pageable_bandwidth: float = _q("bandwidth", 1e6, doc="either direction from pageable host memory")
+    latency: float = _q("time", 0, 1e-2, doc="fixed cost of one copy")
+    duplex: bool = True  # both directions at full bandwidth at once
+    sweep: tuple[tuple[float, float, float], ...] = ()  # (bytes, h2d B/s, d2h B/s), ascending sizes
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    cores: int = _n(1, 4096, "CPU cores")
+    memory: float = _q("bytes", 1e6, doc="host memory")
+    memory_bandwidth: float = _q("bandwidth", 1e8, doc="peak host memory bandwidth")
+    gather_bandwidth: float = _q("bandwidth", 1e6, doc="gathering scattered KV rows into a staging buffer")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    kind: str  # "gpu", or "cpu": a CPU-only machine (the executor's "device" is a second buffer in RAM)
+    description: str
+    sources: tuple[str, ...]
+    device: Device
+    link: Link
+    host: Host
+    path: str = ""
+
+    @property
+    def synchronous(self) -> bool:
+        """CPU-only: copies are memcpys and speculation runs on the compute thread, so nothing overlaps."""
+        return self.kind == "cpu"
+
+    def matmul_rate(self, dtype: str) -> float:
+        peak = self.device.matmul_flops_fp32 if dtype == "float32" else self.device.matmul_flops
+        return peak * self.device.matmul_efficiency
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form, base units as plain numbers (what `calibrate` writes)."""
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "description": self.description,
+                               "sources": list(self.sources)}
+        for part in ("device", "link", "host"):
+            obj = getattr(self, part)
+            section = {f.name: getattr(obj, f.name) for f in fields(obj)}
+            if part == "link":
+                section["sweep"] = [{"bytes": s, "h2d": h, "d2h": d} for s, h, d in self.link.sweep]
+            if part == "device":
+                section["matmul_sweep"] = [{"size": s, "float32": a, "bfloat16": b} for s, a, b in
+                                           self.device.matmul_sweep]
+                section["stream_sweep"] = [{"rows": s, "wide": a, "narrow": b} for s, a, b in
+                                           self.device.stream_sweep]
+            out[part] = {k: v for k, v in section.items() if v not in (None, [])}
+        return out
+
+
+def _section(cls: type, data: Any, path: Path, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise InfinisimError("must be a mapping", path, where)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise InfinisimError(f"unknown key (known: {', '.join(known)})", path, f"{where}.{key}")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in data:
+            if f.default is not MISSING:
+                continue
+            raise InfinisimError("missing field", path, f"{where}.{name}")
+        raw, dimension = data[name], f.metadata.get("dimension")
+        if name == "sweep":
+            values[name] = _sweep(raw, path, f"{where}.sweep", ("bytes", "h2d", "d2h"), ("bytes", "bandwidth"))
+            continue
+        if name == "stream_sweep":
+            values[name] = _sweep(raw, path, f"{where}.stream_sweep", ("rows", "wide", "narrow"),
+                                  ("number", "bandwidth"))
+            continue
+        if name == "matmul_sweep":
+            values[name] = _sweep(raw, path, f"{where}.matmul_sweep", ("size", "float32", "bfloat16"),
+                                  ("number", "flops"))
+            continue
+        if dimension is None:
+            expected = bool if name == "duplex" else str
+            if not isinstance(raw, expected):
+                raise InfinisimError(f"must be a {expected.__name__}, got {raw!r}", path, f"{where}.{name}")
+            values[name] = raw
+            continue
+        try:
+            value = _number(raw) if dimension == "number" else parse_quantity(raw, dimension)
+        except ValueError as exc:
+            raise InfinisimError(str(exc), path, f"{where}.{name}") from None
+        low, high = f.metadata["range"]
+        if not low <= value <= high:
+            raise InfinisimError(f"{raw!r} is out of range [{low:g}, {high:g}] ({f.metadata['doc']})", path,
+                                 f"{where}.{name}")
+        values[name] = int(value) if name == "cores" else value
+    return cls(**values)
+
+
+def _number(raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ValueError(f"expected a plain number, got {raw!r}")
+    return float(raw)
+
+
+def _sweep(raw: Any, path: Path, where: str, keys: tuple[str, str, str], dimensions: tuple[str, str]
+           ) -> tuple[tuple[float, float, float], ...]:
+    """A measured table: points of (size, value, value), sizes ascending."""
+    if not isinstance(raw, list) or not raw:
+        raise InfinisimError(f"must be a non-empty list of {{{', '.join(keys)}}}", path, where)
+    points = []
+    for i, point in enumerate(raw):
+        if not isinstance(point, dict) or set(point) != set(keys):
+            raise InfinisimError(f"each point needs exactly {', '.join(keys)}", path, f"{where}[{i}]")
+        try:
+            size = _number(point[keys[0]]) if dimensions[0] == "number" else parse_quantity(point[keys[0]],
+                                                                                           dimensions[0])
+            a, b = (parse_quantity(point[k], dimensions[1]) for k in keys[1:])
+        except ValueError as exc:
+            raise InfinisimError(str(exc), path, f"{where}[{i}]") from None
+        if size <= 0 or a <= 0 or b <= 0:
+            raise InfinisimError("sizes and values must be positive", path, f"{where}[{i}]")
+        points.append((size, a, b))
+    if any(b[0] <= a[0] for a, b in itertools.pairwise(points)):
+        raise InfinisimError("sizes must be strictly ascending", path, where)
+    return tuple(points)
+
+
+TOP_KEYS = ("name", "kind", "description", "sources", "device", "link", "host")
+
+
+def profile_from_dict(data: Any, path: Path) -> Profile:
+    if not isinstance(data, dict):
+        raise InfinisimError("a profile must be a YAML mapping", path)
+    for key in data:
+        if key not in TOP_KEYS:
+            raise InfinisimError(f"unknown key (known: {', '.join(TOP_KEYS)})", path, str(key))
+    for key in TOP_KEYS:
+        if key not in data:
+            raise InfinisimError("missing field", path, key)
+    if not isinstance(data["name"], str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", data["name"]):
+        raise InfinisimError("must be a name of letters, digits, '.', '_' or '-'", path, "name")
+    if data["kind"] not in ("gpu", "cpu"):
+        raise InfinisimError(f"must be 'gpu' or 'cpu', got {data['kind']!r}", path, "kind")
+    if not isinstance(data["description"], str):
+        raise InfinisimError("must be a string", path, "description")
+    sources = data["sources"]
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s for s in sources):
+        raise InfinisimError("must be a non-empty list of strings (where each number comes from)", path, "sources")
+    return Profile(data["name"], data["kind"], data["description"], tuple(sources),
+                   _section(Device, data["device"], path, "device"), _section(Link, data["link"], path, "link"),
+                   _section(Host, data["host"], path, "host"), str(path))
+
+
+def builtin_profiles() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A shipped profile by name, or a YAML file by path."""
+    path = Path(name_or_path)
+    shipped = builtin_profiles()
+    if not path.exists() and str(name_or_path) in shipped:
+        path = shipped[str(name_or_path)]
+    if not path.exists():
+        raise InfinisimError(f"no such profile (shipped: {', '.join(shipped)}; or give a YAML file)", name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "yaml"
+        raise InfinisimError(f"malformed YAML ({getattr(exc, 'problem', exc)})", path, where) from None
+    except UnicodeDecodeError:
+        raise InfinisimError("not a text file", path) from None
+    return profile_from_dict(data, path)
+
+
+def write_profile(profile: Profile, path: str | Path) -> Path:
+    """Atomic write (temp + rename), like traces: an interrupted calibrate leaves no half profile."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(profile.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+    return path

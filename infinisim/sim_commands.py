@@ -1,0 +1,357 @@
+"""The simulator's verbs: `profiles`, `calibrate`, `replay`, `simulate`, `validate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from infinisim.errors import InfinisimError
+
+EPILOG = "Docs: docs/SIMULATOR.md. Errors exit with status 1, usage errors with 2."
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers, got {text!r}")
+    return values
+
+
+def _write_json(data: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------ profiles
+
+
+def add_profiles_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profiles", help="list or show hardware profiles", epilog=EPILOG,
+                       description="The shipped hardware profiles (hwprofiles/data/*.yaml), or one profile in full.")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs.add_parser("list", help="one line per shipped profile")
+    show = verbs.add_parser("show", help="one profile, validated, in base units")
+    show.add_argument("profile", help="a shipped profile's name or a YAML file")
+    p.set_defaults(func=cmd_profiles)
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    import yaml
+
+    from hwprofiles.profile import builtin_profiles, load_profile
+
+    if args.verb == "show":
+        profile = load_profile(args.profile)
+        print(f"# {profile.path}")
+        print(yaml.safe_dump(profile.to_dict(), sort_keys=False, width=110), end="")
+        return 0
+    print(f"{'name':<17} {'device':<24} {'memory':>7} {'FLOP/s 16b':>10} {'HBM/DRAM':>9} {'link':<13} "
+          f"{'H2D':>9} {'host':>8}")
+    for name in builtin_profiles():
+        p = load_profile(name)
+        d, link = p.device, p.link
+        print(f"{name:<17} {d.name[:24]:<24} {d.memory / 1e9:>5.0f}GB {d.matmul_flops / 1e12:>7.0f} T "
+              f"{d.memory_bandwidth / 1e9:>6.0f}GB/s {link.name[:13]:<13} {link.h2d_bandwidth / 1e9:>5.1f}GB/s "
+              f"{p.host.memory / 1e9:>6.0f}GB")
+    print("(`infinisim profiles show NAME` for sources and every field; `infinisim calibrate` measures this machine)")
+    return 0
+
+
+# ------------------------------------------------------------------ calibrate
+
+
+def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure this machine and write a hardware profile", epilog=EPILOG,
+                       description="Measure copies over a sweep of sizes, gathers of scattered KV rows, matmul and "
+                                   "attention kernels over decoding's shapes, and the per-op launch overhead; write "
+                                   "them as a profile YAML usable with replay, simulate and validate. Needs torch.")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present, else cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the streaming and attention measurements (default float32)")
+    p.add_argument("--quick", action="store_true", help="a few seconds, smaller shapes (for tests and smoke runs)")
+    p.add_argument("--name", help="profile name (default calibrated-HOSTNAME)")
+    p.add_argument("--out", default="profiles/calibrated.yaml", help="YAML to write (default profiles/calibrated.yaml)")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from hwprofiles.calibrate import calibrate
+    from hwprofiles.profile import write_profile
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InfinisimError("--device cuda, but torch sees no CUDA device", field="device")
+    t0 = time.perf_counter()
+    profile = calibrate(device, args.dtype, args.quick, args.name, log=lambda line: print(line, file=sys.stderr))
+    path = write_profile(profile, args.out)
+    print(f"wrote {path} ({profile.name}, {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+# ------------------------------------------------------------------ replay and simulate
+
+
+def _print_results(results: list[dict[str, Any]]) -> None:
+    print(f"{'policy':<10} {'batch':>5} {'prompt':>6} {'prefill s':>9} {'ms/step':>9} {'total s':>8} {'tok/s':>8} "
+          f"{'compute':>8} {'spec':>7} {'gather':>7} {'copy':>7} {'wait':>7} {'link':>5} {'dev GB':>7} "
+          f"{'host GB':>7}")
+    for r in results:
+        head = f"{r['policy']:<10} {r['batch']:>5} {r['prompt_len']:>6}"
+        if not r["fits"]:
+            print(f"{head}  does not fit: {r['does_not_fit']}")
+            continue
+        ph = r["decode_phase_ms"]
+        compute = ph["attn"] + ph["ffn"] + ph["embed"] + ph["head"]
+        print(f"{head} {r['prefill_s']:>9.3f} {r['decode_ms_mean']:>9.2f} {r['total_s']:>8.2f} "
+              f"{r['tokens_per_s']:>8.1f} {compute:>8.2f} {ph['spec']:>7.2f} {ph['gather']:>7.2f} "
+              f"{ph['h2d'] + ph['d2h']:>7.2f} {ph['wait']:>7.2f} {r['link_utilisation']:>5.0%} "
+              f"{r['device_peak_gb']:>7.2f} {r['host_peak_gb']:>7.2f}")
+    print("(ms per decode step; compute = attention + FFN + embed + head; copy = H2D + D2H busy time; wait = "
+          "compute stalled on copies; link = share of the run the link was busy)")
+
+
+def _run_workloads(workloads: list[Any], profile: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from sim.engine import chrome_trace, simulate
+    from sim.memory import memory_plan
+
+    results = []
+    for i, w in enumerate(workloads):
+        plan = memory_plan(w, profile)
+        if plan.problem is not None:
+            results.append({"policy": w.policy, "batch": w.batch, "prompt_len": w.prompt_len, "fits": False,
+                            "does_not_fit": plan.problem, "profile": profile.name, "model": w.spec.name})
+            continue
+        result = simulate(w, profile, timeline=bool(args.timeline))
+        summary = result.summary()
+        summary["decode_step_ms"] = (result.decode_step_s * 1e3).round(4).tolist()
+        results.append(summary)
+        if args.timeline:
+            path = Path(args.timeline)
+            if len(workloads) > 1:
+                path = path.with_name(f"{path.stem}-{w.policy}-b{w.batch}-p{w.prompt_len}{path.suffix}")
+            _write_json(chrome_trace(result), path)
+            print(f"timeline ({w.policy}, batch {w.batch}): {path}  (open in ui.perfetto.dev or chrome://tracing)",
+                  file=sys.stderr)
+        if len(workloads) > 3 and sys.stderr.isatty():
+            print(f"\r[{i + 1}/{len(workloads)}] simulated", end="", file=sys.stderr, flush=True)
+    if len(workloads) > 3 and sys.stderr.isatty():
+        print(file=sys.stderr)
+    return results
+
+
+def _finish(results: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    if args.out:
+        print(f"wrote {_write_json(results, args.out)}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=1, default=float))
+    else:
+        _print_results(results)
+    return 0 if any(r["fits"] for r in results) else 1
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeline", help="write a Chrome/Perfetto timeline JSON here (one per config when several)")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+
+def add_replay_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="simulate a trace's run on a hardware profile", epilog=EPILOG,
+                       description="Replay the fetch sizes a traced run really made (same model, batch, lengths, "
+                                   "policy) on a hardware profile: per-step predicted time with a breakdown, "
+                                   "throughput, memory peaks, link use.")
+    p.add_argument("trace", nargs="+", help="trace file(s) written by `infinisim run`")
+    p.add_argument("--profile", required=True, help="a shipped profile's name (`infinisim profiles list`) or a YAML")
+    _add_output_args(p)
+    p.set_defaults(func=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from hwprofiles.profile import load_profile
+    from sim.workload import from_trace
+    from traces.trace import read_trace
+
+    profile = load_profile(args.profile)
+    workloads = [from_trace(read_trace(path)) for path in args.trace]
+    return _finish(_run_workloads(workloads, profile, args), args)
+
+
+def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate a described workload on a hardware profile", epilog=EPILOG,
+                       description="Simulate any named model at any batch and lengths under a KV policy. For "
+                                   "infinigen, the fetched share comes from --fetch-fraction or is re-derived "
+                                   "from a speculating trace's within-alpha counts (--from-trace) at --alpha.")
+    p.add_argument("--model", required=True, help="named architecture (`infinisim models`)")
+    p.add_argument("--profile", required=True, help="a shipped profile's name or a YAML file")
+    p.add_argument("--batch", type=_int_list, default=[1], help="batch size, or several: 4,8,12 (default 1)")
+    p.add_argument("--prompt-len", type=_int_list, default=[1920], help="prompt tokens, or several (default 1920)")
+    p.add_argument("--gen-len", type=_positive, default=128, help="generated tokens per sequence (default 128)")
+    p.add_argument("--policy", default="full", help="resident, full, infinigen, h2o, int4, or several with commas")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    knobs = p.add_argument_group("policy knobs")
+    knobs.add_argument("--budget", type=float, help="infinigen/h2o: fetched cap, a fraction or a count (default 0.2)")
+    knobs.add_argument("--alpha", type=float, help="infinigen with --from-trace: alpha to re-apply (1..9; default: "
+                                                   "the trace's)")
+    knobs.add_argument("--partial-ratio", type=float, help="infinigen: partial weight ratio (default 0.3)")
+    knobs.add_argument("--dense-layers", type=int, help="infinigen: leading layers fetched whole (default 1)")
+    knobs.add_argument("--pool-capacity", type=_positive, help="infinigen: host pool tokens per sequence")
+    share = knobs.add_mutually_exclusive_group()
+    share.add_argument("--fetch-fraction", type=float, help="infinigen: uncapped share of the cache each layer wants")
+    share.add_argument("--from-trace", help="infinigen: take each layer's share from this infinigen trace")
+    _add_output_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from hwprofiles.profile import load_profile
+    from sim.workload import fetched_fraction_per_layer, synthetic
+    from traces.spec import named_model
+    from traces.trace import read_trace
+
+    profile = load_profile(args.profile)
+    spec = named_model(args.model)
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    fraction: Any = args.fetch_fraction
+    if args.from_trace:
+        trace = read_trace(args.from_trace)
+        alpha = args.alpha if args.alpha is not None else trace.run["policy_knobs"].get("alpha", 5)
+        fraction = fetched_fraction_per_layer(trace, alpha)
+        if len(fraction) != spec.n_layers:  # another model: its layers take the trace's mean share
+            fraction = float(fraction[~(fraction != fraction)].mean())
+    knobs = {"budget": args.budget, "partial_ratio": args.partial_ratio, "dense_layers": args.dense_layers,
+             "pool_capacity": args.pool_capacity}
+    workloads = []
+    for policy in policies:
+        own = {k: v for k, v in knobs.items() if v is not None and (
+            policy in ("infinigen", "oracle") or (policy == "h2o" and k == "budget"))}
+        for prompt_len in args.prompt_len:
+            for batch in args.batch:
+                workloads.append(synthetic(spec, batch, prompt_len, args.gen_len, policy, args.dtype, own,
+                                           fraction if policy in ("infinigen", "oracle") else None))
+    return _finish(_run_workloads(workloads, profile, args), args)
+
+
+# ------------------------------------------------------------------ validate
+
+
+def add_validate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="run (or take traces), replay, report predicted vs measured", epilog=EPILOG,
+                       description="Cross-validate the simulator on this machine: calibrate (or take --profile), "
+                                   "run the executor for each policy (or take --trace files), replay each run, and "
+                                   "report predicted vs measured per step (MAPE, p50/p90), per phase, end to end, "
+                                   "the worst layer; writes a JSON and a plot of predicted vs measured per step.")
+    p.add_argument("--trace", nargs="+", help="existing traces to validate against (skips the run)")
+    p.add_argument("--profile", help="profile to replay on (default: calibrate this machine first)")
+    p.add_argument("--policy", default="resident,full,infinigen", help="policies to run (default resident,full,"
+                                                                       "infinigen)")
+    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--prompt-len", type=_positive, default=1024)
+    p.add_argument("--gen-len", type=_positive, default=32)
+    p.add_argument("--model", default="smollm2-135m", help="named architecture or model file (default: embedded)")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--out", default="validation", help="folder for profile, traces, JSON and plot (default "
+                                                       "validation/)")
+    p.add_argument("--quick-calibration", action="store_true", help="calibrate with --quick (less accurate)")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from analysis.validation import compare, plot_steps
+    from hwprofiles.profile import load_profile, write_profile
+    from sim.engine import simulate
+    from sim.workload import from_trace
+    from traces.trace import read_trace, write_trace
+
+    out = Path(args.out)
+    traces = [read_trace(p) for p in args.trace] if args.trace else None
+    if args.profile:
+        profile = load_profile(args.profile)
+    else:
+        import torch
+
+        from hwprofiles.calibrate import calibrate
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        print("calibrating this machine ...", file=sys.stderr, flush=True)
+        profile = calibrate(device, args.dtype, args.quick_calibration,
+                            log=lambda line: print(f"  {line}", file=sys.stderr))
+        print(f"profile: {write_profile(profile, out / 'profile.yaml')}", file=sys.stderr)
+    if traces is None:
+        traces = _run_for_validation(args, out, write_trace)
+    comparisons = []
+    for trace in traces:
+        workload = from_trace(trace)
+        comparisons.append(compare(workload, simulate(workload, profile)))
+    _write_json(comparisons, out / "validation.json")
+    plot = plot_steps(comparisons, str(out / "validation.png"))
+    if args.json:
+        print(json.dumps(comparisons, indent=1, default=float))
+    else:
+        print(f"{'policy':<10} {'batch':>5} {'prompt':>6} {'measured':>9} {'predicted':>9} {'MAPE':>6} {'p50':>6} "
+              f"{'p90':>6} {'end-to-end':>10}  worst phase")
+        for c in comparisons:
+            phases = {k: v for k, v in c["phases"].items() if "error_pct" in v}
+            worst = max(phases, key=lambda k: abs(phases[k]["error_pct"])) if phases else "-"
+            worst_text = f"{worst} {phases[worst]['error_pct']:+.0f}%" if phases else "-"
+            print(f"{c['policy']:<10} {c['batch']:>5} {c['prompt_len']:>6} {c['decode_ms_measured']:>7.1f}ms "
+                  f"{c['decode_ms_predicted']:>7.1f}ms {c['step']['mape']:>5.1f}% {c['step']['p50']:>5.1f}% "
+                  f"{c['step']['p90']:>5.1f}% {c['end_to_end_s']['error_pct']:>+9.1f}%  {worst_text}")
+        print("(ms per decode step, means; MAPE/p50/p90: error per decode step; end-to-end: prefill + decode)")
+    print(f"wrote {out / 'validation.json'} and {plot}", file=sys.stderr)
+    return 0
+
+
+def _run_for_validation(args: argparse.Namespace, out: Path, write_trace: Any) -> list[Any]:
+    import torch
+
+    from executor.generate import SamplingConfig
+    from executor.loaders import load_model
+    from executor.policies import POLICIES
+    from executor.prompts import bundled_prompts
+    from executor.recording import run_policy
+
+    names = [p.strip() for p in args.policy.split(",") if p.strip()]
+    unknown = [name for name in names if name not in POLICIES]
+    if unknown or not names:
+        raise InfinisimError(f"unknown policy {unknown[0] if unknown else '(none)'!r} "
+                             f"(choose from {', '.join(POLICIES)})", field="--policy")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(args.model, args.dtype, device, args.random_weights)
+    prompts = bundled_prompts(loaded.tokenizer, args.batch, args.prompt_len, loaded.model.spec.vocab_size)
+    sampling = SamplingConfig(args.gen_len, stop_at_eos=False)
+    traces = []
+    for name in names:
+        print(f"[{name}] running {args.batch} x {args.prompt_len} tokens, {args.gen_len} new ...", file=sys.stderr,
+              flush=True)
+        _, trace = run_policy(loaded.model, prompts, name, sampling,
+                              {"model": loaded.model.spec.name, "weights": "random" if args.random_weights else
+                               "loaded"})
+        path = write_trace(trace, out / f"{loaded.model.spec.name}-{name}-b{args.batch}-p{args.prompt_len}"
+                                        f"-g{args.gen_len}.trace.parquet")
+        print(f"  trace: {path}", file=sys.stderr)
+        traces.append(trace)
+    return traces

@@ -1,0 +1,249 @@
+"""How long each piece of work takes on a profile's hardware: pure functions, no simulation state.
+
+Compute is a roofline: max(FLOPs / matmul rate, bytes / streaming bandwidth) plus the host's
+per-kernel launch overhead for the kernels the executor issues. Decode attention streams the
+attended KV at the profile's attention efficiency. Copies follow the link model (latency +
+bytes / bandwidth, or a calibrated sweep); host gathers run at the host's gather bandwidth.
+The kernel counts mirror executor/model.py and the policies, so a phase here is the phase of
+the same name in a trace.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from hwprofiles.profile import Profile
+from traces.spec import DTYPE_BYTES, ModelSpec
+
+# Host-issued ops (PyTorch dispatcher calls, views included) per phase of one decode layer, as the
+# executor issues them; counted with `benchmarks/count_ops.py` (SmolLM2 for "llama", OPT-125m for
+# "opt"). Each costs the profile's launch overhead of host time.
+QKV_OPS = {"llama": 32, "opt": 11}  # norm, three projections, RoPE, cache write
+ATTEND_OPS = {"llama": 15, "opt": 9}  # mask, scaled_dot_product_attention, output projection, residual
+FFN_OPS = {"llama": 14, "opt": 5}
+EMBED_OPS = {"llama": 7, "opt": 4}
+HEAD_OPS = {"llama": 21, "opt": 14}  # final norm, output projection, sampling, per-step bookkeeping
+LAYER_HOST_OPS = {"resident": 3, "full": 7, "int4": 13, "h2o": 14, "infinigen": 14, "oracle": 14}
+SPEC_OPS = {"llama": 83, "opt": 61}  # per speculating layer, of which SELECTION_OPS count and choose
+SELECTION_OPS = 44
+SELECTED_ATTEND_OPS = 9  # concatenating the fetched rows with the newest, the per-head mask
+H2O_UPDATE_OPS = 46
+INT4_OPS = 68  # quantizing the new row, dequantizing the fetched cache
+COPY_OPS = {"h2d": 1, "d2h": 2}  # per tensor copied (d2h also slices the host store)
+GATHER_OPS = 6
+SELECTION_BYTES_PER_SCORE = 128  # uncalibrated: ~32 float32 passes over the speculated scores (gaps, histogram, ...)
+PREFILL_ATTENTION_EFFICIENCY = 0.5  # uncalibrated: masked prompt attention vs the matmul rate
+H2O_PASSES = 10  # passes over [B, H, kept] scores to accumulate attention and re-choose the kept set
+INT4_DEQUANT_PASSES = 6  # unpack, convert, scale, add min, interleave, concatenate (per value)
+
+
+class Work(NamedTuple):
+    """Device time of a phase (without launches) and the kernels the host issues for it."""
+
+    seconds: float
+    kernels: int = 0
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Timing of one model on one profile at one batch and dtype."""
+
+    profile: Profile
+    spec: ModelSpec
+    dtype: str
+    batch: int
+
+    @property
+    def e(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def stream_bw(self) -> float:
+        d = self.profile.device
+        return d.memory_bandwidth * d.bandwidth_efficiency
+
+    def matmul_rate(self, k: int, n: int) -> float:
+        """FLOP/s of a k x n projection: from the calibrated sweep by min(k, n) (log-interpolated,
+        clamped at its ends) when the profile has one, else peak x efficiency."""
+        sweep = self.profile.device.matmul_sweep
+        if not sweep:
+            return self.profile.matmul_rate(self.dtype)
+        column = 1 if self.dtype == "float32" else 2
+        return interpolate_log([p[0] for p in sweep], [p[column] for p in sweep], min(k, n))
+
+    def weight_stream_bw(self, m: int, k: int, n: int) -> float:
+        """B/s at which an m-row projection reads its k x n weight: from the calibrated sweep (by rows,
+        'wide' for k < n, 'narrow' otherwise) when there is one, else the streaming bandwidth."""
+        sweep = self.profile.device.stream_sweep
+        if not sweep:
+            return self.stream_bw
+        return interpolate_log([p[0] for p in sweep], [p[1] if k < n else p[2] for p in sweep], m)
+
+    def linear(self, k: int, n: int, m: int | None = None) -> float:
+        """One projection of m rows (default: the batch's one new token each) by a k x n weight."""
+        m = self.batch if m is None else m
+        flops = 2.0 * m * k * n
+        nbytes = self.e * (k * n + m * k + m * n)
+        return max(flops / self.matmul_rate(k, n), nbytes / self.weight_stream_bw(m, k, n))
+
+    def elementwise(self, nbytes: float) -> float:
+        return nbytes / self.stream_bw
+
+    def attention_over(self, n_keys: float, head_dim: int | None = None) -> float:
+        """Decode attention of every query head over n_keys cached rows per sequence (K and V)."""
+        s = self.spec
+        d = s.head_dim if head_dim is None else head_dim
+        kv_bytes = 2.0 * self.batch * s.n_kv_heads * n_keys * d * self.e
+        flops = 4.0 * self.batch * s.n_heads * n_keys * d
+        bw = self.profile.device.memory_bandwidth * self.profile.device.attention_efficiency
+        return max(kv_bytes / bw, flops / self.profile.matmul_rate(self.dtype))
+
+    # ---------------------------------------------------------------- phases of one layer
+
+    def qkv(self) -> Work:
+        s = self.spec
+        t = self.linear(s.hidden, s.n_heads * s.head_dim) + 2 * self.linear(s.hidden, s.n_kv_heads * s.head_dim)
+        t += self.elementwise(3 * self.batch * s.hidden * self.e)  # norm, RoPE, cache write
+        return Work(t, QKV_OPS[s.family])
+
+    def attend(self, n_keys: float) -> Work:
+        s = self.spec
+        return Work(self.attention_over(n_keys) + self.linear(s.n_heads * s.head_dim, s.hidden), ATTEND_OPS[s.family])
+
+    def ffn(self, m: int | None = None) -> Work:
+        s = self.spec
+        n_mats = 3 if s.family == "llama" else 2
+        rows = self.batch if m is None else m
+        activation = self.elementwise(3.0 * rows * s.ffn_hidden * self.e)
+        return Work(n_mats * self.linear(s.hidden, s.ffn_hidden, m) + activation, FFN_OPS[s.family])
+
+    def embed(self) -> Work:
+        return Work(0.0, EMBED_OPS[self.spec.family])
+
+    def head(self) -> Work:
+        s = self.spec
+        return Work(self.linear(s.hidden, s.vocab_size), HEAD_OPS[s.family])
+
+    def layer_host(self, policy: str) -> Work:
+        """Host work of a layer outside its timed phases (slicing stores, bookkeeping)."""
+        return Work(0.0, LAYER_HOST_OPS[policy])
+
+    def device_copy(self, nbytes: float) -> float:
+        """A copy within device memory. On a GPU: read and write at the streaming bandwidth; on a
+        CPU-only machine the device is RAM, so it is the measured memcpy rate at that size."""
+        if nbytes <= 0:
+            return 0.0
+        if self.profile.kind == "cpu":
+            return copy_time(self.profile, nbytes, "h2d")
+        return 2 * nbytes / self.stream_bw
+
+    def selected_attend_extra(self, fetched_bytes: float) -> Work:
+        """Joining the fetched rows with the newest (a copy of the fetched K and V) and the per-KV-head mask."""
+        return Work(self.device_copy(fetched_bytes), SELECTED_ATTEND_OPS)
+
+    def speculation(self, n_keys: float, partial_ratio: float) -> Work:
+        """InfiniGen's speculation for one layer: the partial query (Llama: the full W_q then RoPE
+        and the rotation; OPT: the folded partial weight), scores against the partial key cache,
+        counting within alpha and choosing the top rows per KV head."""
+        s = self.spec
+        r = max(1, min(s.head_dim, round(partial_ratio * s.head_dim)))
+        if s.family == "opt":
+            query = self.linear(s.hidden, s.n_heads * r)
+        else:
+            query = self.linear(s.hidden, s.n_heads * s.head_dim) + self.elementwise(self.batch * s.hidden * self.e)
+        keys = self.batch * s.n_kv_heads * n_keys * r * self.e / self.stream_bw
+        d = self.profile.device
+        n_scores = self.batch * s.n_heads * n_keys
+        per_score = d.selection_per_score if d.selection_per_score is not None else \
+            SELECTION_BYTES_PER_SCORE / self.stream_bw
+        fixed = d.selection_overhead if d.selection_overhead is not None else SELECTION_OPS * d.launch_overhead
+        return Work(query + keys + n_scores * per_score + fixed, SPEC_OPS[s.family] - SELECTION_OPS)
+
+    def h2o_update(self, n_kept: float) -> Work:
+        """H2O after attention: exact scores of the kept rows, accumulate, re-choose the kept set."""
+        s = self.spec
+        keys = self.batch * s.n_kv_heads * n_kept * s.head_dim * self.e
+        scores = 4.0 * self.batch * s.n_heads * n_kept
+        return Work((keys + H2O_PASSES * scores) / self.stream_bw, H2O_UPDATE_OPS)
+
+    def int4_dequant(self, n_keys: float) -> Work:
+        s = self.spec
+        values = 2.0 * self.batch * s.n_kv_heads * n_keys * s.head_dim
+        return Work(INT4_DEQUANT_PASSES * values * self.e / self.stream_bw, INT4_OPS)
+
+    # ---------------------------------------------------------------- the prefill of one layer
+
+    def prefill_qkv(self, n_tokens: int) -> Work:
+        s, m = self.spec, self.batch * n_tokens
+        t = self.linear(s.hidden, (s.n_heads + 2 * s.n_kv_heads) * s.head_dim, m)
+        return Work(t + self.elementwise(3 * m * s.hidden * self.e), QKV_OPS[s.family])
+
+    def prefill_attend(self, n_tokens: int) -> Work:
+        """Attention over the prompt with an explicit causal mask (the executor's padded batches need
+        one), so every one of the T x T scores is computed, and the output projection."""
+        s, m = self.spec, self.batch * n_tokens
+        flops = 4.0 * self.batch * s.n_heads * n_tokens * n_tokens * s.head_dim
+        rate = self.profile.device.prefill_attention_flops or \
+            PREFILL_ATTENTION_EFFICIENCY * self.profile.matmul_rate(self.dtype)
+        return Work(flops / rate + self.linear(s.n_heads * s.head_dim, s.hidden, m), ATTEND_OPS[s.family])
+
+    def skew_build(self, n_tokens: int) -> Work:
+        """InfiniGen's prefill work per speculating layer: per KV head an SVD of its group's queries
+        (float64) and the partial key cache."""
+        s = self.spec
+        rows = self.batch * n_tokens * (s.n_heads // s.n_kv_heads)
+        if self.profile.device.skew_per_row is not None:
+            return Work(s.n_kv_heads * rows * self.profile.device.skew_per_row, 12 * s.n_kv_heads)
+        flops = s.n_kv_heads * (6.0 * rows * s.head_dim ** 2 + 10.0 * s.head_dim ** 3)
+        return Work(2 * flops / self.profile.matmul_rate("float32"), 12 * s.n_kv_heads)
+
+    def h2o_prefill(self, n_tokens: int) -> Work:
+        """H2O's prefill: the prompt's whole attention matrix, to accumulate each key's attention."""
+        s = self.spec
+        scores = self.batch * s.n_heads * n_tokens * n_tokens / 2.0
+        flops = 2.0 * scores * s.head_dim
+        return Work(flops / self.profile.matmul_rate("float32") + H2O_PASSES * 4 * scores / self.stream_bw, 40)
+
+    # ---------------------------------------------------------------- movement
+
+    def copy(self, nbytes: float, direction: str, n_tensors: int, pinned: bool = True) -> Work:
+        """Copies of n_tensors equal tensors (K and V, or int4's codes, scales and minimums),
+        nbytes in all, host->device ('h2d') or device->host ('d2h')."""
+        if nbytes <= 0:
+            return Work(0.0)
+        one = copy_time(self.profile, nbytes / n_tensors, direction, pinned)
+        return Work(n_tensors * one, n_tensors * COPY_OPS[direction])
+
+    def gather(self, nbytes: float) -> Work:
+        """Host gather of scattered KV rows into the staging buffer."""
+        return Work(nbytes / self.profile.host.gather_bandwidth if nbytes > 0 else 0.0, GATHER_OPS)
+
+
+def interpolate_log(sizes: list[float], values: list[float], size: float) -> float:
+    """The value at `size` between measured points, linear in log-log; clamped outside them."""
+    if size <= sizes[0]:
+        return values[0]
+    if size >= sizes[-1]:
+        return values[-1]
+    i = bisect.bisect_right(sizes, size)
+    w = (math.log(size) - math.log(sizes[i - 1])) / (math.log(sizes[i]) - math.log(sizes[i - 1]))
+    return math.exp((1 - w) * math.log(values[i - 1]) + w * math.log(values[i]))
+
+
+def copy_time(profile: Profile, nbytes: float, direction: str, pinned: bool = True) -> float:
+    """Latency + bytes / bandwidth; with a calibrated sweep, bytes / (the sweep's effective bandwidth
+    at that size, interpolated in log size; clamped at the sweep's ends, plus latency below it)."""
+    link = profile.link
+    if not pinned:
+        return link.latency + nbytes / link.pageable_bandwidth
+    peak = link.h2d_bandwidth if direction == "h2d" else link.d2h_bandwidth
+    if not link.sweep:
+        return link.latency + nbytes / peak
+    sizes = [p[0] for p in link.sweep]
+    rates = [p[1] if direction == "h2d" else p[2] for p in link.sweep]
+    if nbytes <= sizes[0]:  # latency-bound: the smallest measured copy's time, less the bytes not sent
+        return max(link.latency, sizes[0] / rates[0] - (sizes[0] - nbytes) / rates[-1])
+    return nbytes / interpolate_log(sizes, rates, nbytes)

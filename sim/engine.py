@@ -1,0 +1,324 @@
+"""The SimPy model: a host thread issuing work to streams, as the executor does.
+
+Entities mirror the executor: the host (Python) thread issues kernels, paying a launch overhead
+each, and blocks where the executor synchronises (speculated indices to the CPU, H2O's kept set,
+the sampled token); a compute stream and a speculation stream share the GPU; host->device and
+device->host copy engines share the link (one engine for both directions when the link is not
+duplex); host gathers run on the host thread. Each stream runs its ops in issue order, each op
+once the events it waits for have happened, like a CUDA stream.
+
+On a CPU-only profile everything is one engine and the host waits for each op, as the
+executor's CPU path does: copies are memcpys, speculation runs on the compute thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import simpy
+
+from hwprofiles.profile import Profile
+from sim.costs import Costs, Work
+from sim.memory import MemoryPlan, memory_plan
+from sim.workload import Workload
+
+PHASES = ("embed", "attn", "ffn", "spec", "gather", "h2d", "d2h", "wait", "head", "host")
+P = {name: i for i, name in enumerate(PHASES)}
+
+
+class CountingEnvironment(simpy.Environment):
+    """Counts scheduled events (the simulator's speed is reported in events per second)."""
+
+    scheduled = 0
+
+    def schedule(self, event: simpy.Event, priority: int = simpy.core.NORMAL, delay: float = 0) -> None:
+        self.scheduled += 1
+        super().schedule(event, priority, delay)
+
+
+@dataclass
+class SimResult:
+    workload: Workload
+    profile: Profile
+    step_s: np.ndarray  # [1 + decode steps]; index 0 is the prefill
+    phase_s: np.ndarray  # [1 + decode steps, layers + 1, len(PHASES)] busy seconds; last layer row: embed/head
+    memory: MemoryPlan
+    link_busy_s: float
+    events: int
+    spans: list[tuple[str, str, int, int, float, float]] = field(default_factory=list)  # stream, phase, step, layer
+
+    @property
+    def decode_step_s(self) -> np.ndarray:
+        return self.step_s[1:]
+
+    @property
+    def total_s(self) -> float:
+        return float(self.step_s.sum())
+
+    def summary(self) -> dict[str, Any]:
+        decode = self.decode_step_s
+        per_phase = self.phase_s[1:].sum(axis=1).mean(axis=0) if len(decode) else np.zeros(len(PHASES))
+        return {
+            "policy": self.workload.policy, "profile": self.profile.name, "model": self.workload.spec.name,
+            "batch": self.workload.batch, "prompt_len": self.workload.prompt_len,
+            "decode_steps": len(decode), "prefill_s": float(self.step_s[0]),
+            "decode_ms_mean": float(decode.mean() * 1e3) if len(decode) else float("nan"),
+            "total_s": self.total_s,
+            "tokens_per_s": float(self.workload.batch * (len(decode) + 1) / self.total_s),
+            "decode_phase_ms": {name: float(per_phase[i] * 1e3) for i, name in enumerate(PHASES)},
+            "link_utilisation": float(self.link_busy_s / self.total_s),
+            "device_peak_gb": self.memory.device_bytes / 1e9, "host_peak_gb": self.memory.host_bytes / 1e9,
+            "fits": self.memory.problem is None, "events": self.events,
+        }
+
+
+Account = Callable[[str, list[tuple[str, int, float]], float, float], None]
+
+
+class Stream:
+    """Runs ops in issue order; an op starts when issued, when the previous op is done, and when
+    the events it waits for have happened; it then holds the stream's engine (when the engine is
+    shared with another stream) for its duration. `account(stream, parts, start, waited)` hears
+    of each op when it is done."""
+
+    def __init__(self, env: simpy.Environment, name: str, engine: simpy.Resource | None, account: Account):
+        self.env, self.name, self.engine, self.account = env, name, engine, account
+        self.queue: simpy.Store = simpy.Store(env)
+        self.tail: simpy.Event | None = None
+        env.process(self.run())
+
+    def run(self) -> Generator[simpy.Event, Any, None]:
+        env = self.env
+        while True:
+            parts, issued, after, done = yield self.queue.get()
+            if issued > env.now:  # the host has not issued it yet
+                yield env.timeout(issued - env.now)
+            ready = env.now
+            pending = [e for e in after if not e.processed]
+            if len(pending) == 1:
+                yield pending[0]
+            elif pending:
+                yield env.all_of(pending)
+            waited = env.now - ready
+            duration = sum(seconds for _, _, seconds in parts)
+            if self.engine is None:
+                start = env.now
+                yield env.timeout(duration)
+            else:
+                with self.engine.request() as slot:
+                    yield slot
+                    start = env.now
+                    yield env.timeout(duration)
+            self.account(self.name, parts, start, waited)
+            done.succeed()
+
+    def submit(self, parts: list[tuple[str, int, float]], after: list[simpy.Event], issued: float = 0.0
+               ) -> simpy.Event:
+        """Queue an op issued at time `issued`: parts are (phase, layer, seconds), run back to back."""
+        done = self.env.event()
+        self.queue.put((parts, issued, after, done))
+        self.tail = done
+        return done
+
+
+class Simulation:
+    """One run of a workload on a profile."""
+
+    def __init__(self, workload: Workload, profile: Profile, timeline: bool = False):
+        self.w, self.profile = workload, profile
+        self.costs = Costs(profile, workload.spec, workload.dtype, workload.batch)
+        self.env = CountingEnvironment()
+        self.sync = profile.synchronous
+        # Engines shared by two streams are resources; a stream alone on its engine needs none. On a
+        # CPU-only profile all four share the cores, but the host waits for each op, so none overlap.
+        link = None if profile.link.duplex or self.sync else simpy.Resource(self.env, 1)
+        engines = {"compute": None, "spec": None, "h2d": link, "d2h": link}
+        self.streams = {name: Stream(self.env, name, engine, self.account) for name, engine in engines.items()}
+        self.launch_s = profile.device.launch_overhead
+        n = workload.spec.n_layers
+        self.phase_s = np.zeros((workload.n_steps + 1, n + 1, len(PHASES)))
+        self.step_s = np.zeros(workload.n_steps + 1)
+        self.step = 0
+        self.host_t = 0.0
+        self.link_busy = 0.0
+        self.timeline = timeline
+        self.spans: list[tuple[str, str, int, int, float, float]] = []
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def account(self, stream: str, parts: list[tuple[str, int, float]], start: float, waited: float) -> None:
+        step_row = self.phase_s[self.step]
+        t = start
+        for phase, layer, seconds in parts:
+            step_row[layer, P[phase]] += seconds
+            if phase in ("h2d", "d2h"):
+                self.link_busy += seconds
+            if self.timeline:
+                self.spans.append((stream, phase, self.step, layer, t, t + seconds))
+            t += seconds
+        if stream == "compute" and waited > 0 and parts[0][1] != self.w.spec.n_layers:
+            step_row[parts[0][1], P["wait"]] += waited
+            if self.timeline:
+                self.spans.append((stream, "wait", self.step, parts[0][1], start - waited, start))
+
+    # The host thread keeps its own clock, `host_t`: issuing ops and host work advance it without
+    # simulation events (ops carry their issue time), and it only yields where the executor's
+    # host waits for the device. After a wait it resumes at the later of its clock and the event.
+
+    def wait(self, event: simpy.Event | None) -> Generator[simpy.Event, Any, None]:
+        if event is not None:
+            yield event
+        self.host_t = max(self.host_t, self.env.now)
+
+    def launch(self, stream: str, parts: list[tuple[str, int, Work]], after: tuple[simpy.Event | None, ...] = ()
+               ) -> Generator[simpy.Event, Any, simpy.Event]:
+        """The host issues one op (its kernels cost host time); on a CPU-only profile it also runs it."""
+        kernels = sum(work.kernels for _, _, work in parts) * self.launch_s
+        timed = [(phase, layer, work.seconds) for phase, layer, work in parts]
+        if self.sync:  # the host thread does the work, launches included
+            timed[0] = (timed[0][0], timed[0][1], timed[0][2] + kernels)
+        else:
+            self.host_t += kernels
+        done = self.streams[stream].submit(timed, [e for e in after if e is not None], self.host_t)
+        if self.sync:
+            yield from self.wait(done)
+        return done
+
+    def host_work(self, phase: str, layer: int, work: Work) -> None:
+        """Work on the host thread itself: the gather of selected rows, bookkeeping between phases."""
+        seconds = work.seconds + work.kernels * self.launch_s
+        if seconds <= 0:
+            return
+        start, self.host_t = self.host_t, self.host_t + seconds
+        self.phase_s[self.step, layer, P[phase]] += seconds
+        if self.timeline:
+            self.spans.append(("host", phase, self.step, layer, start, start + seconds))
+
+    def copy(self, direction: str, layer: int, nbytes: float, after: tuple[simpy.Event | None, ...]
+             ) -> Generator[simpy.Event, Any, simpy.Event | None]:
+        if nbytes <= 0:
+            return None
+        work = self.costs.copy(nbytes, direction, 6 if self.w.policy == "int4" else 2, self.w.host_pinned)
+        return (yield from self.launch(direction, [(direction, layer, work)], after))
+
+    # ---------------------------------------------------------------- the run
+
+    def run(self) -> SimResult:
+        self.env.process(self.host())
+        self.env.run()
+        link = self.link_busy if not self.sync else self.phase_s[..., [P["h2d"], P["d2h"]]].sum()
+        return SimResult(self.w, self.profile, self.step_s, self.phase_s, memory_plan(self.w, self.profile),
+                         float(link), self.env.scheduled, self.spans)
+
+    def host(self) -> Generator[simpy.Event, Any, None]:
+        yield from self.prefill()
+        for s in range(self.w.n_steps):
+            self.step = s + 1
+            start = self.host_t
+            yield from self.decode_step(s)
+            self.step_s[s + 1] = self.host_t - start
+
+    def prefill(self) -> Generator[simpy.Event, Any, None]:
+        w, c, head = self.w, self.costs, self.w.spec.n_layers
+        start, t = self.host_t, w.prompt_len
+        yield from self.launch("compute", [("embed", head, c.embed())])
+        offloaded = w.policy != "resident"
+        row_bytes = (w.bytes_d2h[0, 0] if w.n_steps else 0)
+        for layer in range(w.spec.n_layers):
+            parts = [("attn", layer, c.prefill_qkv(t)), ("attn", layer, c.prefill_attend(t))]
+            if w.speculating[layer]:
+                parts.append(("spec", layer, c.skew_build(t)))
+            if w.policy == "h2o":
+                parts.append(("attn", layer, c.h2o_prefill(t)))
+            parts.append(("ffn", layer, c.ffn(w.batch * t)))
+            done = yield from self.launch("compute", parts)
+            if offloaded:
+                yield from self.copy("d2h", layer, row_bytes * t, (done,))
+        done = yield from self.launch("compute", [("head", head, c.head())])
+        yield from self.wait(done)
+        self.step_s[0] = self.host_t - start
+
+    def decode_step(self, s: int) -> Generator[simpy.Event, Any, None]:
+        w, c, n = self.w, self.costs, self.w.spec.n_layers
+        compute = self.streams["compute"]
+        self.pending: dict[int, simpy.Event | None] = {}
+        self.slot_free: list[simpy.Event | None] = [None, None]
+        yield from self.launch("compute", [("embed", n, c.embed())])
+        qkv, ffn, layer_host = c.qkv(), c.ffn(), c.layer_host(w.policy)
+        for layer in range(n):
+            self.host_work("host", layer, layer_host)
+            if w.policy in ("infinigen", "oracle") and layer + 1 < n and w.speculating[layer + 1]:
+                yield from self.speculate_and_prefetch(s, layer + 1)
+            yield from self.launch("compute", [("attn", layer, qkv)])
+            waits, extra = yield from self.attend_kv(s, layer)
+            attend = c.attend(w.attended[s, layer])
+            parts = [("attn", layer, attend), *extra, ("ffn", layer, ffn)]
+            yield from self.launch("compute", parts, (compute.tail, *waits))
+        done = yield from self.launch("compute", [("head", n, c.head())])
+        yield from self.wait(done)  # the sampled token goes back to the host
+
+    def speculate_and_prefetch(self, s: int, target: int) -> Generator[simpy.Event, Any, None]:
+        """InfiniGen at the start of layer target-1: speculate on the side stream, wait for the
+        indices, gather the rows on the host, start their copy into the slot layer target reads."""
+        w, c = self.w, self.costs
+        spec = c.speculation(w.kv_len[s, target] - 1, float(w.knobs.get("partial_ratio", 0.3)))
+        done = yield from self.launch("spec", [("spec", target, spec)], (self.streams["compute"].tail,))
+        yield from self.wait(done)  # the indices go to the host
+        yield from self.prefetch(s, target)
+
+    def prefetch(self, s: int, layer: int) -> Generator[simpy.Event, Any, None]:
+        slot = layer % 2
+        yield from self.wait(self.slot_free[slot])  # the staging buffer's previous copy has left it
+        nbytes = float(self.w.bytes_h2d[s, layer])
+        self.host_work("gather", layer, self.costs.gather(nbytes))
+        copied = yield from self.copy("h2d", layer, nbytes, (self.streams["compute"].tail,
+                                                             self.streams["d2h"].tail))
+        self.slot_free[slot] = copied
+        self.pending[layer] = copied
+
+    def attend_kv(self, s: int, layer: int) -> Generator[simpy.Event, Any, tuple[tuple, list]]:
+        """What layer `layer` does between its projections and its attention: the copies it starts,
+        the events its attention waits for, and extra compute in its attention phase."""
+        w, c = self.w, self.costs
+        compute, d2h_tail = self.streams["compute"], self.streams["d2h"]
+        policy = w.policy
+        if policy == "resident":
+            return (), []
+        selective = (policy in ("infinigen", "oracle") and w.speculating[layer]) or policy == "h2o"
+        if selective:
+            if policy == "h2o":
+                yield from self.wait(compute.tail)  # the kept set's positions go to the host
+                yield from self.prefetch(s, layer)
+            yield from self.copy("d2h", layer, float(w.bytes_d2h[s, layer]), (compute.tail,))
+            extra = [("attn", layer, c.selected_attend_extra(float(w.bytes_h2d[s, layer])))]
+            if policy == "h2o":
+                extra.append(("attn", layer, c.h2o_update(w.attended[s, layer])))
+            return (self.pending.pop(layer, None),), extra
+        # full, int4, and the dense layers of infinigen: the whole cache, copied at the layer
+        fetched = yield from self.copy("h2d", layer, float(w.bytes_h2d[s, layer]),
+                                       (compute.tail, d2h_tail.tail))
+        yield from self.copy("d2h", layer, float(w.bytes_d2h[s, layer]), (compute.tail,))
+        extra = [("attn", layer, c.int4_dequant(w.kv_len[s, layer] - 1))] if policy == "int4" else []
+        return (fetched,), extra
+
+
+def simulate(workload: Workload, profile: Profile, timeline: bool = False) -> SimResult:
+    return Simulation(workload, profile, timeline).run()
+
+
+def chrome_trace(result: SimResult) -> dict[str, Any]:
+    """Chrome/Perfetto trace events (load in chrome://tracing or ui.perfetto.dev)."""
+    threads = {"host": 0, "compute": 1, "spec": 2, "h2d": 3, "d2h": 4}
+    events: list[dict[str, Any]] = [
+        {"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": name}}
+        for name, tid in threads.items()]
+    n = result.workload.spec.n_layers
+    for stream, phase, step, layer, start, end in result.spans:
+        label = phase if layer == n else f"{phase} L{layer}"
+        events.append({"name": label, "cat": phase, "ph": "X", "pid": 0, "tid": threads[stream],
+                       "ts": start * 1e6, "dur": (end - start) * 1e6, "args": {"step": step, "layer": layer}})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"policy": result.workload.policy, "profile": result.profile.name}}

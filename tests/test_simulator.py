@@ -1,0 +1,209 @@
+"""The simulator against closed-form cases, determinism, memory fit, replay and the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import simpy
+
+from executor.generate import SamplingConfig
+from executor.loaders import load_model
+from executor.recording import run_policy
+from hwprofiles.profile import Device, Host, Link, Profile, load_profile
+from infinisim.cli import main
+from sim.costs import Costs, copy_time
+from sim.engine import PHASES, Stream, simulate
+from sim.memory import memory_plan
+from sim.workload import fetched_fraction_per_layer, from_trace, synthetic
+from traces.spec import named_model
+from traces.trace import write_trace
+
+INSTANT = 1e30  # compute so fast it vanishes next to the copies
+
+
+def ideal_profile(bandwidth: float = 1e9, latency: float = 1e-5, duplex: bool = True, kind: str = "gpu") -> Profile:
+    device = Device(name="ideal", memory=1e12, matmul_flops=INSTANT, matmul_flops_fp32=INSTANT,
+                    memory_bandwidth=INSTANT, launch_overhead=0.0, matmul_efficiency=1.0, bandwidth_efficiency=1.0,
+                    attention_efficiency=1.0, prefill_attention_flops=INSTANT, selection_overhead=0.0,
+                    selection_per_score=0.0, skew_per_row=0.0)
+    link = Link(name="test link", h2d_bandwidth=bandwidth, d2h_bandwidth=bandwidth, pageable_bandwidth=bandwidth,
+                latency=latency, duplex=duplex)
+    host = Host(name="test host", cores=8, memory=1e12, memory_bandwidth=1e11, gather_bandwidth=1e9)
+    return Profile("ideal", kind, "closed-form tests", ("by construction",), device, link, host)
+
+
+def test_link_model_closed_form():
+    p = ideal_profile(bandwidth=2e9, latency=1e-5)
+    assert copy_time(p, 4e6, "h2d") == pytest.approx(1e-5 + 4e6 / 2e9)
+    swept = replace(p, link=replace(p.link, sweep=((1e3, 1e8, 1e8), (1e6, 1e9, 1e9))))
+    assert copy_time(swept, 1e6, "h2d") == pytest.approx(1e-3)  # at a measured point: its rate
+    assert copy_time(swept, 2e6, "h2d") == pytest.approx(2e6 / 1e9)  # above the sweep: the last rate
+    mid = copy_time(swept, 10**4.5, "h2d")
+    assert 10**4.5 / 1e9 < mid < 10**4.5 / 1e8  # between the measured rates
+
+
+def test_transfer_bound_step_is_bytes_over_bandwidth_plus_latency():
+    """full on a link with instant compute: each layer's step time is its two copies (K and V),
+    each latency + bytes / bandwidth; the one-row write-back overlaps on the duplex link. (The first
+    decode step also waits for the prompt's write-back, still on the device->host engine.)"""
+    spec = named_model("opt-125m")
+    p = ideal_profile(bandwidth=1e9, latency=1e-5)
+    w = synthetic(spec, 2, 100, 5, "full", "float16")
+    result = simulate(w, p)
+    first = result.decode_step_s[0] - result.phase_s[1, :, PHASES.index("h2d")].sum()
+    assert first == pytest.approx(spec.n_layers * 2 * (1e-5 + 100 * w.bytes_d2h[0, 0] / 2 / 1e9), rel=1e-6)
+    for s in range(1, w.n_steps):
+        expected = sum(2 * 1e-5 + w.bytes_h2d[s, layer] / 1e9 for layer in range(spec.n_layers))
+        assert result.decode_step_s[s] == pytest.approx(expected, rel=1e-6)
+        assert result.phase_s[s + 1, :, PHASES.index("h2d")].sum() == pytest.approx(expected, rel=1e-6)
+
+
+def _streams(duplex: bool) -> tuple[simpy.Environment, dict[str, Stream], list]:
+    env = simpy.Environment()
+    log: list = []
+    link = simpy.Resource(env, 1)
+    engines = {"compute": simpy.Resource(env, 1), "h2d": link, "d2h": link if not duplex else simpy.Resource(env, 1)}
+    streams = {name: Stream(env, name, engine, lambda *a: log.append(a)) for name, engine in engines.items()}
+    return env, streams, log
+
+
+def test_copy_overlapped_by_compute_takes_the_max():
+    for compute_s, copy_s in ((3.0, 1.0), (1.0, 3.0)):
+        env, streams, _ = _streams(duplex=True)
+        work = streams["compute"].submit([("attn", 0, compute_s)], [])
+        copied = streams["h2d"].submit([("h2d", 1, copy_s)], [])
+        after = streams["compute"].submit([("attn", 1, 0.0)], [work, copied])  # the next layer needs both
+        env.run()
+        assert env.now == pytest.approx(max(compute_s, copy_s))
+        assert after.processed
+
+
+def test_two_copies_sharing_a_link_take_their_sum():
+    env, streams, _ = _streams(duplex=False)
+    streams["h2d"].submit([("h2d", 0, 2.0)], [])
+    streams["d2h"].submit([("d2h", 0, 1.5)], [])
+    env.run()
+    assert env.now == pytest.approx(3.5)
+    env, streams, _ = _streams(duplex=True)  # a duplex link moves both directions at once
+    streams["h2d"].submit([("h2d", 0, 2.0)], [])
+    streams["d2h"].submit([("d2h", 0, 1.5)], [])
+    env.run()
+    assert env.now == pytest.approx(2.0)
+
+
+def test_stream_waits_and_reports_the_stall():
+    env, streams, log = _streams(duplex=True)
+    copied = streams["h2d"].submit([("h2d", 0, 2.0)], [])
+    streams["compute"].submit([("attn", 0, 0.5)], [copied])
+    env.run()
+    name, _, start, waited = log[-1]
+    assert name == "compute" and start == pytest.approx(2.0) and waited == pytest.approx(2.0)
+
+
+def test_cpu_profile_serialises_everything():
+    """On a CPU-only machine copies and compute share the cores: the step is their sum."""
+    spec = named_model("opt-125m")
+    gpu, cpu = load_profile("a6000-pcie3"), replace(load_profile("a6000-pcie3"), kind="cpu")
+    w = synthetic(spec, 4, 512, 4, "infinigen", "float16", fetch_fraction=0.1)
+    on_cpu = simulate(w, cpu)
+    busy = on_cpu.phase_s[1:].sum(axis=(1, 2)) - on_cpu.phase_s[1:, :, PHASES.index("wait")].sum(axis=1)
+    assert np.allclose(on_cpu.decode_step_s, busy, rtol=1e-9)
+    assert on_cpu.phase_s[1:, :, PHASES.index("wait")].sum() == 0
+    on_gpu = simulate(w, gpu)
+    assert (on_gpu.decode_step_s < on_cpu.decode_step_s).all()  # the GPU overlaps prefetch with compute
+
+
+def test_deterministic():
+    spec = named_model("llama-3-8b")
+    w = synthetic(spec, 8, 2048, 16, "infinigen", "bfloat16", fetch_fraction=np.linspace(0.05, 0.3, spec.n_layers))
+    a, b = simulate(w, load_profile("h100-sxm"), timeline=True), simulate(w, load_profile("h100-sxm"), timeline=True)
+    assert np.array_equal(a.step_s, b.step_s) and np.array_equal(a.phase_s, b.phase_s) and a.spans == b.spans
+
+
+def test_policies_rank_as_expected_on_the_paper_testbed():
+    spec, p = named_model("opt-13b"), load_profile("a6000-pcie3")
+    ms = {policy: simulate(synthetic(spec, 8, 1920, 8, policy, "float16",
+                                     fetch_fraction=0.1 if policy == "infinigen" else None), p).summary()
+          ["decode_ms_mean"] for policy in ("resident", "full", "int4", "h2o", "infinigen")}
+    assert ms["resident"] < ms["infinigen"] < ms["full"] and ms["int4"] < ms["full"] and ms["h2o"] < ms["full"]
+
+
+def test_does_not_fit(capsys):
+    spec = named_model("llama-3.1-70b")
+    w = synthetic(spec, 1, 1024, 8, "resident", "float16")
+    problem = memory_plan(w, load_profile("l4")).problem
+    assert problem.startswith("device memory: needs") and "weights" in problem
+    assert memory_plan(w, load_profile("h200")).problem is not None  # 141 GB of weights on 141 GB
+    assert memory_plan(synthetic(named_model("llama-3-8b"), 1, 1024, 8, "full", "float16"),
+                       load_profile("l4")).problem is None
+    assert main(["simulate", "--model", "llama-3.1-70b", "--profile", "l4", "--policy", "resident",
+                 "--prompt-len", "1024", "--gen-len", "8"]) == 1
+    assert "does not fit: device memory" in capsys.readouterr().out
+
+
+def test_infinigen_budget_and_alpha_from_trace(tiny_traces):
+    trace = tiny_traces["infinigen"]
+    low, high = fetched_fraction_per_layer(trace, 1), fetched_fraction_per_layer(trace, 9)
+    speculating = ~np.isnan(low)
+    assert speculating.sum() == trace.model.n_layers - 1 and (high[speculating] >= low[speculating]).all()
+    spec = named_model("llama-3-8b")
+    w = synthetic(spec, 4, 1000, 6, "infinigen", "float16", {"budget": 0.05}, fetch_fraction=1.0)
+    assert (w.fetched[:, 1:] == np.ceil(0.05 * (w.kv_len[:, 1:] - 1))).all()  # capped by the budget
+    assert (w.fetched[:, 0] == w.kv_len[:, 0] - 1).all()  # the dense first layer fetches everything
+
+
+@pytest.fixture(scope="module")
+def tiny_traces(tmp_path_factory):
+    loaded = load_model("smollm2-135m", "float32", "cpu", random_weights=True)
+    prompts = [list(range(10, 90)), list(range(200, 260))]
+    out = {}
+    for name in ("resident", "full", "infinigen", "h2o", "int4"):
+        _, out[name] = run_policy(loaded.model, prompts, name, SamplingConfig(5, stop_at_eos=False),
+                                  {"model": "smollm2-135m", "weights": "random"})
+    return out
+
+
+def test_replay_moves_the_traced_bytes(tiny_traces, tmp_path):
+    p = load_profile("a100-80gb-pcie4")
+    for name, trace in tiny_traces.items():
+        w = from_trace(trace)
+        result = simulate(w, p)
+        assert w.n_steps == 4 and len(result.decode_step_s) == 4 and (result.decode_step_s > 0).all()
+        decode = trace.layers[trace.layers.step > 0]
+        assert w.bytes_h2d.sum() == decode.bytes_h2d.sum()
+        moved = result.phase_s[1:, :, PHASES.index("h2d")].sum()
+        assert (moved > 0) == (name != "resident")
+        if name == "infinigen":
+            n = trace.model.n_layers
+            assert result.phase_s[1:, 1:n, PHASES.index("spec")].min() > 0  # every speculating layer
+            assert result.phase_s[1:, 0, PHASES.index("spec")].max() == 0
+
+
+def test_replay_cli_with_timeline(tiny_traces, tmp_path, capsys):
+    path = write_trace(tiny_traces["infinigen"], tmp_path / "ig.trace.parquet")
+    timeline = tmp_path / "timeline.json"
+    assert main(["replay", str(path), "--profile", "h100-pcie5", "--timeline", str(timeline), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results[0]["policy"] == "infinigen" and results[0]["decode_steps"] == 4 and results[0]["fits"]
+    events = json.loads(timeline.read_text())["traceEvents"]
+    names = {e["tid"] for e in events if e["ph"] == "X"}
+    assert {0, 1, 2, 3} <= names  # host (gather), compute, speculation, H2D copies all appear
+    bad = tmp_path / "bad.trace.parquet"
+    bad.write_bytes(path.read_bytes()[:500])
+    assert main(["replay", str(bad), "--profile", "h100-pcie5"]) == 1
+    assert "not a readable trace" in capsys.readouterr().err
+
+
+def test_costs_scale_as_rooflines():
+    spec = named_model("llama-3-8b")
+    c = Costs(load_profile("h100-sxm"), spec, "bfloat16", 1)
+    weight_bytes = spec.hidden * spec.ffn_hidden * 2
+    assert c.linear(spec.hidden, spec.ffn_hidden) == pytest.approx(
+        (weight_bytes + 2 * (spec.hidden + spec.ffn_hidden)) / (3350e9 * 0.8))  # batch 1: bandwidth-bound
+    big = Costs(load_profile("h100-sxm"), spec, "bfloat16", 4096)
+    assert big.linear(spec.hidden, spec.ffn_hidden) == pytest.approx(
+        2 * 4096 * spec.hidden * spec.ffn_hidden / (989e12 * 0.7))  # a big batch: compute-bound
+    assert c.attend(2000).seconds > c.attend(1000).seconds
