@@ -69,6 +69,20 @@ def compare(workload: Workload, result: SimResult) -> dict[str, Any]:
     return out
 
 
+def relative(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run's decode time relative to the first run of the same shape, measured and predicted:
+    what a what-if question compares, and robust to the machine's speed drifting between runs."""
+    out = []
+    for c in comparisons:
+        base = next(b for b in comparisons if (b["batch"], b["prompt_len"]) == (c["batch"], c["prompt_len"]))
+        measured = c["decode_ms_measured"] / base["decode_ms_measured"]
+        predicted = c["decode_ms_predicted"] / base["decode_ms_predicted"]
+        out.append({"policy": c["policy"], "batch": c["batch"], "prompt_len": c["prompt_len"],
+                    "versus": base["policy"], "measured": measured, "predicted": predicted,
+                    "error_pct": (predicted - measured) / measured * 100})
+    return out
+
+
 def plot_steps(comparisons: list[dict[str, Any]], path: str) -> str:
     """Predicted vs measured decode latency per step, one panel per run."""
     import matplotlib

@@ -104,20 +104,19 @@ def _gather(measure: Measure, dt: torch.dtype, pinned: bool, repeats: int, n_row
 
 
 def _streaming(measure: Measure, dt: torch.dtype, dev: torch.device, repeats: int, working_set: int,
-               rows: tuple[int, ...]) -> list[tuple[float, float, float]]:
-    """(rows, B/s, B/s) of weights through decode projections of a few rows by wide (1024 x 4096)
-    and narrow (4096 x 1024) weights, more of them than the caches hold: decoding reads every
-    weight from memory each step, and the rate depends on the batch and the weight's shape."""
+               rows: tuple[int, ...], inners: tuple[int, ...]) -> list[tuple[float, float, float]]:
+    """(rows, inner size k, B/s) of weights through decode projections: m rows by k x 2k weights,
+    more of them than the caches hold (decoding reads every weight from memory each step). The
+    rate depends on both: few rows and a short inner size stream slowest."""
     out = []
-    for m in rows:
-        rates = []
-        for k, n in ((1024, 4096), (4096, 1024)):
-            n_mats = max(2, working_set // (k * n * dt.itemsize))
-            weights = [torch.randn(n, k, device=dev).to(dt) for _ in range(n_mats)]
-            x = torch.randn(m, k, device=dev).to(dt)
-            rates.append(n_mats * k * n * dt.itemsize / measure(lambda x=x, ws=weights: [F.linear(x, w) for w in ws],
-                                                                repeats))
-        out.append((float(m), rates[0], rates[1]))
+    for k in inners:
+        n = 2 * k
+        n_mats = max(2, working_set // (k * n * dt.itemsize))
+        weights = [torch.randn(n, k, device=dev).to(dt) for _ in range(n_mats)]
+        for m in rows:
+            x = torch.randn(m, 1, k, device=dev).to(dt)  # [batch, one new token, hidden], as decoding has it
+            seconds = measure(lambda x=x, ws=weights: [F.linear(x, w) for w in ws], repeats)
+            out.append((float(m), float(k), n_mats * k * n * dt.itemsize / seconds))
     return out
 
 
@@ -229,10 +228,12 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
                               working_set // 4, log)
     gather_bw = _gather(measure, dt, cuda, repeats, (1 << 18) if quick else (1 << 20))
     log(f"gather of 256-byte rows: {gather_bw / 1e9:.2f} GB/s")
-    streams = _streaming(measure, dt, dev, repeats, working_set, (1, 8) if quick else (1, 2, 4, 8, 16, 32))
-    for m, wide, narrow in streams:
-        log(f"decode projections, {int(m):>2} rows: {wide / 1e9:.2f} GB/s (wide), {narrow / 1e9:.2f} GB/s (narrow)")
-    stream_bw = sorted(r for p in streams for r in p[1:])[len(streams)]  # the median
+    streams = _streaming(measure, dt, dev, repeats, working_set, (1, 8) if quick else (1, 2, 4, 8, 16, 32),
+                         (512, 2048) if quick else (512, 1024, 2048, 4096))
+    for k in sorted({p[1] for p in streams}):
+        log(f"decode projections, inner size {int(k):>4}: " + ", ".join(
+            f"{int(m)} rows {bw / 1e9:.1f}" for m, inner, bw in streams if inner == k) + " GB/s")
+    stream_bw = sorted(p[2] for p in streams)[len(streams) // 2]  # the median
     matmuls = _matmul_sweep(measure, dev, repeats, 128 if quick else 512,
                             (256, 1024) if quick else (256, 512, 1024, 2048))
     for d, f32, bf16 in matmuls:
@@ -240,8 +241,10 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
             f"{bf16 / 1e12:.3f} bfloat16")
     attention_bw = _decode_attention(measure, dt, dev, repeats, 1024 if quick else 4096, working_set)
     log(f"decode attention: {attention_bw / 1e9:.2f} GB/s of KV")
-    prefill_flops = _prefill_attention(measure, dt, dev, repeats, 256 if quick else 1024)
-    log(f"prompt attention with a causal mask: {prefill_flops / 1e12:.3f} TFLOP/s")
+    prefill = [(float(t), _prefill_attention(measure, dt, dev, min(repeats, 5), t))
+               for t in ((128, 512) if quick else (256, 1024, 4096))]
+    log("prompt attention with a causal mask: " + ", ".join(f"{int(t)} tokens {f / 1e12:.3f}" for t, f in prefill)
+        + " TFLOP/s")
     selection_fixed, selection_per_score = _selection(measure, dev, repeats, (2, 8, 1024) if quick else (8, 32, 4096))
     log(f"InfiniGen count-and-choose: {selection_fixed * 1e3:.3f} ms + {selection_per_score * 1e9:.2f} ns per score")
     skew_row = _skew(measure, dev, repeats, 1024 if quick else 8192)
@@ -258,7 +261,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         name=dev_name, memory=memory, matmul_flops=max(p[2] for p in matmuls),
         matmul_flops_fp32=max(p[1] for p in matmuls), memory_bandwidth=stream_bw, launch_overhead=launch,
         matmul_efficiency=1.0, bandwidth_efficiency=1.0, attention_efficiency=min(1.0, attention_bw / stream_bw),
-        matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_flops=prefill_flops,
+        matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_sweep=tuple(prefill),
         selection_overhead=selection_fixed,
         selection_per_score=selection_per_score, skew_per_row=skew_row)
     top = sweep[-1]

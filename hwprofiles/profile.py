@@ -74,9 +74,9 @@ class Device:
     attention_efficiency: float = _n(0.01, 1.0, "share of peak bandwidth decode attention reaches over the KV")
     # Measured by calibrate; when absent, the simulator derives them from the fields above.
     matmul_sweep: tuple[tuple[float, float, float], ...] = ()  # (inner size, float32 FLOP/s, 16-bit FLOP/s)
-    stream_sweep: tuple[tuple[float, float, float], ...] = ()  # (rows, B/s of weights, d x 4d and 4d x d)
-    prefill_attention_flops: float | None = _q("flops", 1e6, doc="prompt attention with a causal mask, "
-                                               "counting all T x T scores", optional=True)
+    stream_sweep: tuple[tuple[float, float, float], ...] = ()  # (rows, inner size, B/s of weights): a grid
+    # prompt attention with a causal mask, FLOP/s counting all T x T scores, by prompt length T
+    prefill_attention_sweep: tuple[tuple[float, float], ...] = ()
     selection_overhead: float | None = _q("time", 0, 1.0, doc="InfiniGen's count-and-choose per layer, fixed part",
                                           optional=True)
     selection_per_score: float | None = _q("time", 0, 1e-3, doc="InfiniGen's count-and-choose per speculated score",
@@ -140,7 +140,9 @@ class Profile:
             if part == "device":
                 section["matmul_sweep"] = [{"size": s, "float32": a, "bfloat16": b} for s, a, b in
                                            self.device.matmul_sweep]
-                section["stream_sweep"] = [{"rows": s, "wide": a, "narrow": b} for s, a, b in
+                section["prefill_attention_sweep"] = [{"tokens": t, "flops": f} for t, f in
+                                                      self.device.prefill_attention_sweep]
+                section["stream_sweep"] = [{"rows": s, "inner": a, "bandwidth": b} for s, a, b in
                                            self.device.stream_sweep]
             out[part] = {k: v for k, v in section.items() if v not in (None, [])}
         return out
@@ -163,9 +165,11 @@ def _section(cls: type, data: Any, path: Path, where: str) -> Any:
         if name == "sweep":
             values[name] = _sweep(raw, path, f"{where}.sweep", ("bytes", "h2d", "d2h"), ("bytes", "bandwidth"))
             continue
+        if name == "prefill_attention_sweep":
+            values[name] = _sweep(raw, path, f"{where}.{name}", ("tokens", "flops"), ("number", "flops"))
+            continue
         if name == "stream_sweep":
-            values[name] = _sweep(raw, path, f"{where}.stream_sweep", ("rows", "wide", "narrow"),
-                                  ("number", "bandwidth"))
+            values[name] = _grid(raw, path, f"{where}.stream_sweep")
             continue
         if name == "matmul_sweep":
             values[name] = _sweep(raw, path, f"{where}.matmul_sweep", ("size", "float32", "bfloat16"),
@@ -195,9 +199,9 @@ def _number(raw: Any) -> float:
     return float(raw)
 
 
-def _sweep(raw: Any, path: Path, where: str, keys: tuple[str, str, str], dimensions: tuple[str, str]
-           ) -> tuple[tuple[float, float, float], ...]:
-    """A measured table: points of (size, value, value), sizes ascending."""
+def _sweep(raw: Any, path: Path, where: str, keys: tuple[str, ...], dimensions: tuple[str, str]
+           ) -> tuple[tuple[float, ...], ...]:
+    """A measured table: points of (size, value, ...), sizes ascending."""
     if not isinstance(raw, list) or not raw:
         raise InfinisimError(f"must be a non-empty list of {{{', '.join(keys)}}}", path, where)
     points = []
@@ -207,15 +211,37 @@ def _sweep(raw: Any, path: Path, where: str, keys: tuple[str, str, str], dimensi
         try:
             size = _number(point[keys[0]]) if dimensions[0] == "number" else parse_quantity(point[keys[0]],
                                                                                            dimensions[0])
-            a, b = (parse_quantity(point[k], dimensions[1]) for k in keys[1:])
+            values = tuple(parse_quantity(point[k], dimensions[1]) for k in keys[1:])
         except ValueError as exc:
             raise InfinisimError(str(exc), path, f"{where}[{i}]") from None
-        if size <= 0 or a <= 0 or b <= 0:
+        if size <= 0 or min(values) <= 0:
             raise InfinisimError("sizes and values must be positive", path, f"{where}[{i}]")
-        points.append((size, a, b))
+        points.append((size, *values))
     if any(b[0] <= a[0] for a, b in itertools.pairwise(points)):
         raise InfinisimError("sizes must be strictly ascending", path, where)
     return tuple(points)
+
+
+def _grid(raw: Any, path: Path, where: str) -> tuple[tuple[float, float, float], ...]:
+    """A measured grid of (rows, inner size, bandwidth): every rows x inner pair once."""
+    if not isinstance(raw, list) or not raw:
+        raise InfinisimError("must be a non-empty list of {rows, inner, bandwidth}", path, where)
+    points = []
+    for i, point in enumerate(raw):
+        if not isinstance(point, dict) or set(point) != {"rows", "inner", "bandwidth"}:
+            raise InfinisimError("each point needs exactly rows, inner, bandwidth", path, f"{where}[{i}]")
+        try:
+            rows, inner = _number(point["rows"]), _number(point["inner"])
+            bandwidth = parse_quantity(point["bandwidth"], "bandwidth")
+        except ValueError as exc:
+            raise InfinisimError(str(exc), path, f"{where}[{i}]") from None
+        if rows <= 0 or inner <= 0 or bandwidth <= 0:
+            raise InfinisimError("rows, inner size and bandwidth must be positive", path, f"{where}[{i}]")
+        points.append((rows, inner, bandwidth))
+    rows, inners = sorted({p[0] for p in points}), sorted({p[1] for p in points})
+    if len(points) != len(rows) * len(inners) or len(set((p[0], p[1]) for p in points)) != len(points):
+        raise InfinisimError("must hold each rows x inner pair exactly once (a full grid)", path, where)
+    return tuple(sorted(points))
 
 
 TOP_KEYS = ("name", "kind", "description", "sources", "device", "link", "host")

@@ -280,7 +280,7 @@ def add_validate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from analysis.validation import compare, plot_steps
+    from analysis.validation import compare, plot_steps, relative
     from hwprofiles.profile import load_profile, write_profile
     from sim.engine import simulate
     from sim.workload import from_trace
@@ -306,10 +306,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for trace in traces:
         workload = from_trace(trace)
         comparisons.append(compare(workload, simulate(workload, profile)))
-    _write_json(comparisons, out / "validation.json")
+    ratios = relative(comparisons)
+    _write_json({"comparisons": comparisons, "relative": ratios, "profile": profile.to_dict()},
+                out / "validation.json")
     plot = plot_steps(comparisons, str(out / "validation.png"))
     if args.json:
-        print(json.dumps(comparisons, indent=1, default=float))
+        print(json.dumps({"comparisons": comparisons, "relative": ratios}, indent=1, default=float))
     else:
         print(f"{'policy':<10} {'batch':>5} {'prompt':>6} {'measured':>9} {'predicted':>9} {'MAPE':>6} {'p50':>6} "
               f"{'p90':>6} {'end-to-end':>10}  worst phase")
@@ -321,6 +323,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                   f"{c['decode_ms_predicted']:>7.1f}ms {c['step']['mape']:>5.1f}% {c['step']['p50']:>5.1f}% "
                   f"{c['step']['p90']:>5.1f}% {c['end_to_end_s']['error_pct']:>+9.1f}%  {worst_text}")
         print("(ms per decode step, means; MAPE/p50/p90: error per decode step; end-to-end: prefill + decode)")
+        print()
+        for r in (r for r in ratios if r["versus"] != r["policy"]):
+            print(f"{r['policy']:<10} / {r['versus']:<10} decode time ratio: measured {r['measured']:.3f}, "
+                  f"predicted {r['predicted']:.3f} ({r['error_pct']:+.1f}%)")
     print(f"wrote {out / 'validation.json'} and {plot}", file=sys.stderr)
     return 0
 

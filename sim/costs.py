@@ -74,20 +74,23 @@ class Costs:
         column = 1 if self.dtype == "float32" else 2
         return interpolate_log([p[0] for p in sweep], [p[column] for p in sweep], min(k, n))
 
-    def weight_stream_bw(self, m: int, k: int, n: int) -> float:
-        """B/s at which an m-row projection reads its k x n weight: from the calibrated sweep (by rows,
-        'wide' for k < n, 'narrow' otherwise) when there is one, else the streaming bandwidth."""
-        sweep = self.profile.device.stream_sweep
-        if not sweep:
+    def weight_stream_bw(self, m: int, k: int) -> float:
+        """B/s at which an m-row projection reads a weight of inner size k: from the calibrated grid
+        (log-interpolated in rows, then inner size) when there is one, else the streaming bandwidth."""
+        grid = self.profile.device.stream_sweep
+        if not grid:
             return self.stream_bw
-        return interpolate_log([p[0] for p in sweep], [p[1] if k < n else p[2] for p in sweep], m)
+        inners = sorted({p[1] for p in grid})
+        by_inner = [interpolate_log([p[0] for p in grid if p[1] == inner], [p[2] for p in grid if p[1] == inner], m)
+                    for inner in inners]
+        return interpolate_log(inners, by_inner, k)
 
     def linear(self, k: int, n: int, m: int | None = None) -> float:
         """One projection of m rows (default: the batch's one new token each) by a k x n weight."""
         m = self.batch if m is None else m
         flops = 2.0 * m * k * n
         nbytes = self.e * (k * n + m * k + m * n)
-        return max(flops / self.matmul_rate(k, n), nbytes / self.weight_stream_bw(m, k, n))
+        return max(flops / self.matmul_rate(k, n), nbytes / self.weight_stream_bw(m, k))
 
     def elementwise(self, nbytes: float) -> float:
         return nbytes / self.stream_bw
@@ -186,7 +189,8 @@ class Costs:
         one), so every one of the T x T scores is computed, and the output projection."""
         s, m = self.spec, self.batch * n_tokens
         flops = 4.0 * self.batch * s.n_heads * n_tokens * n_tokens * s.head_dim
-        rate = self.profile.device.prefill_attention_flops or \
+        sweep = self.profile.device.prefill_attention_sweep
+        rate = interpolate_log([p[0] for p in sweep], [p[1] for p in sweep], n_tokens) if sweep else \
             PREFILL_ATTENTION_EFFICIENCY * self.profile.matmul_rate(self.dtype)
         return Work(flops / rate + self.linear(s.n_heads * s.head_dim, s.hidden, m), ATTEND_OPS[s.family])
 

@@ -27,7 +27,7 @@ INSTANT = 1e30  # compute so fast it vanishes next to the copies
 def ideal_profile(bandwidth: float = 1e9, latency: float = 1e-5, duplex: bool = True, kind: str = "gpu") -> Profile:
     device = Device(name="ideal", memory=1e12, matmul_flops=INSTANT, matmul_flops_fp32=INSTANT,
                     memory_bandwidth=INSTANT, launch_overhead=0.0, matmul_efficiency=1.0, bandwidth_efficiency=1.0,
-                    attention_efficiency=1.0, prefill_attention_flops=INSTANT, selection_overhead=0.0,
+                    attention_efficiency=1.0, prefill_attention_sweep=((1.0, INSTANT),), selection_overhead=0.0,
                     selection_per_score=0.0, skew_per_row=0.0)
     link = Link(name="test link", h2d_bandwidth=bandwidth, d2h_bandwidth=bandwidth, pageable_bandwidth=bandwidth,
                 latency=latency, duplex=duplex)
@@ -207,3 +207,26 @@ def test_costs_scale_as_rooflines():
     assert big.linear(spec.hidden, spec.ffn_hidden) == pytest.approx(
         2 * 4096 * spec.hidden * spec.ffn_hidden / (989e12 * 0.7))  # a big batch: compute-bound
     assert c.attend(2000).seconds > c.attend(1000).seconds
+
+
+@pytest.mark.slow
+def test_validate_runs_calibrates_replays_and_plots(tmp_path, capsys):
+    out = tmp_path / "v"
+    assert main(["validate", "--model", "smollm2-135m", "--random-weights", "--prompt-len", "48", "--gen-len", "4",
+                 "--batch", "2", "--policy", "resident,full,infinigen", "--quick-calibration", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "infinigen" in table and "decode time ratio" in table
+    report = json.loads((out / "validation.json").read_text())
+    assert [c["policy"] for c in report["comparisons"]] == ["resident", "full", "infinigen"]
+    for c in report["comparisons"]:
+        assert c["decode_steps"] == 3 and 0 <= c["step"]["mape"] < 1e4 and c["decode_ms_predicted"] > 0
+        assert len(c["per_step_ms"]["measured"]) == 3 and "attn" in c["phases"]
+    assert report["relative"][0]["measured"] == 1.0
+    assert load_profile(out / "profile.yaml").kind == "cpu"
+    from PIL import Image
+
+    with Image.open(out / "validation.png") as image:
+        image.verify()
+    traces = sorted(str(p) for p in out.glob("*.trace.parquet"))
+    assert len(traces) == 3
+    assert main(["validate", "--trace", *traces, "--profile", "a6000-pcie3", "--out", str(tmp_path / "w")]) == 0
