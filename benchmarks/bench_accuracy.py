@@ -32,6 +32,9 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--fractions", default="0.05,0.1,0.2")
+    p.add_argument("--dense-layers", default="1",
+                   help="infinigen at each fraction with these counts of leading dense layers (default 1, the "
+                        "paper's; e.g. 1,2,3)")
     p.add_argument("--out", default="benchmarks/results/accuracy-smollm2.json")
     args = p.parse_args()
 
@@ -46,6 +49,8 @@ def main() -> int:
 
     runs = [("resident", {}, None), ("int4", {}, None), ("infinigen", {"alpha": 5.0, "budget": 0.2}, "paper")]
     for f in map(float, args.fractions.split(",")):
+        runs += [("infinigen", {"alpha": 1000.0, "budget": f, "dense_layers": int(n)}, f)
+                 for n in args.dense_layers.split(",") if int(n) != 1]
         runs += [("infinigen", {"alpha": 1000.0, "budget": f}, f),
                  ("infinigen", {"alpha": 1000.0, "budget": f, "gqa_combine": "max"}, f),
                  ("oracle", {"alpha": 1000.0, "budget": f}, f),

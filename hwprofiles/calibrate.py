@@ -185,32 +185,43 @@ def _skew(measure: Measure, dev: torch.device, repeats: int, rows: int) -> float
     return measure(lambda: partial_columns(q @ skew_matrix(q, k), 19), repeats) / rows
 
 
-def _launch_overhead(measure: Measure, dt: torch.dtype, dev: torch.device, repeats: int) -> float:
-    """Seconds of host time per dispatched op, from a tiny decode-like block (norm, projection,
-    views, rotary halves, softmax, top-k) whose ops are counted with a dispatch mode."""
+def _executor_overheads(dev: torch.device, dt: torch.dtype) -> tuple[float, float]:
+    """The host's fixed costs in the executor's own code, measured on a tiny random model (all
+    tensors tiny, so time is dispatch and Python): seconds per dispatched op of a resident decode
+    step (ops counted with a dispatch mode), and seconds of one layer's InfiniGen speculation."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    x = torch.randn(1, 1, 64, device=dev).to(dt)
-    w = torch.randn(64, 64, device=dev).to(dt)
+    from executor.generate import SamplingConfig, generate
+    from executor.model import Transformer
+    from executor.policies import make_policy
+    from traces.spec import ModelSpec
 
-    def block() -> None:
-        h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(dt)
-        q = F.linear(h, w).view(1, 1, 4, 16).transpose(1, 2)
-        q = q * 0.5 + torch.cat((-q[..., 8:], q[..., :8]), dim=-1) * 0.5
-        scores = torch.softmax(q.reshape(1, -1).float(), dim=-1)
-        torch.topk(scores, 4, dim=-1)
+    spec = ModelSpec("calibration-tiny", "llama", n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                     ffn_hidden=128, vocab_size=256)
+    torch.manual_seed(0)
+    model = Transformer(spec).to(device=dev, dtype=dt).eval()
+    prompt, steps = [list(range(1, 65))], 24
 
     class Count(TorchDispatchMode):
-        ops = 0
+        ops, on = 0, False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += 1
+            Count.ops += Count.on
             return func(*args, **(kwargs or {}))
 
+    def after_step(record: object) -> None:
+        Count.on = True  # decode steps only
+
     with Count():
-        block()
-    calls = 200
-    return measure(lambda: [block() for _ in range(calls)], repeats) / (calls * Count.ops)
+        generate(model, prompt, make_policy("resident"), SamplingConfig(4, stop_at_eos=False), after_step)
+    ops_per_step = Count.ops / 3
+    resident = generate(model, prompt, make_policy("resident"), SamplingConfig(steps, stop_at_eos=False))
+    walls = sorted(r.times.wall_s for r in resident.steps[1:])
+    launch = walls[len(walls) // 2] / ops_per_step
+    infinigen = generate(model, prompt, make_policy("infinigen"), SamplingConfig(steps, stop_at_eos=False))
+    spec_times = sorted(phases["spec"] for r in infinigen.steps[1:] for layer, phases in r.times.layer_phases.items()
+                        if "spec" in phases)
+    return launch, spec_times[len(spec_times) // 2]
 
 
 def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, name: str | None = None,
@@ -245,12 +256,13 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
                for t in ((128, 512) if quick else (256, 1024, 4096))]
     log("prompt attention with a causal mask: " + ", ".join(f"{int(t)} tokens {f / 1e12:.3f}" for t, f in prefill)
         + " TFLOP/s")
-    selection_fixed, selection_per_score = _selection(measure, dev, repeats, (2, 8, 1024) if quick else (8, 32, 4096))
-    log(f"InfiniGen count-and-choose: {selection_fixed * 1e3:.3f} ms + {selection_per_score * 1e9:.2f} ns per score")
+    _, selection_per_score = _selection(measure, dev, repeats, (2, 8, 1024) if quick else (8, 32, 4096))
+    log(f"InfiniGen count-and-choose: {selection_per_score * 1e9:.2f} ns per speculated score")
     skew_row = _skew(measure, dev, repeats, 1024 if quick else 8192)
     log(f"skew build: {skew_row * 1e9:.1f} ns per query row")
-    launch = _launch_overhead(measure, dt, dev, repeats)
-    log(f"launch overhead: {launch * 1e6:.1f} us per op")
+    launch, speculation_fixed = _executor_overheads(dev, dt)
+    log(f"executor overheads: {launch * 1e6:.1f} us per dispatched op, {speculation_fixed * 1e3:.3f} ms per "
+        "layer's speculation")
 
     if cuda:
         props = torch.cuda.get_device_properties(dev)
@@ -262,7 +274,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         matmul_flops_fp32=max(p[1] for p in matmuls), memory_bandwidth=stream_bw, launch_overhead=launch,
         matmul_efficiency=1.0, bandwidth_efficiency=1.0, attention_efficiency=min(1.0, attention_bw / stream_bw),
         matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_sweep=tuple(prefill),
-        selection_overhead=selection_fixed,
+        speculation_overhead=speculation_fixed,
         selection_per_score=selection_per_score, skew_per_row=skew_row)
     top = sweep[-1]
     link = Link(name="PCIe (measured)" if cuda else "memcpy between buffers (measured)",

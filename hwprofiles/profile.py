@@ -77,8 +77,8 @@ class Device:
     stream_sweep: tuple[tuple[float, float, float], ...] = ()  # (rows, inner size, B/s of weights): a grid
     # prompt attention with a causal mask, FLOP/s counting all T x T scores, by prompt length T
     prefill_attention_sweep: tuple[tuple[float, float], ...] = ()
-    selection_overhead: float | None = _q("time", 0, 1.0, doc="InfiniGen's count-and-choose per layer, fixed part",
-                                          optional=True)
+    speculation_overhead: float | None = _q("time", 0, 1.0, doc="InfiniGen's speculation per layer, fixed part",
+                                            optional=True)
     selection_per_score: float | None = _q("time", 0, 1e-3, doc="InfiniGen's count-and-choose per speculated score",
                                            optional=True)
     skew_per_row: float | None = _q("time", 0, 1e-3, doc="building InfiniGen's skew: per query row per KV head",

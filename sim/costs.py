@@ -162,8 +162,9 @@ class Costs:
         n_scores = self.batch * s.n_heads * n_keys
         per_score = d.selection_per_score if d.selection_per_score is not None else \
             SELECTION_BYTES_PER_SCORE / self.stream_bw
-        fixed = d.selection_overhead if d.selection_overhead is not None else SELECTION_OPS * d.launch_overhead
-        return Work(query + keys + n_scores * per_score + fixed, SPEC_OPS[s.family] - SELECTION_OPS)
+        if d.speculation_overhead is not None:  # calibrated on the executor's own speculation
+            return Work(query + keys + n_scores * per_score + d.speculation_overhead)
+        return Work(query + keys + n_scores * per_score, SPEC_OPS[s.family])
 
     def h2o_update(self, n_kept: float) -> Work:
         """H2O after attention: exact scores of the kept rows, accumulate, re-choose the kept set."""
