@@ -185,22 +185,26 @@ def _skew(measure: Measure, dev: torch.device, repeats: int, rows: int) -> float
     return measure(lambda: partial_columns(q @ skew_matrix(q, k), 19), repeats) / rows
 
 
-def _executor_overheads(dev: torch.device, dt: torch.dtype) -> tuple[float, float]:
-    """The host's fixed costs in the executor's own code, measured on a tiny random model (all
-    tensors tiny, so time is dispatch and Python): seconds per dispatched op of a resident decode
-    step (ops counted with a dispatch mode), and seconds of one layer's InfiniGen speculation."""
+def _tiny_model(n_heads: int, dev: torch.device, dt: torch.dtype) -> object:
+    from executor.model import Transformer
+    from traces.spec import ModelSpec
+
+    spec = ModelSpec("calibration-tiny", "llama", n_layers=3, hidden=64, n_heads=n_heads, n_kv_heads=2, head_dim=16,
+                     ffn_hidden=128, vocab_size=256)
+    torch.manual_seed(0)
+    return Transformer(spec).to(device=dev, dtype=dt).eval()
+
+
+def _launch_overhead(dev: torch.device, dt: torch.dtype) -> float:
+    """Host seconds per dispatched op in the executor's own decode step, on a tiny random model (all
+    tensors tiny, so the time is dispatch and Python); ops counted with a dispatch mode."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from executor.generate import SamplingConfig, generate
-    from executor.model import Transformer
     from executor.policies import make_policy
-    from traces.spec import ModelSpec
 
-    spec = ModelSpec("calibration-tiny", "llama", n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16,
-                     ffn_hidden=128, vocab_size=256)
-    torch.manual_seed(0)
-    model = Transformer(spec).to(device=dev, dtype=dt).eval()
-    prompt, steps = [list(range(1, 65))], 24
+    model = _tiny_model(4, dev, dt)
+    prompt = [list(range(1, 65))]
 
     class Count(TorchDispatchMode):
         ops, on = 0, False
@@ -215,13 +219,28 @@ def _executor_overheads(dev: torch.device, dt: torch.dtype) -> tuple[float, floa
     with Count():
         generate(model, prompt, make_policy("resident"), SamplingConfig(4, stop_at_eos=False), after_step)
     ops_per_step = Count.ops / 3
-    resident = generate(model, prompt, make_policy("resident"), SamplingConfig(steps, stop_at_eos=False))
+    resident = generate(model, prompt, make_policy("resident"), SamplingConfig(24, stop_at_eos=False))
     walls = sorted(r.times.wall_s for r in resident.steps[1:])
-    launch = walls[len(walls) // 2] / ops_per_step
-    infinigen = generate(model, prompt, make_policy("infinigen"), SamplingConfig(steps, stop_at_eos=False))
-    spec_times = sorted(phases["spec"] for r in infinigen.steps[1:] for layer, phases in r.times.layer_phases.items()
-                        if "spec" in phases)
-    return launch, spec_times[len(spec_times) // 2]
+    return walls[len(walls) // 2] / ops_per_step
+
+
+def _speculation(dev: torch.device, dt: torch.dtype, shapes: tuple[tuple[int, int], ...]
+                 ) -> list[tuple[float, float]]:
+    """(speculated scores, seconds) of one layer's InfiniGen speculation, run by the executor on a
+    narrow model (8 query heads) at (batch, prompt length) shapes: its fixed and size-dependent host
+    costs, without the projections of a real model (the simulator adds those from the roofline)."""
+    from executor.generate import SamplingConfig, generate
+    from executor.policies import make_policy
+
+    model = _tiny_model(8, dev, dt)
+    out = []
+    for batch, length in shapes:
+        prompts = [[1 + i % 250 for i in range(length)]] * batch
+        run = generate(model, prompts, make_policy("infinigen"), SamplingConfig(9, stop_at_eos=False))
+        times = sorted(phases["spec"] for r in run.steps[1:] for phases in r.times.layer_phases.values()
+                       if "spec" in phases)
+        out.append((float(batch * 8 * (length + 4)), times[len(times) // 2]))
+    return out
 
 
 def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, name: str | None = None,
@@ -260,9 +279,10 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     log(f"InfiniGen count-and-choose: {selection_per_score * 1e9:.2f} ns per speculated score")
     skew_row = _skew(measure, dev, repeats, 1024 if quick else 8192)
     log(f"skew build: {skew_row * 1e9:.1f} ns per query row")
-    launch, speculation_fixed = _executor_overheads(dev, dt)
-    log(f"executor overheads: {launch * 1e6:.1f} us per dispatched op, {speculation_fixed * 1e3:.3f} ms per "
-        "layer's speculation")
+    launch = _launch_overhead(dev, dt)
+    log(f"executor: {launch * 1e6:.1f} us per dispatched op")
+    speculation = _speculation(dev, dt, ((1, 64), (1, 512)) if quick else ((1, 64), (1, 1024), (4, 2048)))
+    log("InfiniGen speculation per layer: " + ", ".join(f"{int(n)} scores {t * 1e3:.3f} ms" for n, t in speculation))
 
     if cuda:
         props = torch.cuda.get_device_properties(dev)
@@ -274,7 +294,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         matmul_flops_fp32=max(p[1] for p in matmuls), memory_bandwidth=stream_bw, launch_overhead=launch,
         matmul_efficiency=1.0, bandwidth_efficiency=1.0, attention_efficiency=min(1.0, attention_bw / stream_bw),
         matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_sweep=tuple(prefill),
-        speculation_overhead=speculation_fixed,
+        speculation_sweep=tuple(speculation),
         selection_per_score=selection_per_score, skew_per_row=skew_row)
     top = sweep[-1]
     link = Link(name="PCIe (measured)" if cuda else "memcpy between buffers (measured)",

@@ -77,8 +77,9 @@ class Device:
     stream_sweep: tuple[tuple[float, float, float], ...] = ()  # (rows, inner size, B/s of weights): a grid
     # prompt attention with a causal mask, FLOP/s counting all T x T scores, by prompt length T
     prefill_attention_sweep: tuple[tuple[float, float], ...] = ()
-    speculation_overhead: float | None = _q("time", 0, 1.0, doc="InfiniGen's speculation per layer, fixed part",
-                                            optional=True)
+    # InfiniGen's speculation of one layer, measured on the executor's own code on a narrow model (so
+    # its projections cost nothing): seconds by speculated scores (batch x query heads x cached keys)
+    speculation_sweep: tuple[tuple[float, float], ...] = ()
     selection_per_score: float | None = _q("time", 0, 1e-3, doc="InfiniGen's count-and-choose per speculated score",
                                            optional=True)
     skew_per_row: float | None = _q("time", 0, 1e-3, doc="building InfiniGen's skew: per query row per KV head",
@@ -142,6 +143,8 @@ class Profile:
                                            self.device.matmul_sweep]
                 section["prefill_attention_sweep"] = [{"tokens": t, "flops": f} for t, f in
                                                       self.device.prefill_attention_sweep]
+                section["speculation_sweep"] = [{"scores": n, "seconds": t} for n, t in
+                                                self.device.speculation_sweep]
                 section["stream_sweep"] = [{"rows": s, "inner": a, "bandwidth": b} for s, a, b in
                                            self.device.stream_sweep]
             out[part] = {k: v for k, v in section.items() if v not in (None, [])}
@@ -164,6 +167,9 @@ def _section(cls: type, data: Any, path: Path, where: str) -> Any:
         raw, dimension = data[name], f.metadata.get("dimension")
         if name == "sweep":
             values[name] = _sweep(raw, path, f"{where}.sweep", ("bytes", "h2d", "d2h"), ("bytes", "bandwidth"))
+            continue
+        if name == "speculation_sweep":
+            values[name] = _sweep(raw, path, f"{where}.{name}", ("scores", "seconds"), ("number", "time"))
             continue
         if name == "prefill_attention_sweep":
             values[name] = _sweep(raw, path, f"{where}.{name}", ("tokens", "flops"), ("number", "flops"))

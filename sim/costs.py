@@ -162,8 +162,12 @@ class Costs:
         n_scores = self.batch * s.n_heads * n_keys
         per_score = d.selection_per_score if d.selection_per_score is not None else \
             SELECTION_BYTES_PER_SCORE / self.stream_bw
-        if d.speculation_overhead is not None:  # calibrated on the executor's own speculation
-            return Work(query + keys + n_scores * per_score + d.speculation_overhead)
+        sweep = d.speculation_sweep
+        if sweep:  # calibrated on the executor's own speculation; beyond the sweep, per score
+            last_n, last_s = sweep[-1]
+            measured = interpolate_log([p[0] for p in sweep], [p[1] for p in sweep], n_scores) \
+                if n_scores <= last_n else last_s + (n_scores - last_n) * per_score
+            return Work(query + keys + measured)
         return Work(query + keys + n_scores * per_score, SPEC_OPS[s.family])
 
     def h2o_update(self, n_kept: float) -> Work:

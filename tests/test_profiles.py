@@ -90,5 +90,5 @@ def test_quick_calibration_writes_a_loadable_profile(tmp_path, capsys):
     assert p.name == "this-box" and p.kind == "cpu" and p.synchronous
     d = p.device
     assert d.memory_bandwidth > 1e8 and d.launch_overhead > 0 and d.matmul_sweep and d.stream_sweep
-    assert d.selection_per_score > 0 and d.prefill_attention_sweep and p.link.sweep
+    assert d.selection_per_score > 0 and d.speculation_sweep and d.prefill_attention_sweep and p.link.sweep
     assert load_profile(write_profile(p, tmp_path / "again.yaml")).to_dict() == p.to_dict()

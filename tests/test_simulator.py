@@ -27,8 +27,8 @@ INSTANT = 1e30  # compute so fast it vanishes next to the copies
 def ideal_profile(bandwidth: float = 1e9, latency: float = 1e-5, duplex: bool = True, kind: str = "gpu") -> Profile:
     device = Device(name="ideal", memory=1e12, matmul_flops=INSTANT, matmul_flops_fp32=INSTANT,
                     memory_bandwidth=INSTANT, launch_overhead=0.0, matmul_efficiency=1.0, bandwidth_efficiency=1.0,
-                    attention_efficiency=1.0, prefill_attention_sweep=((1.0, INSTANT),), speculation_overhead=0.0,
-                    selection_per_score=0.0, skew_per_row=0.0)
+                    attention_efficiency=1.0, prefill_attention_sweep=((1.0, INSTANT),),
+                    speculation_sweep=((1.0, 0.0),), selection_per_score=0.0, skew_per_row=0.0)
     link = Link(name="test link", h2d_bandwidth=bandwidth, d2h_bandwidth=bandwidth, pageable_bandwidth=bandwidth,
                 latency=latency, duplex=duplex)
     host = Host(name="test host", cores=8, memory=1e12, memory_bandwidth=1e11, gather_bandwidth=1e9)
