@@ -13,6 +13,7 @@ executor's CPU path does: copies are memcpys, speculation runs on the compute th
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,14 +87,18 @@ class Stream:
 
     def __init__(self, env: simpy.Environment, name: str, engine: simpy.Resource | None, account: Account):
         self.env, self.name, self.engine, self.account = env, name, engine, account
-        self.queue: simpy.Store = simpy.Store(env)
+        self.queue: deque[tuple[list[tuple[str, int, float]], float, list[simpy.Event], simpy.Event]] = deque()
+        self.idle: simpy.Event | None = None  # set while the stream waits for work
         self.tail: simpy.Event | None = None
         env.process(self.run())
 
     def run(self) -> Generator[simpy.Event, Any, None]:
         env = self.env
         while True:
-            parts, issued, after, done = yield self.queue.get()
+            if not self.queue:
+                self.idle = env.event()
+                yield self.idle
+            parts, issued, after, done = self.queue.popleft()
             if issued > env.now:  # the host has not issued it yet
                 yield env.timeout(issued - env.now)
             ready = env.now
@@ -119,7 +124,10 @@ class Stream:
                ) -> simpy.Event:
         """Queue an op issued at time `issued`: parts are (phase, layer, seconds), run back to back."""
         done = self.env.event()
-        self.queue.put((parts, issued, after, done))
+        self.queue.append((parts, issued, after, done))
+        if self.idle is not None:
+            idle, self.idle = self.idle, None
+            idle.succeed()
         self.tail = done
         return done
 
