@@ -11,6 +11,7 @@ from infinisim import __version__
 from infinisim.errors import InfinisimError
 from infinisim.sim_commands import (
     add_calibrate_parser,
+    add_plan_parser,
     add_profiles_parser,
     add_replay_parser,
     add_simulate_parser,
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_validate_parser(sub)
     add_replay_parser(sub)
     add_simulate_parser(sub)
+    add_plan_parser(sub)
     add_calibrate_parser(sub)
     add_profiles_parser(sub)
     add_models_parser(sub)

@@ -361,3 +361,119 @@ def _run_for_validation(args: argparse.Namespace, out: Path, write_trace: Any) -
         print(f"  trace: {path}", file=sys.stderr)
         traces.append(trace)
     return traces
+
+
+# ------------------------------------------------------------------ plan
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="what-if sweep: which hardware, batch and budget meet a target", epilog=EPILOG,
+                       description="Simulate every combination of the given axes (or a YAML sweep file), flag "
+                                   "configs that do not fit in memory, and report the Pareto front of latency vs "
+                                   "throughput per hardware, the best config per hardware under a latency target, "
+                                   "and the largest batch that meets it. Runs over local processes (default), "
+                                   "serially, or on a Dask cluster; results are cached per config, so an "
+                                   "interrupted or repeated sweep resumes.")
+    p.add_argument("--sweep", help="YAML sweep file (axes: profiles, models, batches, prompt_lens, gen_lens, "
+                                   "policies; optional budgets, alphas, pool_capacities, dtype, fetch_fraction)")
+    p.add_argument("--profile", type=_names, help="profiles, comma-separated (default: all shipped)")
+    p.add_argument("--model", type=_names, help="named models, comma-separated")
+    p.add_argument("--batch", type=_int_list, help="batch sizes (default 1,2,4,8,16,32)")
+    p.add_argument("--prompt-len", type=_int_list, help="prompt lengths (default 2048)")
+    p.add_argument("--gen-len", type=_int_list, help="generated tokens (default 128)")
+    p.add_argument("--policy", type=_names, help="policies (default full,int4,h2o,infinigen)")
+    p.add_argument("--budget", type=_floats, help="infinigen/h2o budgets (default 0.2)")
+    p.add_argument("--alpha", type=_floats, help="infinigen alphas (with --from-trace; default 4)")
+    p.add_argument("--pool-capacity", type=_int_list, help="infinigen host pool capacities (default unbounded)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
+    share = p.add_mutually_exclusive_group()
+    share.add_argument("--fetch-fraction", type=float, help="infinigen: uncapped share of the cache per layer")
+    share.add_argument("--from-trace", help="infinigen: per-alpha shares from this infinigen trace")
+    p.add_argument("--target-ms", type=float, help="per-token (decode step) latency target in ms")
+    p.add_argument("--min-throughput", type=float, help="throughput floor in tokens/s")
+    p.add_argument("--out", default="plans/latest", help="folder for plan.csv, plan.parquet, cache (default "
+                                                         "plans/latest)")
+    p.add_argument("--cache", help="results cache (JSON lines; default OUT/cache.jsonl)")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--workers", type=_positive, help="local processes (default: one per core)")
+    run.add_argument("--serial", action="store_true", help="one config after another in this process")
+    run.add_argument("--scheduler", help="Dask scheduler address tcp://HOST:PORT ('local' starts a LocalCluster)")
+    p.add_argument("--json", action="store_true", help="print the best configs as JSON instead of a summary")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from analysis.planner import Sweep, best_under, largest_batch, load_sweep, pareto, run_sweep, write_table
+    from hwprofiles.profile import builtin_profiles
+
+    if args.sweep:
+        sweep = load_sweep(args.sweep)
+    else:
+        if not args.model:
+            raise InfinisimError("give --model (or a --sweep file)", field="--model")
+        sweep = Sweep(args.profile or list(builtin_profiles()), args.model, args.batch or [1, 2, 4, 8, 16, 32],
+                      args.prompt_len or [2048], args.gen_len or [128],
+                      args.policy or ["full", "int4", "h2o", "infinigen"])
+    for axis, value in (("budgets", args.budget), ("alphas", args.alpha), ("pool_capacities", args.pool_capacity),
+                        ("dtype", args.dtype), ("fetch_fraction", args.fetch_fraction)):
+        if value is not None:
+            setattr(sweep, axis, value)
+    if args.from_trace:
+        from sim.workload import fetched_fraction_per_layer
+        from traces.trace import read_trace
+
+        trace = read_trace(args.from_trace)
+        sweep.alpha_shares = tuple(float(np.nanmean(fetched_fraction_per_layer(trace, a))) for a in range(1, 10))
+    if "infinigen" in sweep.policies and sweep.fetch_fraction is None and sweep.alpha_shares is None:
+        raise InfinisimError("infinigen needs --fetch-fraction or --from-trace (a trace's within-alpha counts)",
+                             field="--fetch-fraction")
+    configs = sweep.configs()
+    out = Path(args.out)
+    sizes = ", ".join(f"{len(getattr(sweep, a))} {a}" for a in ("profiles", "models", "batches", "policies"))
+    print(f"{len(configs)} configs ({sizes}, ...)", file=sys.stderr)
+    with tqdm(total=len(configs), desc="plan", unit="config", file=sys.stderr, disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.n = done
+            bar.refresh()
+
+        rows = run_sweep(configs, args.cache or out / "cache.jsonl", args.workers, args.scheduler, args.serial,
+                         progress)
+    csv, parquet = write_table(rows, out)
+    fit = rows[rows["fits"]]
+    best = best_under(rows, args.target_ms, args.min_throughput)
+    if args.json:
+        print(best.to_json(orient="records"))
+        return 0
+    print(f"{len(rows)} configs: {len(fit)} fit, {len(rows) - len(fit)} do not")
+    if len(fit) < len(rows):
+        reasons = rows.loc[~rows["fits"], "does_not_fit"].str.split(":").str[0].value_counts()
+        print("  ran out of: " + ", ".join(f"{name} ({n})" for name, n in reasons.items()))
+    target = f"decode <= {args.target_ms:g} ms/step" if args.target_ms else "no latency target"
+    if args.min_throughput:
+        target += f", >= {args.min_throughput:g} tok/s"
+    print(f"\nbest per hardware ({target}):")
+    cols = ["profile", "model", "policy", "batch", "prompt_len", "budget", "decode_ms", "tokens_per_s", "device_gb"]
+    print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}") if not best.empty else "  none")
+    if args.target_ms:
+        biggest = largest_batch(rows, args.target_ms)
+        print(f"\nlargest batch meeting {args.target_ms:g} ms/step:")
+        print(biggest[["profile", "model", "policy", "prompt_len", "batch", "decode_ms", "tokens_per_s"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3g}") if not biggest.empty else "  none")
+    front = pareto(rows)
+    print(f"\nPareto front (latency vs throughput): {len(front)} configs over {front['profile'].nunique()} profiles")
+    print(f"\nwrote {csv} and {parquet}")
+    return 0

@@ -2,10 +2,10 @@
 
 Entities mirror the executor: the host (Python) thread issues kernels, paying a launch overhead
 each, and blocks where the executor synchronises (speculated indices to the CPU, H2O's kept set,
-the sampled token); a compute stream and a speculation stream share the GPU; host->device and
-device->host copy engines share the link (one engine for both directions when the link is not
-duplex); host gathers run on the host thread. Each stream runs its ops in issue order, each op
-once the events it waits for have happened, like a CUDA stream.
+the sampled token); a compute stream and a speculation stream (independent engines here; on a
+real GPU they share the SMs); host->device and device->host copy engines (one engine for both
+directions when the link is not duplex); host gathers run on the host thread. Each stream runs
+its ops in issue order, each op once the events it waits for have happened, like a CUDA stream.
 
 On a CPU-only profile everything is one engine and the host waits for each op, as the
 executor's CPU path does: copies are memcpys, speculation runs on the compute thread.
