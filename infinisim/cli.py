@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from infinisim import __version__
+from infinisim.argtypes import positive
 from infinisim.errors import InfinisimError
 from infinisim.sim_commands import (
     add_calibrate_parser,
@@ -19,13 +20,6 @@ from infinisim.sim_commands import (
 )
 
 EPILOG = "Docs: README.md and docs/ in the source tree. Errors exit with status 1, usage errors with 2."
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,11 +36,11 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (every sequence of the batch gets it)")
     src.add_argument("--prompt-file", help="file whose text is the prompt")
-    src.add_argument("--prompt-len", type=_positive,
+    src.add_argument("--prompt-len", type=positive,
                      help="prompt of N tokens drawn from Python's bundled documentation text, a different "
                           "window per sequence (default when no prompt is given: 2048)")
-    p.add_argument("--batch", type=_positive, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--gen-len", type=_positive, default=32, help="new tokens per sequence (default 32)")
+    p.add_argument("--batch", type=positive, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--gen-len", type=positive, default=32, help="new tokens per sequence (default 32)")
     p.add_argument("--policy", default="resident",
                    help="KV policy, or several separated by commas, run one after another on the same "
                         "model and prompts (resident, full, infinigen, oracle, h2o, int4; default resident)")
@@ -62,13 +56,13 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                        help="infinigen/oracle: leading layers that fetch fully instead of speculating (default 1)")
     knobs.add_argument("--gqa-combine", choices=["softmax_sum", "max"],
                        help="infinigen: how query heads sharing a KV head vote (default softmax_sum)")
-    knobs.add_argument("--pool-capacity", type=_positive,
+    knobs.add_argument("--pool-capacity", type=positive,
                        help="infinigen/oracle: host KV pool capacity in tokens per sequence (default unbounded)")
     knobs.add_argument("--eviction", choices=["counter", "lru", "fifo"],
                        help="infinigen/oracle: which token leaves a full pool (default counter, the paper's)")
     knobs.add_argument("--recent-ratio", type=float,
                        help="h2o: share of the budget kept for the most recent tokens (default 0.5)")
-    knobs.add_argument("--group-size", type=_positive, help="int4: values per quantization group (default 64)")
+    knobs.add_argument("--group-size", type=positive, help="int4: values per quantization group (default 64)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
@@ -83,7 +77,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--record-selection", action="store_true",
                    help="write the token positions each selecting layer fetched, per sequence and KV head, into "
                         "the trace (column `selected`, gap-coded; larger traces)")
-    p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=positive, help="CPU threads for torch (default: torch's choice)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--trace", help="trace file to write (one policy only)")
     out.add_argument("--out", default="runs", help="folder for the traces (default runs/)")

@@ -8,26 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from infinisim.argtypes import int_list, positive
 from infinisim.errors import InfinisimError
 
 EPILOG = "Docs: docs/SIMULATOR.md. Errors exit with status 1, usage errors with 2."
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive whole numbers, got {text!r}")
-    return values
 
 
 def _write_json(data: Any, path: str | Path) -> Path:
@@ -204,9 +188,9 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
                                    "from a speculating trace's within-alpha counts (--from-trace) at --alpha.")
     p.add_argument("--model", required=True, help="named architecture (`infinisim models`)")
     p.add_argument("--profile", required=True, help="a shipped profile's name or a YAML file")
-    p.add_argument("--batch", type=_int_list, default=[1], help="batch size, or several: 4,8,12 (default 1)")
-    p.add_argument("--prompt-len", type=_int_list, default=[1920], help="prompt tokens, or several (default 1920)")
-    p.add_argument("--gen-len", type=_positive, default=128, help="generated tokens per sequence (default 128)")
+    p.add_argument("--batch", type=int_list, default=[1], help="batch size, or several: 4,8,12 (default 1)")
+    p.add_argument("--prompt-len", type=int_list, default=[1920], help="prompt tokens, or several (default 1920)")
+    p.add_argument("--gen-len", type=positive, default=128, help="generated tokens per sequence (default 128)")
     p.add_argument("--policy", default="full", help="resident, full, infinigen, h2o, int4, or several with commas")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     knobs = p.add_argument_group("policy knobs")
@@ -215,7 +199,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
                                                    "the trace's)")
     knobs.add_argument("--partial-ratio", type=float, help="infinigen: partial weight ratio (default 0.3)")
     knobs.add_argument("--dense-layers", type=int, help="infinigen: leading layers fetched whole (default 1)")
-    knobs.add_argument("--pool-capacity", type=_positive, help="infinigen: host pool tokens per sequence")
+    knobs.add_argument("--pool-capacity", type=positive, help="infinigen: host pool tokens per sequence")
     share = knobs.add_mutually_exclusive_group()
     share.add_argument("--fetch-fraction", type=float, help="infinigen: uncapped share of the cache each layer wants")
     share.add_argument("--from-trace", help="infinigen: take each layer's share from this infinigen trace")
@@ -265,9 +249,9 @@ def add_validate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help="profile to replay on (default: calibrate this machine first)")
     p.add_argument("--policy", default="resident,full,infinigen", help="policies to run (default resident,full,"
                                                                        "infinigen)")
-    p.add_argument("--batch", type=_positive, default=1)
-    p.add_argument("--prompt-len", type=_positive, default=1024)
-    p.add_argument("--gen-len", type=_positive, default=32)
+    p.add_argument("--batch", type=positive, default=1)
+    p.add_argument("--prompt-len", type=positive, default=1024)
+    p.add_argument("--gen-len", type=positive, default=32)
     p.add_argument("--model", default="smollm2-135m", help="named architecture or model file (default: embedded)")
     p.add_argument("--random-weights", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"])
@@ -389,13 +373,13 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                                    "policies; optional budgets, alphas, pool_capacities, dtype, fetch_fraction)")
     p.add_argument("--profile", type=_names, help="profiles, comma-separated (default: all shipped)")
     p.add_argument("--model", type=_names, help="named models, comma-separated")
-    p.add_argument("--batch", type=_int_list, help="batch sizes (default 1,2,4,8,16,32)")
-    p.add_argument("--prompt-len", type=_int_list, help="prompt lengths (default 2048)")
-    p.add_argument("--gen-len", type=_int_list, help="generated tokens (default 128)")
+    p.add_argument("--batch", type=int_list, help="batch sizes (default 1,2,4,8,16,32)")
+    p.add_argument("--prompt-len", type=int_list, help="prompt lengths (default 2048)")
+    p.add_argument("--gen-len", type=int_list, help="generated tokens (default 128)")
     p.add_argument("--policy", type=_names, help="policies (default full,int4,h2o,infinigen)")
     p.add_argument("--budget", type=_floats, help="infinigen/h2o budgets (default 0.2)")
     p.add_argument("--alpha", type=_floats, help="infinigen alphas (with --from-trace; default 4)")
-    p.add_argument("--pool-capacity", type=_int_list, help="infinigen host pool capacities (default unbounded)")
+    p.add_argument("--pool-capacity", type=int_list, help="infinigen host pool capacities (default unbounded)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
     share = p.add_mutually_exclusive_group()
     share.add_argument("--fetch-fraction", type=float, help="infinigen: uncapped share of the cache per layer")
@@ -406,7 +390,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                                                          "plans/latest)")
     p.add_argument("--cache", help="results cache (JSON lines; default OUT/cache.jsonl)")
     run = p.add_mutually_exclusive_group()
-    run.add_argument("--workers", type=_positive, help="local processes (default: one per core)")
+    run.add_argument("--workers", type=positive, help="local processes (default: one per core)")
     run.add_argument("--serial", action="store_true", help="one config after another in this process")
     run.add_argument("--scheduler", help="Dask scheduler address tcp://HOST:PORT ('local' starts a LocalCluster)")
     p.add_argument("--json", action="store_true", help="print the best configs as JSON instead of a summary")
