@@ -445,7 +445,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{len(rows)} configs: {len(fit)} fit, {len(rows) - len(fit)} do not")
     if len(fit) < len(rows):
         reasons = rows.loc[~rows["fits"], "does_not_fit"].str.split(":").str[0].value_counts()
-        print("  ran out of: " + ", ".join(f"{name} ({n})" for name, n in reasons.items()))
+        print("  why: " + ", ".join(f"{name} ({n})" for name, n in reasons.items())
+              + "  (details in the table's does_not_fit column)")
     target = f"decode <= {args.target_ms:g} ms/step" if args.target_ms else "no latency target"
     if args.min_throughput:
         target += f", >= {args.min_throughput:g} tok/s"
