@@ -159,10 +159,10 @@ def _prefill_attention(measure: Measure, dt: torch.dtype, dev: torch.device, rep
     return 4.0 * b * heads * length * length * d / seconds
 
 
-def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[int, int, int]
-               ) -> tuple[float, float]:
-    """InfiniGen's count-and-choose (executor.selection.choose_rows, the policy's own code): its
-    fixed cost (a tiny case) and its cost per speculated score (from a large case)."""
+def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[int, int, int]) -> float:
+    """InfiniGen's count-and-choose (executor.selection.choose_rows, the policy's own code): its cost
+    per speculated score, from a tiny and a large case (the simulator extrapolates the measured
+    speculation sweep with it)."""
     from executor.selection import choose_rows
 
     def seconds(b: int, h: int, length: int) -> float:
@@ -174,7 +174,7 @@ def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[i
     small = (1, 8, 64)
     fixed, big = seconds(*small), seconds(*large)
     n_small, n_large = small[0] * small[1] * small[2], large[0] * large[1] * large[2]
-    return fixed, max(big - fixed, 0.0) / (n_large - n_small)
+    return max(big - fixed, 0.0) / (n_large - n_small)
 
 
 def _skew(measure: Measure, dev: torch.device, repeats: int, rows: int) -> float:
@@ -275,7 +275,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
                for t in ((128, 512) if quick else (256, 1024, 4096))]
     log("prompt attention with a causal mask: " + ", ".join(f"{int(t)} tokens {f / 1e12:.3f}" for t, f in prefill)
         + " TFLOP/s")
-    _, selection_per_score = _selection(measure, dev, repeats, (2, 8, 1024) if quick else (8, 32, 4096))
+    selection_per_score = _selection(measure, dev, repeats, (2, 8, 1024) if quick else (8, 32, 4096))
     log(f"InfiniGen count-and-choose: {selection_per_score * 1e9:.2f} ns per speculated score")
     skew_row = _skew(measure, dev, repeats, 1024 if quick else 8192)
     log(f"skew build: {skew_row * 1e9:.1f} ns per query row")

@@ -27,8 +27,7 @@ FFN_OPS = {"llama": 14, "opt": 5}
 EMBED_OPS = {"llama": 7, "opt": 4}
 HEAD_OPS = {"llama": 21, "opt": 14}  # final norm, output projection, sampling, per-step bookkeeping
 LAYER_HOST_OPS = {"resident": 3, "full": 7, "int4": 13, "h2o": 14, "infinigen": 14, "oracle": 14}
-SPEC_OPS = {"llama": 83, "opt": 61}  # per speculating layer, of which SELECTION_OPS count and choose
-SELECTION_OPS = 44
+SPEC_OPS = {"llama": 83, "opt": 61}  # per speculating layer (uncalibrated profiles)
 SELECTED_ATTEND_OPS = 9  # concatenating the fetched rows with the newest, the per-head mask
 H2O_UPDATE_OPS = 46
 INT4_OPS = 68  # quantizing the new row, dequantizing the fetched cache
@@ -152,7 +151,7 @@ class Costs:
         and the rotation; OPT: the folded partial weight), scores against the partial key cache,
         counting within alpha and choosing the top rows per KV head."""
         s = self.spec
-        r = max(1, min(s.head_dim, round(partial_ratio * s.head_dim)))
+        r = partial_width(partial_ratio, s.head_dim)
         if s.family == "opt":
             query = self.linear(s.hidden, s.n_heads * r)
         else:
@@ -229,6 +228,11 @@ class Costs:
     def gather(self, nbytes: float) -> Work:
         """Host gather of scattered KV rows into the staging buffer."""
         return Work(nbytes / self.profile.host.gather_bandwidth if nbytes > 0 else 0.0, GATHER_OPS)
+
+
+def partial_width(ratio: float, head_dim: int) -> int:
+    """Columns of InfiniGen's partial query and key (executor.selection.partial_count, without torch)."""
+    return max(1, min(head_dim, round(ratio * head_dim)))
 
 
 def interpolate_log(sizes: list[float], values: list[float], size: float) -> float:

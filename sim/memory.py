@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from hwprofiles.profile import Profile
+from sim.costs import partial_width
 from sim.workload import OFFLOADED, Workload, row_bytes
 from traces.spec import DTYPE_BYTES
 
@@ -71,7 +72,7 @@ def memory_plan(w: Workload, profile: Profile) -> MemoryPlan:
             device["fetch slots (two layers)"] = 2 * slot
             host["gather staging"] = 2 * slot
         if w.policy in ("infinigen", "oracle"):
-            r = max(1, min(d, round(float(w.knobs.get("partial_ratio", 0.3)) * d)))
+            r = partial_width(float(w.knobs.get("partial_ratio", 0.3)), d)
             device["partial key cache"] = float(n * b * g * cap * r * e)
         if w.policy == "h2o":
             device["accumulated scores"] = float(n * b * g * cap * 4)
