@@ -9,6 +9,7 @@ in an append-only JSON-lines file, so an interrupted or repeated sweep resumes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -135,9 +136,15 @@ def _axis_value(axis: str, item: Any, path: Path) -> Any:
     return float(item)
 
 
+@functools.lru_cache(maxsize=64)
+def _profile(name: str) -> Any:
+    from hwprofiles.profile import load_profile
+
+    return load_profile(name)  # parsed once per process, not once per config
+
+
 def evaluate(config: Config) -> dict[str, Any]:
     """Simulate one config (or say why it does not fit). Pure: the same config, the same row."""
-    from hwprofiles.profile import load_profile
     from sim.engine import simulate
     from sim.memory import memory_plan
     from sim.workload import synthetic
@@ -145,7 +152,7 @@ def evaluate(config: Config) -> dict[str, Any]:
 
     row: dict[str, Any] = {"key": config.key(), **{k: v for k, v in asdict(config).items() if k != "alpha_shares"}}
     try:
-        profile, spec = load_profile(config.profile), named_model(config.model)
+        profile, spec = _profile(config.profile), named_model(config.model)
         knobs: dict[str, Any] = {}
         if config.policy in ("infinigen", "h2o") and config.budget is not None:
             knobs["budget"] = config.budget
