@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from infinisim.errors import InfinisimError
+from infinisim.files import read_yaml
 
 AXES = ("profiles", "models", "batches", "prompt_lens", "gen_lens", "policies", "budgets", "alphas",
         "pool_capacities")
@@ -85,12 +85,7 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.exists():
         raise InfinisimError("no such sweep file", path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise InfinisimError(f"malformed YAML ({getattr(exc, 'problem', exc)})", path,
-                             f"line {mark.line + 1}" if mark else "yaml") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise InfinisimError("a sweep file must be a YAML mapping of axes", path)
     known = {f.name for f in fields(Sweep)}

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from infinisim.errors import InfinisimError
+from infinisim.files import read_yaml, write_text_atomic
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data"
 
@@ -288,22 +289,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
         path = shipped[str(name_or_path)]
     if not path.exists():
         raise InfinisimError(f"no such profile (shipped: {', '.join(shipped)}; or give a YAML file)", name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "yaml"
-        raise InfinisimError(f"malformed YAML ({getattr(exc, 'problem', exc)})", path, where) from None
-    except UnicodeDecodeError:
-        raise InfinisimError("not a text file", path) from None
-    return profile_from_dict(data, path)
+    return profile_from_dict(read_yaml(path), path)
 
 
 def write_profile(profile: Profile, path: str | Path) -> Path:
     """Atomic write (temp + rename), like traces: an interrupted calibrate leaves no half profile."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(profile.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(profile.to_dict(), sort_keys=False))

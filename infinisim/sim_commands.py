@@ -10,17 +10,13 @@ from typing import Any
 
 from infinisim.argtypes import int_list, positive
 from infinisim.errors import InfinisimError
+from infinisim.files import write_text_atomic
 
 EPILOG = "Docs: docs/SIMULATOR.md. Errors exit with status 1, usage errors with 2."
 
 
 def _write_json(data: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=1, default=float))
 
 
 # ------------------------------------------------------------------ profiles
