@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from infinisim import __version__
-from infinisim.argtypes import positive
+from infinisim.argtypes import policy_names, positive
 from infinisim.errors import InfinisimError
 from infinisim.sim_commands import (
     add_calibrate_parser,
@@ -97,11 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from traces.summary import summarize
     from traces.trace import write_trace
 
-    policies = [name.strip() for name in args.policy.split(",") if name.strip()]
-    unknown = [name for name in policies if name not in POLICIES]
-    if unknown or not policies:
-        raise InfinisimError(f"unknown policy {unknown[0] if unknown else '(none)'!r} "
-                             f"(choose from {', '.join(POLICIES)})", field="--policy")
+    policies = policy_names(args.policy, POLICIES)
     if args.trace and len(policies) > 1:
         raise InfinisimError("--trace names one file; with several policies use --out", field="--trace")
     if args.threads:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infinisim.argtypes import int_list, positive
+from infinisim.argtypes import floats, int_list, names, policy_names, positive
 from infinisim.errors import InfinisimError
 from infinisim.files import write_text_atomic
 
@@ -204,6 +204,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from hwprofiles.profile import load_profile
     from sim.workload import fetched_fraction_per_layer, synthetic
     from traces.spec import named_model
@@ -211,14 +213,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile)
     spec = named_model(args.model)
-    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    policies = names(args.policy)
     fraction: Any = args.fetch_fraction
     if args.from_trace:
         trace = read_trace(args.from_trace)
         alpha = args.alpha if args.alpha is not None else trace.run["policy_knobs"].get("alpha", 5)
         fraction = fetched_fraction_per_layer(trace, alpha)
         if len(fraction) != spec.n_layers:  # another model: its layers take the trace's mean share
-            fraction = float(fraction[~(fraction != fraction)].mean())
+            fraction = float(np.nanmean(fraction))
     knobs = {"budget": args.budget, "partial_ratio": args.partial_ratio, "dense_layers": args.dense_layers,
              "pool_capacity": args.pool_capacity}
     workloads = []
@@ -320,17 +322,13 @@ def _run_for_validation(args: argparse.Namespace, out: Path, write_trace: Any) -
     from executor.prompts import bundled_prompts
     from executor.recording import run_policy
 
-    names = [p.strip() for p in args.policy.split(",") if p.strip()]
-    unknown = [name for name in names if name not in POLICIES]
-    if unknown or not names:
-        raise InfinisimError(f"unknown policy {unknown[0] if unknown else '(none)'!r} "
-                             f"(choose from {', '.join(POLICIES)})", field="--policy")
+    chosen = policy_names(args.policy, POLICIES)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, args.dtype, device, args.random_weights)
     prompts = bundled_prompts(loaded.tokenizer, args.batch, args.prompt_len, loaded.model.spec.vocab_size)
     sampling = SamplingConfig(args.gen_len, stop_at_eos=False)
     traces = []
-    for name in names:
+    for name in chosen:
         print(f"[{name}] running {args.batch} x {args.prompt_len} tokens, {args.gen_len} new ...", file=sys.stderr,
               flush=True)
         _, trace = run_policy(loaded.model, prompts, name, sampling,
@@ -346,17 +344,6 @@ def _run_for_validation(args: argparse.Namespace, out: Path, write_trace: Any) -
 # ------------------------------------------------------------------ plan
 
 
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in _names(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-
-
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="what-if sweep: which hardware, batch and budget meet a target", epilog=EPILOG,
                        description="Simulate every combination of the given axes (or a YAML sweep file), flag "
@@ -367,14 +354,14 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                                    "interrupted or repeated sweep resumes.")
     p.add_argument("--sweep", help="YAML sweep file (axes: profiles, models, batches, prompt_lens, gen_lens, "
                                    "policies; optional budgets, alphas, pool_capacities, dtype, fetch_fraction)")
-    p.add_argument("--profile", type=_names, help="profiles, comma-separated (default: all shipped)")
-    p.add_argument("--model", type=_names, help="named models, comma-separated")
+    p.add_argument("--profile", type=names, help="profiles, comma-separated (default: all shipped)")
+    p.add_argument("--model", type=names, help="named models, comma-separated")
     p.add_argument("--batch", type=int_list, help="batch sizes (default 1,2,4,8,16,32)")
     p.add_argument("--prompt-len", type=int_list, help="prompt lengths (default 2048)")
     p.add_argument("--gen-len", type=int_list, help="generated tokens (default 128)")
-    p.add_argument("--policy", type=_names, help="policies (default full,int4,h2o,infinigen)")
-    p.add_argument("--budget", type=_floats, help="infinigen/h2o budgets (default 0.2)")
-    p.add_argument("--alpha", type=_floats, help="infinigen alphas (with --from-trace; default 4)")
+    p.add_argument("--policy", type=names, help="policies (default full,int4,h2o,infinigen)")
+    p.add_argument("--budget", type=floats, help="infinigen/h2o budgets (default 0.2)")
+    p.add_argument("--alpha", type=floats, help="infinigen alphas (with --from-trace; default 4)")
     p.add_argument("--pool-capacity", type=int_list, help="infinigen host pool capacities (default unbounded)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
     share = p.add_mutually_exclusive_group()
