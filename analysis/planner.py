@@ -44,6 +44,7 @@ class Config:
     dtype: str = "float16"
     fetch_fraction: float | None = None  # infinigen: uncapped share each speculating layer wants
     alpha_shares: tuple[float, ...] | None = None  # infinigen: share per alpha 1..9 (from a trace)
+    partial_ratio: float | None = None  # infinigen: partial weight ratio (None: the policy's default)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
@@ -142,7 +143,7 @@ def evaluate(config: Config) -> dict[str, Any]:
     """Simulate one config (or say why it does not fit). Pure: the same config, the same row."""
     from sim.engine import simulate
     from sim.memory import memory_plan
-    from sim.workload import synthetic
+    from sim.workload import selected_share, synthetic
     from traces.spec import named_model
 
     row: dict[str, Any] = {"key": config.key(), **{k: v for k, v in asdict(config).items() if k != "alpha_shares"}}
@@ -152,7 +153,7 @@ def evaluate(config: Config) -> dict[str, Any]:
         if config.policy in ("infinigen", "h2o") and config.budget is not None:
             knobs["budget"] = config.budget
         if config.policy == "infinigen":
-            knobs["pool_capacity"] = config.pool_capacity
+            knobs.update(pool_capacity=config.pool_capacity, partial_ratio=config.partial_ratio)
         share: Any = None
         if config.policy == "infinigen":
             share = config.fetch_fraction
@@ -164,13 +165,14 @@ def evaluate(config: Config) -> dict[str, Any]:
     except InfinisimError as exc:
         return {**row, "fits": False, "does_not_fit": f"invalid: {exc}"}
     plan = memory_plan(w, profile)
-    row.update(device_gb=plan.device_bytes / 1e9, host_gb=plan.host_bytes / 1e9)
+    row.update(device_gb=plan.device_bytes / 1e9, host_gb=plan.host_bytes / 1e9, fetched_fraction=selected_share(w))
     if plan.problem is not None:
         return {**row, "fits": False, "does_not_fit": plan.problem}
     s = simulate(w, profile).summary()
     return {**row, "fits": True, "does_not_fit": "", "prefill_s": s["prefill_s"],
             "decode_ms": s["decode_ms_mean"], "total_s": s["total_s"], "tokens_per_s": s["tokens_per_s"],
-            "link_utilisation": s["link_utilisation"]}
+            "link_utilisation": s["link_utilisation"],
+            **{f"{name}_ms": ms for name, ms in s["decode_phase_ms"].items()}}
 
 
 def _read_cache(path: Path) -> dict[str, dict[str, Any]]:

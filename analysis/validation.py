@@ -6,6 +6,7 @@ is the replay of that trace's workload on a profile. Errors are relative to the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,26 +84,9 @@ def relative(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def plot_steps(comparisons: list[dict[str, Any]], path: str) -> str:
-    """Predicted vs measured decode latency per step, one panel per run."""
-    import matplotlib
+def plot_steps(comparisons: list[dict[str, Any]], path: str, ran: str = "infinisim validate") -> str:
+    """Predicted vs measured decode latency per step, one panel per run, as a PNG file."""
+    from analysis.figures import validation_steps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(comparisons)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
-    for ax, c in zip(axes[0], comparisons, strict=True):
-        steps = np.arange(1, len(c["per_step_ms"]["measured"]) + 1)
-        ax.plot(steps, c["per_step_ms"]["measured"], "o-", ms=3, label="measured")
-        ax.plot(steps, c["per_step_ms"]["predicted"], "s--", ms=3, label="predicted")
-        ax.set_title(f"{c['policy']} b{c['batch']} p{c['prompt_len']}\nMAPE {c['step']['mape']:.1f}%", fontsize=9)
-        ax.set_xlabel("decode step")
-        ax.set_ylabel("ms")
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"infinisim validate: {comparisons[0]['model']} on {comparisons[0]['profile']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    Path(path).write_bytes(validation_steps(comparisons, Path(path).stem, ran).png)
     return path

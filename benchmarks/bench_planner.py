@@ -1,6 +1,6 @@
-"""Planner throughput: a ~10,000-config sweep, serially and over local processes.
+"""Planner throughput: a 10,880-config sweep, serially and over local processes.
 
-8 profiles x 4 models x 5 batch sizes x 4 prompt lengths x 5 policies (6 budgets for h2o and
+8 profiles x 4 models x 5 batch sizes x 4 prompt lengths x 5 policies (7 budgets for h2o and
 infinigen), 4 generated tokens each (short generations keep the benchmark to minutes; the cost
 per config grows with steps x layers). No cache, so both runs compute everything; their tables
 must be identical.
@@ -29,7 +29,7 @@ def main() -> int:
 
     sweep = Sweep(list(builtin_profiles()), ["opt-6.7b", "opt-13b", "llama-3-8b", "mistral-7b"], [1, 4, 8, 16, 32],
                   [512, 1024, 1536, 1920], [args.gen_len], ["resident", "full", "int4", "h2o", "infinigen"],
-                  budgets=[0.05, 0.1, 0.15, 0.2, 0.3, 0.5], fetch_fraction=0.1)
+                  budgets=[0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5], fetch_fraction=0.1)
     configs = sweep.configs()
     print(f"{len(configs)} configs", file=sys.stderr)
     timings = {}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from infinisim import __version__
 from infinisim.argtypes import policy_names, positive
 from infinisim.errors import InfinisimError
+from infinisim.report_commands import add_report_parser, add_reproduce_parser
 from infinisim.sim_commands import (
     add_calibrate_parser,
     add_plan_parser,
@@ -237,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_parser(sub)
     add_simulate_parser(sub)
     add_plan_parser(sub)
+    add_report_parser(sub)
+    add_reproduce_parser(sub)
     add_calibrate_parser(sub)
     add_profiles_parser(sub)
     add_models_parser(sub)
@@ -245,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["infinisim", *(sys.argv[1:] if argv is None else argv)])  # for provenance
     try:
         return args.func(args)
     except InfinisimError as exc:

@@ -289,9 +289,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         workload = from_trace(trace)
         comparisons.append(compare(workload, simulate(workload, profile)))
     ratios = relative(comparisons)
-    _write_json({"comparisons": comparisons, "relative": ratios, "profile": profile.to_dict()},
-                out / "validation.json")
-    plot = plot_steps(comparisons, str(out / "validation.png"))
+    _write_json({"command": args.command_line, "comparisons": comparisons, "relative": ratios,
+                 "profile": profile.to_dict()}, out / "validation.json")
+    plot = plot_steps(comparisons, str(out / "validation.png"), args.command_line)
     if args.json:
         print(json.dumps({"comparisons": comparisons, "relative": ratios}, indent=1, default=float))
     else:
@@ -367,6 +367,10 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     share = p.add_mutually_exclusive_group()
     share.add_argument("--fetch-fraction", type=float, help="infinigen: uncapped share of the cache per layer")
     share.add_argument("--from-trace", help="infinigen: per-alpha shares from this infinigen trace")
+    p.add_argument("--quality", nargs="+", metavar="TRACE",
+                   help="quality traces (`infinisim run --quality`) of the policies planned: the table gets the "
+                        "recall, top-k overlap and perplexity ratio to expect at each config's fetched share, "
+                        "interpolated between the measured shares (blank outside them)")
     p.add_argument("--target-ms", type=float, help="per-token (decode step) latency target in ms")
     p.add_argument("--min-throughput", type=float, help="throughput floor in tokens/s")
     p.add_argument("--out", default="plans/latest", help="folder for plan.csv, plan.parquet, cache (default "
@@ -384,6 +388,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from analysis.accuracy import add_expected_accuracy, quality_points
     from analysis.planner import Sweep, best_under, largest_batch, load_sweep, pareto, run_sweep, write_table
     from hwprofiles.profile import builtin_profiles
 
@@ -419,7 +424,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         rows = run_sweep(configs, args.cache or out / "cache.jsonl", args.workers, args.scheduler, args.serial,
                          progress)
+    if args.quality:
+        rows = add_expected_accuracy(rows, quality_points(args.quality))
     csv, parquet = write_table(rows, out)
+    _write_json({"command": args.command_line, "target_ms": args.target_ms, "min_throughput": args.min_throughput,
+                 "quality": args.quality or []}, out / "plan.json")
     fit = rows[rows["fits"]]
     best = best_under(rows, args.target_ms, args.min_throughput)
     if args.json:
@@ -435,6 +444,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         target += f", >= {args.min_throughput:g} tok/s"
     print(f"\nbest per hardware ({target}):")
     cols = ["profile", "model", "policy", "batch", "prompt_len", "budget", "decode_ms", "tokens_per_s", "device_gb"]
+    if args.quality:
+        cols += ["fetched_fraction", "expected_recall", "expected_ppl_ratio"]
     print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}") if not best.empty else "  none")
     if args.target_ms:
         biggest = largest_batch(rows, args.target_ms)
@@ -443,5 +454,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             index=False, float_format=lambda v: f"{v:.3g}") if not biggest.empty else "  none")
     front = pareto(rows)
     print(f"\nPareto front (latency vs throughput): {len(front)} configs over {front['profile'].nunique()} profiles")
+    if args.quality:
+        print("\n(expected_recall / expected_ppl_ratio: measured on the --quality traces' model and prompt at the same "
+              "fetched share; blank where no trace brackets the share)")
     print(f"\nwrote {csv} and {parquet}")
     return 0

@@ -56,6 +56,19 @@ class Workload:
         return True  # the executor pins host KV whenever a GPU is present
 
 
+def selected_share(w: Workload) -> float:
+    """Mean share of its cached tokens a selecting layer fetches per decode step: what accuracy
+    depends on. 1 for policies that fetch or keep the whole cache (int4: whole but quantized)."""
+    if w.policy in ("infinigen", "oracle"):
+        layers = w.speculating
+    elif w.policy == "h2o":
+        layers = np.ones(w.spec.n_layers, dtype=bool)
+    else:
+        return 1.0
+    cached = (w.kv_len - 1).clip(min=1)
+    return float((w.fetched / cached)[:, layers].mean()) if layers.any() else 1.0
+
+
 def row_bytes(spec: ModelSpec, dtype: str, batch: int, policy: str, group_size: int = 64) -> int:
     """Bytes of one position of one layer's K and V for the batch, as the policy stores them."""
     d = spec.head_dim

@@ -1,0 +1,77 @@
+"""What accuracy to expect at a fetched share, from measured quality traces.
+
+A quality trace (`infinisim run --quality`) measures, for one policy at one setting, the share of
+the cache a selecting layer fetched, the recall of exact attention mass, the top-k overlap and the
+teacher-forced perplexity. Here they become points per policy; the planner reads the accuracy at
+a config's share off them by linear interpolation, and only inside the measured range: outside it
+there is no honest number to give.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from infinisim.errors import InfinisimError
+from traces.summary import quality
+from traces.trace import read_trace
+
+DENSE = ("resident", "full")  # attend over the whole cache in full precision: the reference
+
+
+def quality_points(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per quality trace: policy, fetched share, recall, top-k overlap, perplexity and the
+    perplexity relative to a dense trace of the same model and prompt (when one is among them)."""
+    rows = []
+    for path in paths:
+        trace = read_trace(path)
+        if not trace.run.get("quality"):
+            raise InfinisimError("not a quality trace (run it with `infinisim run --quality`)", path, "run.quality")
+        q = quality(trace)
+        policy = trace.run["policy"]
+        share = 1.0 if policy in (*DENSE, "int4") else q["selected_fraction"]
+        rows.append({"policy": policy, "model": trace.model.name, "prompt": tuple(trace.run["prompt_lens"]),
+                     "fetched_fraction": share, "recall": 1.0 if policy in DENSE else q["recall"],
+                     "topk_overlap": 1.0 if policy in DENSE else q["topk_overlap"], "perplexity": q["perplexity"],
+                     "knobs": trace.run.get("policy_knobs", {}), "source": str(path)})
+    points = pd.DataFrame(rows, columns=["policy", "model", "prompt", "fetched_fraction", "recall", "topk_overlap",
+                                         "perplexity", "knobs", "source"])
+    dense = points[points["policy"].isin(DENSE)].drop_duplicates(["model", "prompt"]).set_index(["model", "prompt"])
+    points["perplexity_ratio"] = [
+        row.perplexity / dense.loc[(row.model, row.prompt), "perplexity"] if (row.model, row.prompt) in dense.index
+        else np.nan for row in points.itertuples()]
+    return points.sort_values(["policy", "fetched_fraction"]).reset_index(drop=True)
+
+
+def expected(points: pd.DataFrame, policy: str, fraction: float) -> dict[str, Any]:
+    """Recall, top-k overlap and perplexity ratio at `fraction`, interpolated between the policy's
+    measured points; NaN where no point brackets it (within 1% of the share counts as measured).
+    Dense policies (resident, full) are exact: 1, 1, 1."""
+    if policy in DENSE:  # exact attention over the whole cache: nothing to lose, by definition
+        return {"expected_recall": 1.0, "expected_topk": 1.0, "expected_ppl_ratio": 1.0}
+    mine = points[(points["policy"] == policy) & points["fetched_fraction"].notna()]
+    out = {"expected_recall": np.nan, "expected_topk": np.nan, "expected_ppl_ratio": np.nan}
+    if mine.empty or not np.isfinite(fraction):
+        return out
+    mine = mine.groupby("fetched_fraction", as_index=False)[["recall", "topk_overlap", "perplexity_ratio"]].mean()
+    x = mine["fetched_fraction"].to_numpy()
+    tolerance = 0.01 * max(fraction, 1e-9)
+    if fraction < x.min() - tolerance or fraction > x.max() + tolerance:
+        return out
+    at = float(np.clip(fraction, x.min(), x.max()))
+    for key, column in (("expected_recall", "recall"), ("expected_topk", "topk_overlap"),
+                        ("expected_ppl_ratio", "perplexity_ratio")):
+        out[key] = float(np.interp(at, x, mine[column].to_numpy()))
+    return out
+
+
+def add_expected_accuracy(rows: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
+    """The plan table with the accuracy to expect at each config's fetched share (NaN outside the
+    measured range, or for a policy with no quality trace)."""
+    extra = [expected(points, row.policy, row.fetched_fraction) if row.fits else expected(points, "", np.nan)
+             for row in rows.itertuples()]
+    return pd.concat([rows.reset_index(drop=True), pd.DataFrame(extra)], axis=1)

@@ -1,0 +1,169 @@
+"""The report's figures: pure functions from tables to PNG bytes, each carrying what was run to make it.
+
+Every function takes plain data (DataFrames, dicts, a SimResult) and returns a `Figure`; nothing
+here runs a model or a simulation, so a figure is as reproducible as the command in its `ran`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# decode-step phases grouped the way a reader asks about them
+GROUPS = {"compute": ("embed", "attn", "ffn", "head", "host"), "speculation": ("spec",), "gather": ("gather",),
+          "transfer": ("h2d", "d2h"), "wait": ("wait",)}
+COLOURS = {"compute": "#4c72b0", "speculation": "#dd8452", "gather": "#937860", "transfer": "#55a868",
+           "wait": "#c44e52"}
+POLICY_COLOURS = {"resident": "#7f7f7f", "full": "#1f77b4", "int4": "#9467bd", "h2o": "#d62728",
+                  "infinigen": "#2ca02c", "oracle": "#bcbd22"}
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # file stem
+    title: str
+    ran: str  # the command (or steps) that produced the data, shown under the figure
+    png: bytes
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def grouped_phases(phase_ms: dict[str, float]) -> dict[str, float]:
+    """Busy ms per decode step by group (compute, speculation, gather, transfer, wait)."""
+    return {group: float(sum(phase_ms.get(p, 0.0) for p in members)) for group, members in GROUPS.items()}
+
+
+def breakdown(labels: Sequence[str], phase_ms: Sequence[dict[str, float]], step_ms: Sequence[float], name: str,
+              title: str, ran: str) -> Figure:
+    """Per run, two bars: the compute stream (compute, then waiting for copies), and the work that can
+    overlap it (speculation, gather, transfer); the step's wall time is marked. On a GPU the second
+    bar runs beside the first; on a CPU everything is serial and the two add up."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 * len(labels) + 1.6))
+    rows = (("compute", "wait"), ("speculation", "gather", "transfer"))
+    for i, phases in enumerate(phase_ms):
+        grouped = grouped_phases(phases)
+        for r, groups in enumerate(rows):
+            left = 0.0
+            for group in groups:
+                ax.barh(i + 0.38 * r, grouped[group], left=left, height=0.34, color=COLOURS[group],
+                        label=group if i == 0 else None)
+                left += grouped[group]
+    y = np.arange(len(labels))
+    ax.scatter(step_ms, y + 0.19, marker="|", s=500, color="black", zorder=3, label="step time")
+    ax.set_yticks(y + 0.19, labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per decode step (upper bar: compute stream; lower: copies and speculation)")
+    ax.legend(fontsize=8, ncol=6, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.set_title(title, fontsize=10, pad=24)
+    return Figure(name, title, ran, _png(fig))
+
+
+def panels(rows: pd.DataFrame, x: str, ys: Sequence[tuple[str, str]], hue: str, name: str, title: str, ran: str,
+           xlabel: str | None = None, categorical: bool = False, reference: float | None = None) -> Figure:
+    """One panel per (column, label) in `ys`, one line per value of `hue`, against `x`."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.6 * len(ys), 3.4), squeeze=False)
+    order = list(dict.fromkeys(rows[x])) if categorical else None
+    for ax, (column, label) in zip(axes[0], ys, strict=True):
+        for key, group in rows.groupby(hue, sort=False):
+            group = group.dropna(subset=[column])
+            if group.empty:
+                continue
+            xs = [order.index(v) for v in group[x]] if order else group[x]
+            ax.plot(xs, group[column], "o-", ms=4, label=str(key), color=POLICY_COLOURS.get(str(key)))
+        if order:
+            ax.set_xticks(range(len(order)), order)
+        if reference is not None:
+            ax.axhline(reference, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return Figure(name, title, ran, _png(fig))
+
+
+def validation_steps(comparisons: list[dict[str, Any]], name: str, ran: str) -> Figure:
+    """Predicted vs measured decode latency per step, one panel per run."""
+    plt = _pyplot()
+    n = len(comparisons)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for ax, c in zip(axes[0], comparisons, strict=True):
+        steps = np.arange(1, len(c["per_step_ms"]["measured"]) + 1)
+        ax.plot(steps, c["per_step_ms"]["measured"], "o-", ms=3, label="measured")
+        ax.plot(steps, c["per_step_ms"]["predicted"], "s--", ms=3, label="predicted")
+        ax.set_title(f"{c['policy']} b{c['batch']} p{c['prompt_len']}\nMAPE {c['step']['mape']:.1f}%", fontsize=9)
+        ax.set_xlabel("decode step")
+        ax.set_ylabel("ms")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    title = f"predicted vs measured per step: {comparisons[0]['model']} on {comparisons[0]['profile']}"
+    fig.suptitle(title, fontsize=10)
+    return Figure(name, title, ran, _png(fig))
+
+
+def timeline(spans: Sequence[tuple[str, str, int, int, float, float]], step: int, name: str, title: str, ran: str
+             ) -> Figure:
+    """One decode step of a simulated run: what each stream did when (a Perfetto view in miniature)."""
+    plt = _pyplot()
+    streams = ["host", "compute", "spec", "h2d", "d2h"]
+    mine = [s for s in spans if s[2] == step]
+    t0 = min(s[4] for s in mine) if mine else 0.0
+    fig, ax = plt.subplots(figsize=(9, 2.8))
+    phase_group = {p: g for g, members in GROUPS.items() for p in members}
+    seen: set[str] = set()
+    for stream, phase, _, _, start, end in mine:
+        group = phase_group.get(phase, "compute")
+        ax.barh(streams.index(stream), (end - start) * 1e3, left=(start - t0) * 1e3, height=0.6,
+                color=COLOURS[group], edgecolor="white", linewidth=0.3,
+                label=group if group not in seen else None)
+        seen.add(group)
+    ax.set_yticks(range(len(streams)), streams)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ms since the start of decode step {step}")
+    ax.legend(fontsize=8, ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.set_title(title, fontsize=10, pad=24)
+    return Figure(name, title, ran, _png(fig))
+
+
+def pareto_plot(rows: pd.DataFrame, front: pd.DataFrame, name: str, ran: str) -> Figure:
+    """Every config that fits (latency vs throughput), the Pareto front per hardware profile drawn as a line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    fit = rows[rows["fits"]]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (profile, group) in enumerate(fit.groupby("profile")):
+        colour = colours[i % len(colours)]
+        ax.scatter(group["decode_ms"], group["tokens_per_s"], s=10, alpha=0.35, color=colour)
+        line = front[front["profile"] == profile].sort_values("decode_ms")
+        ax.plot(line["decode_ms"], line["tokens_per_s"], "o-", ms=4, color=colour, label=profile)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("per-token latency (ms per decode step)")
+    ax.set_ylabel("throughput (tokens/s)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    title = "latency vs throughput: every config that fits (dots) and the Pareto front per hardware (lines)"
+    ax.set_title(title, fontsize=9)
+    return Figure(name, title, ran, _png(fig))

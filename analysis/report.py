@@ -1,0 +1,301 @@
+"""Reports: sections of text, tables and figures written as one self-contained HTML page (images
+embedded as data URIs, no scripts, no links out) and a Markdown twin (PNG files beside it).
+
+`write_report` only formats; the `*_sections` builders turn results a user already has (a plan
+folder, a validation folder, traces) into sections, each figure naming what was run to make it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures
+from analysis.figures import Figure
+from infinisim.errors import InfinisimError
+from infinisim.files import write_text_atomic
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid
+#ddd}figure{margin:1em 0}figure img{max-width:100%}figcaption{font-size:.85em;color:#555}code{background:#f3f3f3;
+padding:0 .25em;border-radius:3px;font-size:.9em}table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
+td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}th{background:#f6f6f6}td.num
+{text-align:right}.toc{font-size:.9em}"""
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""  # paragraphs separated by blank lines; `code` spans allowed
+    figure: Figure | None = None
+    table: pd.DataFrame | None = None
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float | np.floating):
+        return "" if np.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    head = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |" for row in table.itertuples(False)]
+    return "\n".join([head, rule, *body])
+
+
+CODE = re.compile(r"`([^`]+)`")
+
+
+def _inline(text: str) -> str:
+    return CODE.sub(r"<code>\1</code>", html.escape(text))
+
+
+def _html_text(text: str) -> str:
+    return "".join(f"<p>{_inline(p.strip())}</p>" for p in text.split("\n\n") if p.strip())
+
+
+def _html_table(table: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+
+    def cell(value: Any) -> str:
+        numeric = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+        return f'<td class="num">{_cell(value)}</td>' if numeric else f"<td>{_inline(_cell(value))}</td>"
+
+    rows = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in table.itertuples(False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def render_html(title: str, intro: str, sections: Sequence[Section]) -> str:
+    toc = "".join(f'<li><a href="#s{i}">{html.escape(s.title)}</a></li>' for i, s in enumerate(sections))
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{_html_text(intro)}"
+             f"<ul class=\"toc\">{toc}</ul>"]
+    for i, s in enumerate(sections):
+        parts.append(f'<h2 id="s{i}">{html.escape(s.title)}</h2>{_html_text(s.text)}')
+        if s.figure is not None:
+            data = base64.b64encode(s.figure.png).decode()
+            parts.append(f'<figure><img alt="{html.escape(s.figure.title)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{html.escape(s.figure.title)}. Made by: <code>{html.escape(s.figure.ran)}"
+                         f"</code></figcaption></figure>")
+        if s.table is not None:
+            parts.append(_html_table(s.table))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(title: str, intro: str, sections: Sequence[Section], figure_dir: str) -> str:
+    parts = [f"# {title}", intro.strip()]
+    for s in sections:
+        parts.append(f"## {s.title}")
+        if s.text.strip():
+            parts.append(s.text.strip())
+        if s.figure is not None:
+            parts.append(f"![{s.figure.title}]({figure_dir}/{s.figure.name}.png)\n\n"
+                         f"*{s.figure.title}. Made by:* `{s.figure.ran}`")
+        if s.table is not None:
+            parts.append(markdown_table(s.table))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(sections: Sequence[Section], out_dir: str | Path, title: str, intro: str = "") -> tuple[Path, Path]:
+    """report.html (self-contained), report.md and figures/*.png in `out_dir`; each file written atomically."""
+    if not sections:
+        raise InfinisimError("nothing to report: give a plan, a validation, traces or simulation results")
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    names = [s.figure.name for s in sections if s.figure is not None]
+    if len(names) != len(set(names)):
+        raise InfinisimError(f"two figures share a name: {sorted(n for n in names if names.count(n) > 1)[0]}")
+    for s in sections:
+        if s.figure is not None:
+            tmp = out / "figures" / f".{s.figure.name}.png.tmp"
+            tmp.write_bytes(s.figure.png)
+            tmp.replace(out / "figures" / f"{s.figure.name}.png")
+    md = write_text_atomic(out / "report.md", render_markdown(title, intro, sections, "figures"))
+    page = write_text_atomic(out / "report.html", render_html(title, intro, sections))
+    return page, md
+
+
+# ------------------------------------------------------------------ sections from results a user has
+
+
+def _speedups(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Per group of `by`, each policy's best (lowest total time over its knobs) speedup over `full`."""
+    fit = rows[rows["fits"]]
+    best = fit.loc[fit.groupby([*by, "policy"], dropna=False)["total_s"].idxmin()]
+    full = best[best["policy"] == "full"].set_index(list(by))["total_s"]
+    best = best[best.set_index(list(by)).index.isin(full.index)].copy()
+    best["speedup"] = full.loc[best.set_index(list(by)).index].to_numpy() / best["total_s"].to_numpy()
+    return best
+
+
+def plan_sections(rows: pd.DataFrame, ran: str, target_ms: float | None = None) -> list[Section]:
+    """Pareto plot, speedup over `full` along each axis the sweep varied, and a breakdown per policy."""
+    from analysis.planner import best_under, pareto
+
+    if "decode_ms" not in rows or not rows["fits"].any():
+        raise InfinisimError("the plan has no config that fits: nothing to plot", field="fits")
+    sections = []
+    front = pareto(rows)
+    best = best_under(rows, target_ms)
+    cols = [c for c in ("profile", "model", "policy", "batch", "prompt_len", "budget", "alpha", "decode_ms",
+                        "tokens_per_s", "device_gb", "expected_recall", "expected_ppl_ratio") if c in rows]
+    sections.append(Section(
+        "Planner: latency vs throughput",
+        f"{len(rows)} configs, {int(rows['fits'].sum())} fit in memory. The table is the best config per hardware"
+        + (f" within {target_ms:g} ms per decode step" if target_ms else "") + " (highest throughput).",
+        figures.pareto_plot(rows, front, "plan-pareto", ran), best[cols] if not best.empty else None))
+    fit = rows[rows["fits"]]
+    reference = fit.iloc[0]
+    for axis, label in (("batch", "batch size"), ("prompt_len", "prompt length"), ("model", "model")):
+        if fit[axis].nunique() < 2 or "full" not in set(fit["policy"]):
+            continue
+        held = [a for a in ("profile", "model", "batch", "prompt_len", "gen_len") if a != axis]
+        same = fit
+        for a in held:
+            same = same[same[a] == reference[a]]
+        if same[axis].nunique() < 2:
+            continue
+        points = _speedups(same, [axis])
+        if axis == "model":
+            points = points.sort_values("device_gb")
+        fixed = ", ".join(f"{a} {reference[a]}" for a in held)
+        sections.append(Section(
+            f"Speedup over full vs {label}",
+            f"Held fixed: {fixed}. Each policy at its fastest setting of its knobs in the sweep.",
+            figures.panels(points, axis, [("speedup", "speedup over full (total time)")], "policy",
+                           f"plan-speedup-{axis}", f"speedup over full vs {label} ({fixed})", ran, label,
+                           categorical=axis == "model", reference=1.0)))
+    same = fit[(fit["profile"] == reference["profile"]) & (fit["model"] == reference["model"])
+               & (fit["prompt_len"] == reference["prompt_len"]) & (fit["gen_len"] == reference["gen_len"])]
+    batch = sorted(same["batch"].unique())[len(same["batch"].unique()) // 2]
+    at = same[same["batch"] == batch]
+    at = at.loc[at.groupby("policy")["total_s"].idxmin()]
+    phase_cols = [f"{p}_ms" for members in figures.GROUPS.values() for p in members]
+    if set(phase_cols) <= set(at.columns):
+        what = f"{reference['model']} on {reference['profile']}, batch {batch}, prompt {reference['prompt_len']}"
+        sections.append(Section(
+            "Where a decode step's time goes (simulated)",
+            "Busy time per phase group, summed over layers; the black tick is the step's wall time. Copies and "
+            "speculation run on their own streams, so on a GPU they overlap compute and the bars can be longer "
+            "than the step.",
+            figures.breakdown(list(at["policy"]), [{p.removesuffix("_ms"): r[p] for p in phase_cols}
+                                                   for _, r in at.iterrows()], list(at["decode_ms"]),
+                              "plan-breakdown", f"decode step breakdown: {what}", ran)))
+    return sections
+
+
+def validation_sections(data: dict[str, Any], source: str) -> list[Section]:
+    comparisons = data["comparisons"]
+    ran = data.get("command", f"infinisim validate (results in {source})")
+    table = pd.DataFrame([{"policy": c["policy"], "batch": c["batch"], "prompt": c["prompt_len"],
+                           "measured ms/step": c["decode_ms_measured"], "predicted ms/step": c["decode_ms_predicted"],
+                           "step MAPE %": c["step"]["mape"], "p90 %": c["step"]["p90"],
+                           "end-to-end error %": c["end_to_end_s"]["error_pct"]} for c in comparisons])
+    return [Section("Predicted vs measured (validation)",
+                    f"The executor's run on `{comparisons[0]['profile']}`, replayed by the simulator on the same "
+                    "machine's calibrated profile; errors relative to the measurement.",
+                    figures.validation_steps(comparisons, "validation-steps", ran), table)]
+
+
+def trace_sections(paths: Sequence[str | Path], profile: str | None) -> list[Section]:
+    """Measured breakdown per policy, accuracy vs fetched share (quality traces), and a simulated
+    timeline excerpt of the first offloading trace on `profile`."""
+    from analysis.accuracy import quality_points
+    from traces.summary import summarize
+    from traces.trace import read_trace
+
+    traces = [(str(p), read_trace(p)) for p in paths]
+    sections = []
+    ran = "infinisim run ... (traces: " + ", ".join(Path(p).name for p, _ in traces) + ")"
+    summaries = [summarize(t) for _, t in traces]
+    labels = [f"{s['policy']} ({Path(p).name.split('.')[0]})" for (p, _), s in zip(traces, summaries, strict=True)]
+    phases = [{name: s[f"decode_{name}_ms"] for name in ("attn", "ffn", "h2d", "d2h", "wait", "spec", "gather")}
+              for s in summaries]
+    machine = traces[0][1].environment.get("device_name") or traces[0][1].run.get("device", "")
+    sections.append(Section(
+        "Where a decode step's time goes (measured)",
+        f"Per-phase time of the executor's runs, summed over layers, mean per decode step ({machine}).",
+        figures.breakdown(labels, phases, [s["decode_ms_mean"] for s in summaries], "trace-breakdown",
+                          "measured decode step breakdown per run", ran)))
+    quality = [p for p, t in traces if t.run.get("quality")]
+    if quality:
+        points = quality_points(quality)
+        sections.append(accuracy_section(points, "trace-accuracy", ran))
+    offloaded = [(p, t) for p, t in traces if t.run["policy"] != "resident"]
+    if profile and offloaded:
+        from hwprofiles.profile import load_profile
+        from sim.workload import from_trace
+
+        path, pick = next(((p, t) for p, t in offloaded if t.run["policy"] == "infinigen"), offloaded[0])
+        chosen = load_profile(profile)
+        sections.append(timeline_section(from_trace(pick), chosen,
+                                         f"infinisim replay {path} --profile {chosen.name} --timeline t.json"))
+    return sections
+
+
+def accuracy_section(points: pd.DataFrame, name: str, ran: str) -> Section:
+    selecting = points[~points["policy"].isin(("resident", "full"))]
+    ys = [("recall", "recall of exact attention mass")]
+    if points["perplexity_ratio"].notna().any():
+        ys.append(("perplexity_ratio", "perplexity / dense perplexity"))
+    table = points[["policy", "fetched_fraction", "recall", "topk_overlap", "perplexity", "perplexity_ratio"]]
+    return Section("Accuracy vs fetched fraction",
+                   "Teacher-forced decoding: recall is the share of exact attention mass on the rows a layer "
+                   "attended (selecting layers), perplexity over the forced continuation. int4 selects nothing (it "
+                   "fetches every row, 4-bit), so it has no recall and sits at fetched fraction 1.0.",
+                   figures.panels(selecting.sort_values("fetched_fraction"), "fetched_fraction", ys, "policy", name,
+                                  "accuracy vs the share of the cache fetched", ran, "fetched fraction"), table)
+
+
+def timeline_section(workload: Any, profile: Any, ran: str) -> Section:
+    """One decode step of `workload` simulated on `profile`, as a stream-by-stream timeline."""
+    from sim.engine import simulate
+
+    result = simulate(workload, profile, timeline=True)
+    step = min(2, workload.n_steps)
+    what = f"{workload.policy}, {workload.spec.name}, batch {workload.batch}, prompt {workload.prompt_len}"
+    return Section("Timeline excerpt (simulated)",
+                   f"One decode step ({what}) on `{profile.name}`: what the host thread and each stream did when. "
+                   "A whole run opens in Perfetto with `infinisim replay --timeline` or `infinisim simulate "
+                   "--timeline`.",
+                   figures.timeline(result.spans, step, "timeline", f"decode step {step}: {what} on {profile.name}",
+                                    ran))
+
+
+def report_sections(plan: str | None, validation: str | None, traces: Iterable[str] | None,
+                    profile: str | None) -> list[Section]:
+    """The sections `infinisim report` can build from what it is given."""
+    sections: list[Section] = []
+    if plan:
+        folder = Path(plan)
+        table = folder / "plan.parquet"
+        if not table.exists():
+            raise InfinisimError("no plan.parquet here (write one with `infinisim plan --out`)", folder)
+        meta_path = folder / "plan.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        sections += plan_sections(pd.read_parquet(table), meta.get("command", f"infinisim plan --out {folder}"),
+                                  meta.get("target_ms"))
+    if validation:
+        path = Path(validation)
+        path = path / "validation.json" if path.is_dir() else path
+        if not path.exists():
+            raise InfinisimError("no validation.json (write one with `infinisim validate --out`)", path)
+        try:
+            data = json.loads(path.read_text())
+            sections += validation_sections(data, str(path))
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
+            raise InfinisimError(f"not a validation result ({exc})", path) from None
+    if traces:
+        sections += trace_sections(list(traces), profile)
+    return sections
