@@ -7,6 +7,7 @@ here runs a model or a simulation, so a figure is as reproducible as the command
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +84,7 @@ def panels(rows: pd.DataFrame, x: str, ys: Sequence[tuple[str, str]], hue: str, 
            xlabel: str | None = None, categorical: bool = False, reference: float | None = None) -> Figure:
     """One panel per (column, label) in `ys`, one line per value of `hue`, against `x`."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(ys), figsize=(4.6 * len(ys), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(ys), figsize=(max(6.5, 4.6 * len(ys)), 3.6), squeeze=False)
     order = list(dict.fromkeys(rows[x])) if categorical else None
     for ax, (column, label) in zip(axes[0], ys, strict=True):
         for key, group in rows.groupby(hue, sort=False):
@@ -100,7 +101,7 @@ def panels(rows: pd.DataFrame, x: str, ys: Sequence[tuple[str, str]], hue: str, 
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 90), fontsize=10)
     return Figure(name, title, ran, _png(fig))
 
 

@@ -25,7 +25,7 @@ import pandas as pd
 from analysis import figures
 from analysis.accuracy import quality_points
 from analysis.planner import Config, evaluate
-from analysis.report import Section, accuracy_section, timeline_section
+from analysis.report import BREAKDOWN_TEXT, Section, accuracy_section, timeline_section
 from infinisim.errors import InfinisimError
 
 MAX_KV = 400  # the paper's cap: at most 400 KV entries fetched per layer
@@ -205,8 +205,7 @@ def reproduce_paper(settings: PaperSettings, out_dir: str | Path, log: Callable[
     phase_cols = [c for c in at8.columns if c.endswith("_ms") and c != "decode_ms"]
     sections.append(Section(
         "Where a decode step's time goes (OPT-13B, batch 8)",
-        "Busy time per phase group summed over layers; the black tick is the step's wall time. Copies and "
-        "speculation have their own streams, so they overlap compute.",
+        BREAKDOWN_TEXT,
         figures.breakdown(list(at8["policy"]), [{c.removesuffix("_ms"): r[c] for c in phase_cols}
                                                 for _, r in at8.iterrows()],
                           list(at8["decode_ms"]), "paper-breakdown", "decode step breakdown, OPT-13B batch 8",

@@ -25,11 +25,11 @@ from infinisim.errors import InfinisimError
 from infinisim.files import write_text_atomic
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid
-#ddd}figure{margin:1em 0}figure img{max-width:100%}figcaption{font-size:.85em;color:#555}code{background:#f3f3f3;
-padding:0 .25em;border-radius:3px;font-size:.9em}table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
-td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}th{background:#f6f6f6}td.num
-{text-align:right}.toc{font-size:.9em}"""
+padding:0 1em;color:#222;line-height:1.45} h1{font-size:1.6em} h2{font-size:1.25em;margin-top:2em;
+border-bottom:1px solid #ddd} .wide{overflow-x:auto} figure{margin:1em 0} figure img{max-width:100%}
+figcaption{font-size:.85em;color:#555} code{background:#f3f3f3;padding:0 .25em;border-radius:3px;font-size:.9em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0} td,th{border:1px solid #ccc;padding:.2em .5em;
+text-align:left;vertical-align:top} th{background:#f6f6f6} td.num{text-align:right} .toc{font-size:.9em}"""
 
 
 @dataclass
@@ -53,6 +53,10 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
+BREAKDOWN_TEXT = ("Busy time per phase, summed over layers, mean per decode step. Upper bar: the compute stream "
+                  "(computing, then waiting for copies); lower bar: the work that can run beside it (speculation, the "
+                  "host gather, transfers). The black tick is the step's wall time: on a GPU the bars overlap, on a "
+                  "CPU everything runs in turn.")
 CODE = re.compile(r"`([^`]+)`")
 
 
@@ -88,7 +92,7 @@ def render_html(title: str, intro: str, sections: Sequence[Section]) -> str:
                          f"<figcaption>{html.escape(s.figure.title)}. Made by: <code>{html.escape(s.figure.ran)}"
                          f"</code></figcaption></figure>")
         if s.table is not None:
-            parts.append(_html_table(s.table))
+            parts.append(f'<div class="wide">{_html_table(s.table)}</div>')
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -156,7 +160,9 @@ def plan_sections(rows: pd.DataFrame, ran: str, target_ms: float | None = None) 
         + (f" within {target_ms:g} ms per decode step" if target_ms else "") + " (highest throughput).",
         figures.pareto_plot(rows, front, "plan-pareto", ran), best[cols] if not best.empty else None))
     fit = rows[rows["fits"]]
-    reference = fit.iloc[0]
+    reference = fit.iloc[0].copy()
+    batches = sorted(fit["batch"].unique())
+    reference["batch"] = batches[len(batches) // 2]  # a middle batch: batch 1 rarely tells the story
     for axis, label in (("batch", "batch size"), ("prompt_len", "prompt length"), ("model", "model")):
         if fit[axis].nunique() < 2 or "full" not in set(fit["policy"]):
             continue
@@ -176,19 +182,17 @@ def plan_sections(rows: pd.DataFrame, ran: str, target_ms: float | None = None) 
             figures.panels(points, axis, [("speedup", "speedup over full (total time)")], "policy",
                            f"plan-speedup-{axis}", f"speedup over full vs {label} ({fixed})", ran, label,
                            categorical=axis == "model", reference=1.0)))
-    same = fit[(fit["profile"] == reference["profile"]) & (fit["model"] == reference["model"])
-               & (fit["prompt_len"] == reference["prompt_len"]) & (fit["gen_len"] == reference["gen_len"])]
-    batch = sorted(same["batch"].unique())[len(same["batch"].unique()) // 2]
-    at = same[same["batch"] == batch]
+    at = fit[(fit["profile"] == reference["profile"]) & (fit["model"] == reference["model"])
+             & (fit["prompt_len"] == reference["prompt_len"]) & (fit["gen_len"] == reference["gen_len"])
+             & (fit["batch"] == reference["batch"])]
     at = at.loc[at.groupby("policy")["total_s"].idxmin()]
     phase_cols = [f"{p}_ms" for members in figures.GROUPS.values() for p in members]
     if set(phase_cols) <= set(at.columns):
-        what = f"{reference['model']} on {reference['profile']}, batch {batch}, prompt {reference['prompt_len']}"
+        what = (f"{reference['model']} on {reference['profile']}, batch {reference['batch']}, "
+                f"prompt {reference['prompt_len']}")
         sections.append(Section(
             "Where a decode step's time goes (simulated)",
-            "Busy time per phase group, summed over layers; the black tick is the step's wall time. Copies and "
-            "speculation run on their own streams, so on a GPU they overlap compute and the bars can be longer "
-            "than the step.",
+            BREAKDOWN_TEXT,
             figures.breakdown(list(at["policy"]), [{p.removesuffix("_ms"): r[p] for p in phase_cols}
                                                    for _, r in at.iterrows()], list(at["decode_ms"]),
                               "plan-breakdown", f"decode step breakdown: {what}", ran)))
@@ -217,15 +221,16 @@ def trace_sections(paths: Sequence[str | Path], profile: str | None) -> list[Sec
 
     traces = [(str(p), read_trace(p)) for p in paths]
     sections = []
-    ran = "infinisim run ... (traces: " + ", ".join(Path(p).name for p, _ in traces) + ")"
+    commands = list(dict.fromkeys(t.run.get("command") or f"infinisim run ... (wrote {p})" for p, t in traces))
+    ran = "; ".join(commands)
     summaries = [summarize(t) for _, t in traces]
-    labels = [f"{s['policy']} ({Path(p).name.split('.')[0]})" for (p, _), s in zip(traces, summaries, strict=True)]
+    labels = [_label(t) for _, t in traces]
     phases = [{name: s[f"decode_{name}_ms"] for name in ("attn", "ffn", "h2d", "d2h", "wait", "spec", "gather")}
               for s in summaries]
     machine = traces[0][1].environment.get("device_name") or traces[0][1].run.get("device", "")
     sections.append(Section(
         "Where a decode step's time goes (measured)",
-        f"Per-phase time of the executor's runs, summed over layers, mean per decode step ({machine}).",
+        f"Measured on {machine}. " + BREAKDOWN_TEXT,
         figures.breakdown(labels, phases, [s["decode_ms_mean"] for s in summaries], "trace-breakdown",
                           "measured decode step breakdown per run", ran)))
     quality = [p for p, t in traces if t.run.get("quality")]
@@ -242,6 +247,14 @@ def trace_sections(paths: Sequence[str | Path], profile: str | None) -> list[Sec
         sections.append(timeline_section(from_trace(pick), chosen,
                                          f"infinisim replay {path} --profile {chosen.name} --timeline t.json"))
     return sections
+
+
+def _label(trace: Any) -> str:
+    """policy and the knobs that set its share, e.g. "infinigen alpha 4 budget 0.2"."""
+    knobs = trace.run.get("policy_knobs", {})
+    shown = [f"{k} {knobs[k]:g}" for k in ("alpha", "budget") if isinstance(knobs.get(k), int | float)
+             and not (k == "alpha" and knobs[k] >= 100)]
+    return " ".join([trace.run["policy"], *shown, f"b{trace.run['batch']} p{max(trace.run['prompt_lens'])}"])
 
 
 def accuracy_section(points: pd.DataFrame, name: str, ran: str) -> Section:

@@ -133,7 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt_source = "pydoc_data"
     prompts = [w[:len(w) - extra] for w in windows]
     forced = [w[len(w) - extra:] for w in windows] if args.quality else None
-    run_info = {"model": args.model, "weights": loaded.source, "prompt_source": prompt_source}
+    run_info = {"model": args.model, "weights": loaded.source, "prompt_source": prompt_source,
+                "command": args.command_line}
     knobs = {"alpha": args.alpha, "budget": args.budget, "partial_ratio": args.partial_ratio,
              "dense_layers": args.dense_layers, "gqa_combine": args.gqa_combine,
              "pool_capacity": args.pool_capacity, "eviction": args.eviction, "recent_ratio": args.recent_ratio,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from infinisim.argtypes import positive
 from infinisim.errors import InfinisimError
 
 EPILOG = "Docs: docs/REPORTS.md. Errors exit with status 1, usage errors with 2."
@@ -54,14 +55,14 @@ def add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
                                          "with InfiniGen's fetched share measured by the executor on SmolLM2, and "
                                          "the accuracy trends (recall, perplexity vs fetched fraction; alpha; "
                                          "partial ratio) measured by the executor on SmolLM2. Writes traces, "
-                                         "tables and one report. About 5 minutes on 2 CPU cores (--quick: ~1).",
+                                         "tables and one report. About 7 minutes on 2 CPU cores (--quick: ~1).",
                              epilog=EPILOG)
     paper.add_argument("--profile", default="a6000-pcie3", help="hardware profile (default: the paper's testbed)")
     paper.add_argument("--text", help="text the executor reads (default: Python's bundled docs; the paper used "
                                       "PG-19, e.g. ../shared/data/pg19_firstbook.txt)")
-    paper.add_argument("--prompt-len", type=int, default=1920,
+    paper.add_argument("--prompt-len", type=positive, default=1920,
                        help="tokens of prompt for the SmolLM2 runs (default 1920, the paper's)")
-    paper.add_argument("--steps", type=int, default=24, help="teacher-forced decode steps per SmolLM2 run "
+    paper.add_argument("--steps", type=positive, default=24, help="teacher-forced decode steps per SmolLM2 run "
                                                              "(default 24)")
     paper.add_argument("--quick", action="store_true", help="fewer, shorter executor runs (a smoke test)")
     paper.add_argument("--out", default="reports/paper", help="folder for the report, traces and tables "
