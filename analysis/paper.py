@@ -110,19 +110,219 @@ def _configs(profile: str, share_at: dict[int, float], shares_by_ratio: dict[flo
 
 
 def _speedup_table(rows: pd.DataFrame, axis: str) -> pd.DataFrame:
-    """Total seconds and speedup over full per policy along `axis` (rows of one sweep)."""
+    """Speedup over full (total time) per policy along `axis` (rows of one sweep)."""
     full = rows[rows["policy"] == "full"].set_index(axis)["total_s"]
-    out = rows.copy()
-    out["speedup"] = [full.get(v, np.nan) / t for v, t in zip(out[axis], out["total_s"], strict=True)]
-    return out
-
-
-def _claims(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["", "paper (INFINIGEN.md)", "ours"])
+    return rows.assign(speedup=[full.get(v, np.nan) / t for v, t in zip(rows[axis], rows["total_s"], strict=True)])
 
 
 def _range(values: pd.Series) -> str:
     return f"{values.min():.2f}x-{values.max():.2f}x" if len(values) else "-"
+
+
+@dataclass
+class Measured:
+    """What the executor measured on SmolLM2: quality traces and InfiniGen's within-alpha shares."""
+    dense: list[str]  # resident (the reference) and int4
+    by_fraction: list[str]  # infinigen, oracle, h2o at fixed fetched fractions
+    by_alpha: dict[int, str]  # infinigen at the paper's setting, per alpha
+    by_ratio: dict[float, str]  # infinigen at the paper's setting, per partial weight ratio
+    share_at: dict[int, float]  # uncapped share within alpha 1..9 at the paper's setting
+    share_by_ratio: dict[float, float]  # share within the paper's alpha, per partial ratio
+    ran: str  # what was run, for the figures
+
+
+def measure(settings: PaperSettings, out: Path, log: Callable[[str], None]) -> Measured:
+    p = PAPER
+    fractions = [0.1, 0.3] if settings.quick else [0.05, 0.1, 0.2, 0.4]
+    alphas = [1, 4, 9] if settings.quick else p["alphas"]
+    ratios = [0.1, 0.5, 1.0] if settings.quick else p["partial_ratios"]
+    paper_knobs = {"alpha": float(p["alpha"]), "budget": MAX_KV / p["prompt_len"],  # 400 of 1920, as a share
+                   "partial_ratio": p["partial_ratio"]}
+    log(f"accuracy on SmolLM2 through the executor ({'quick' if settings.quick else 'full'} set) ...")
+    ex = Executor(settings, out, log)
+    dense = [ex.run("resident", {}), ex.run("int4", {})]
+    by_fraction = [ex.run(pol, {"alpha": 1000.0, "budget": f} if pol != "h2o" else {"budget": f})
+                   for f in fractions for pol in ("infinigen", "oracle", "h2o")]
+    by_alpha = {a: ex.run("infinigen", {**paper_knobs, "alpha": float(a)}) for a in alphas}
+    by_ratio = {r: ex.run("infinigen", {**paper_knobs, "partial_ratio": r}) for r in ratios}
+    paper_trace = ex.run("infinigen", paper_knobs)  # already run when alpha 4 is in the sweep
+    share_at = {a: _share(paper_trace, a) for a in p["alphas"]}
+    log(f"  InfiniGen's uncapped share at alpha {p['alpha']} (SmolLM2): {share_at[p['alpha']]:.3f}")
+    return Measured(dense, by_fraction, by_alpha, by_ratio, share_at,
+                    {r: _share(path, p["alpha"]) for r, path in by_ratio.items()},
+                    f"infinisim reproduce paper (executor: SmolLM2, {settings.prompt_len}-token prompt from "
+                    f"{ex.source}, {settings.steps} teacher-forced steps; traces in {ex.out})")
+
+
+class Speed:
+    """The simulated speed table and the slices of it each experiment reads."""
+
+    def __init__(self, rows: pd.DataFrame, profile: Any, ran: str):
+        self.rows, self.profile, self.ran = rows, profile, ran
+        p = PAPER
+        at_paper_knobs = (rows["policy"] != "infinigen") | ((rows["alpha"] == p["alpha"])
+                                                            & (rows["partial_ratio"] == p["partial_ratio"]))
+        self.paper = rows[at_paper_knobs & (rows["gen_len"] == p["gen_len"])]
+
+    def select(self, **fixed: Any) -> pd.DataFrame:
+        """The rows at the paper's knobs with each `fixed` column at its value."""
+        rows = self.paper
+        for column, value in fixed.items():
+            rows = rows[rows[column] == value]
+        return rows
+
+    def sweep(self, axis: str, **fixed: Any) -> pd.DataFrame:
+        """`select(**fixed)` sorted along `axis`, with each policy's speedup over full."""
+        return _speedup_table(self.select(**fixed).sort_values(["policy", axis]), axis)
+
+
+def _setup_section(profile: Any, measured: Measured, settings: PaperSettings) -> Section:
+    setup = pd.DataFrame([
+        ("hardware", "RTX A6000 48 GB, Xeon Gold 6136, DDR4-2666, PCIe 3.0 x16",
+         f"simulated: profile `{profile.name}` ({profile.device.name}, {profile.link.name})"),
+        ("model / workload", "OPT-13B, prompt 1920, generate 128, fp16", "same, simulated"),
+        ("InfiniGen knobs", "alpha 4, partial ratio 0.2, at most 400 KV per layer",
+         f"same; share within alpha 4 measured on SmolLM2: {measured.share_at[PAPER['alpha']]:.3f} of the cache"),
+        ("baselines", "FlexGen, FlexGen+INT4, H2O (20%), UVM, UVM+H2O", "full (FlexGen), int4, h2o (20%); no UVM"),
+        ("accuracy", "OPT / Llama-2, 5-shot tasks, WikiText-2 / PTB perplexity",
+         f"SmolLM2-135M, recall + perplexity on {settings.text or 'pydoc_data'}, {settings.steps} forced tokens"),
+    ], columns=["", "paper", "ours"])
+    return Section(
+        "Setup, and what differs from the paper",
+        "Speed comes from the simulator, not from an A6000: its efficiencies are stated assumptions in the "
+        "profile (see docs/SIMULATOR.md for the model and its measured fidelity on this machine). InfiniGen's "
+        "fetched share is the one SmolLM2 really chose; OPT-13B's may differ. The paper's overlap of weight and "
+        "cache I/O is off in both. UVM baselines are not modelled.", table=setup)
+
+
+def _batch_section(speed: Speed) -> tuple[Section, list[tuple[str, str, str]]]:
+    batch = speed.sweep("batch", model=PAPER["model"], prompt_len=PAPER["prompt_len"])
+    batch = batch[batch["batch"].isin(PAPER["batches"])]
+    ig = batch[batch["policy"] == "infinigen"].set_index("batch")["total_s"]
+    vs = {pol: batch[batch["policy"] == pol].set_index("batch")["total_s"] / ig for pol in ("full", "int4", "h2o")}
+    wide = batch.pivot(index="policy", columns="batch", values="total_s").reindex(list(BASELINES))
+    wide.columns = [f"batch {b} (s)" for b in wide.columns]
+    section = Section(
+        "Speedup vs batch size (OPT-13B, prompt 1920, generate 128)",
+        "Total time (prefill + 128 tokens) per policy, and the speedup over full. The table gives total seconds.",
+        figures.panels(batch, "batch", [("total_s", "total seconds"), ("speedup", "speedup over full")], "policy",
+                       "paper-batch", f"OPT-13B on {speed.profile.name}: time and speedup vs batch", speed.ran,
+                       "batch size"), wide.reset_index())
+    return section, [("InfiniGen vs FlexGen (full)", "part of 1.63x-32.93x over the baselines", _range(vs["full"])),
+                     ("InfiniGen vs INT4", "up to 3.00x over prior KV-cache methods", _range(vs["int4"])),
+                     ("InfiniGen vs H2O", "up to 3.00x over prior KV-cache methods", _range(vs["h2o"]))]
+
+
+def _breakdown_sections(speed: Speed, measured: Measured) -> list[Section]:
+    from sim.workload import synthetic
+    from traces.spec import named_model
+
+    at8 = speed.select(model=PAPER["model"], prompt_len=PAPER["prompt_len"], batch=8)
+    phase_cols = [c for c in at8.columns if c.endswith("_ms") and c != "decode_ms"]
+    breakdown = Section(
+        "Where a decode step's time goes (OPT-13B, batch 8)", BREAKDOWN_TEXT,
+        figures.breakdown(list(at8["policy"]), [{c.removesuffix("_ms"): r[c] for c in phase_cols}
+                                                for _, r in at8.iterrows()],
+                          list(at8["decode_ms"]), "paper-breakdown", "decode step breakdown, OPT-13B batch 8",
+                          speed.ran))
+    workload = synthetic(named_model(PAPER["model"]), 8, PAPER["prompt_len"], 8, "infinigen", "float16",
+                         {"budget": float(MAX_KV), "partial_ratio": PAPER["partial_ratio"]},
+                         measured.share_at[PAPER["alpha"]])
+    return [breakdown, timeline_section(workload, speed.profile, speed.ran + "; 8 generated tokens for the excerpt")]
+
+
+def _prompt_section(speed: Speed) -> tuple[Section, tuple[str, str, str]]:
+    prompt = speed.sweep("prompt_len", model=PAPER["model"], batch=8)
+    prompt = prompt[prompt["prompt_len"].isin(PAPER["prompt_lens"])]
+    ig = prompt[prompt["policy"] == "infinigen"]
+    section = Section(
+        "Speedup vs prompt length (OPT-13B, batch 8)",
+        "InfiniGen fetches at most 400 KV per layer, so above 400 tokens its bytes per step stop growing with "
+        "the prompt while full's keep growing.",
+        figures.panels(prompt, "prompt_len", [("speedup", "speedup over full")], "policy", "paper-prompt",
+                       f"speedup over full vs prompt length, OPT-13B batch 8 on {speed.profile.name}", speed.ran,
+                       "prompt length", reference=1.0),
+        prompt.pivot(index="policy", columns="prompt_len", values="speedup").reindex(list(BASELINES)).rename(
+            columns=lambda n: f"prompt {n}").reset_index())
+    return section, ("vs prompt length 384..1920", "swept; no number in INFINIGEN.md",
+                     f"InfiniGen over full {ig['speedup'].iloc[0]:.2f}x ({ig['prompt_len'].iloc[0]}) to "
+                     f"{ig['speedup'].iloc[-1]:.2f}x ({ig['prompt_len'].iloc[-1]})")
+
+
+def _model_section(speed: Speed) -> tuple[Section | None, tuple[str, str, str]]:
+    models = speed.paper[(speed.paper["batch"] == 4) & (speed.paper["prompt_len"] == PAPER["prompt_len"])
+                         & speed.paper["model"].isin(PAPER["models"])]
+    fit = models[models["fits"]]
+    missing = models[~models["fits"]].drop_duplicates("model")
+    note = "".join(f" {r.model} does not fit: {r.does_not_fit} (the paper's FlexGen offloads part of the weights; "
+                   "our executor and simulator keep them on the device)." for r in missing.itertuples())
+    section = None
+    if len(fit):
+        fit = pd.concat([_speedup_table(g, "batch") for _, g in fit.groupby("model", sort=False)])
+        table = fit.pivot(index="policy", columns="model", values="speedup").reindex(list(BASELINES))
+        section = Section(
+            "Speedup vs model size (batch 4)", "Speedup over full per model." + note,
+            figures.panels(fit, "model", [("speedup", "speedup over full")], "policy", "paper-models",
+                           f"speedup over full vs model, batch 4, prompt 1920 on {speed.profile.name}", speed.ran,
+                           "model", categorical=True, reference=1.0),
+            table.rename(columns=lambda m: f"{m} speedup").reset_index())
+    ours = [f"{m}: {v:.2f}x" for m, v in fit[fit["policy"] == "infinigen"][["model", "speedup"]].itertuples(False)]
+    ours += [f"{m} does not fit" for m in missing["model"]]
+    return section, ("vs model size 6.7B/13B/30B", "swept; no number in INFINIGEN.md", "; ".join(ours))
+
+
+def _knob_accuracy(measured: Measured, paths: list[str], knob: str) -> pd.DataFrame:
+    points = quality_points([*measured.dense, *paths])
+    mine = points[points["policy"] == "infinigen"]
+    return mine.assign(**{knob: [k[knob] for k in mine["knobs"]]})
+
+
+def _sensitivity_sections(speed: Speed, measured: Measured) -> list[Section]:
+    p = PAPER
+    rows = speed.rows[(speed.rows["model"] == p["model"]) & (speed.rows["batch"] == 8)
+                      & (speed.rows["prompt_len"] == p["prompt_len"])]
+    full = float(rows.loc[rows["policy"] == "full", "total_s"].iloc[0])
+    ig = rows[rows["policy"] == "infinigen"].assign(speedup=lambda r: full / r["total_s"])
+    ran = f"{speed.ran}; {measured.ran}"
+
+    alpha = ig[ig["partial_ratio"] == p["partial_ratio"]].sort_values("alpha")[["alpha", "speedup",
+                                                                                "fetched_fraction"]]
+    alpha = alpha.merge(_knob_accuracy(measured, list(measured.by_alpha.values()), "alpha")[
+        ["alpha", "recall", "perplexity_ratio"]], on="alpha", how="left").assign(policy="infinigen")
+    ratio = ig[ig["alpha"] == p["alpha"]][["partial_ratio", "speedup", "fetched_fraction", "spec_ms"]]
+    ratio = ratio.merge(_knob_accuracy(measured, list(measured.by_ratio.values()), "partial_ratio")[
+        ["partial_ratio", "recall", "perplexity_ratio"]], on="partial_ratio").assign(policy="infinigen")
+    ratio = ratio.sort_values("partial_ratio")
+    speed_label, recall_label = "speedup over full (OPT-13B b8, simulated)", "recall (SmolLM2, measured)"
+    return [
+        Section("Sensitivity to alpha",
+                "A larger alpha admits more tokens (up to the 400-KV cap). Speed: OPT-13B batch 8 with the share "
+                "SmolLM2 chose within each alpha; accuracy: SmolLM2 runs at each alpha.",
+                figures.panels(alpha, "alpha", [("speedup", speed_label), ("recall", recall_label),
+                                                ("perplexity_ratio", "perplexity / dense (SmolLM2)")], "policy",
+                               "paper-alpha", "alpha sensitivity", ran, "alpha"), alpha.drop(columns="policy")),
+        Section("Sensitivity to the partial weight ratio",
+                "A larger ratio makes speculation costlier (more columns of the partial key cache scanned) and "
+                "changes how peaked the approximate scores are, hence how many tokens fall within alpha. Speed: "
+                "OPT-13B batch 8 with the share SmolLM2 chose at each ratio; accuracy: SmolLM2 runs at each ratio.",
+                figures.panels(ratio, "partial_ratio", [("speedup", speed_label), ("recall", recall_label)],
+                               "policy", "paper-partial-ratio", "partial weight ratio sensitivity", ran,
+                               "partial weight ratio"), ratio.drop(columns="policy")),
+    ]
+
+
+def _accuracy_claim(points: pd.DataFrame) -> tuple[str, str, str]:
+    lines = []
+    ig, h2o = points[points["policy"] == "infinigen"], points[points["policy"] == "h2o"]
+    for row in ig.itertuples():
+        other = h2o.iloc[(h2o["fetched_fraction"] - row.fetched_fraction).abs().argmin()]
+        lines.append(f"at {row.fetched_fraction:.0%}: recall {row.recall:.3f} vs H2O {other.recall:.3f}, "
+                     f"perplexity x{row.perplexity_ratio:.3f} vs x{other.perplexity_ratio:.3f}")
+    int4 = points.loc[points["policy"] == "int4", "perplexity_ratio"]
+    if len(int4):
+        lines.append(f"INT4 (whole cache) perplexity x{int4.iloc[0]:.3f}")
+    return ("accuracy vs fetched fraction", "close to the full cache; better than H2O and INT4 at the same fetched "
+            "fraction", "; ".join(lines))
 
 
 def reproduce_paper(settings: PaperSettings, out_dir: str | Path, log: Callable[[str], None] = print
@@ -131,180 +331,30 @@ def reproduce_paper(settings: PaperSettings, out_dir: str | Path, log: Callable[
     from hwprofiles.profile import load_profile
 
     out = Path(out_dir)
-    profile = load_profile(settings.profile)
-    p = PAPER
-    fractions = [0.1, 0.3] if settings.quick else [0.05, 0.1, 0.2, 0.4]
-    alphas = [1, 4, 9] if settings.quick else p["alphas"]
-    ratios = [0.1, 0.5, 1.0] if settings.quick else p["partial_ratios"]
-    paper_budget = MAX_KV / p["prompt_len"]  # 400 of 1920 tokens, as a share for SmolLM2's prompt
-
-    log(f"accuracy on SmolLM2 through the executor ({'quick' if settings.quick else 'full'} set) ...")
-    ex = Executor(settings, out, log)
-    dense = [ex.run("resident", {}), ex.run("int4", {})]
-    by_fraction = [ex.run(pol, {"alpha": 1000.0, "budget": f} if pol != "h2o" else {"budget": f})
-                   for f in fractions for pol in ("infinigen", "oracle", "h2o")]
-    paper_knobs = {"alpha": float(p["alpha"]), "budget": paper_budget, "partial_ratio": p["partial_ratio"]}
-    by_alpha = {a: ex.run("infinigen", {**paper_knobs, "alpha": float(a)}) for a in alphas}
-    by_ratio = {r: ex.run("infinigen", {**paper_knobs, "partial_ratio": r}) for r in ratios}
-    paper_trace = by_alpha.get(p["alpha"]) or ex.run("infinigen", paper_knobs)
-
-    share_at = {a: _share(paper_trace, a) for a in p["alphas"]}
-    shares_by_ratio = {r: _share(path, p["alpha"]) for r, path in by_ratio.items()}
-    log(f"  InfiniGen's uncapped share at alpha {p['alpha']} (SmolLM2): {share_at[p['alpha']]:.3f}")
-
+    profile = load_profile(settings.profile)  # a bad profile fails before minutes of measuring
+    measured = measure(settings, out, log)
     log(f"speed on {profile.name} through the simulator ...")
-    configs = list({c.key(): c for c in _configs(settings.profile, share_at, shares_by_ratio)}.values())
-    speed = pd.DataFrame([evaluate(c) for c in configs])
+    configs = {c.key(): c for c in _configs(settings.profile, measured.share_at, measured.share_by_ratio)}
+    rows = pd.DataFrame([evaluate(c) for c in configs.values()])
     out.mkdir(parents=True, exist_ok=True)
-    speed.to_csv(out / "paper-speed.csv", index=False)
-    points = quality_points([*dense, *by_fraction])
+    rows.to_csv(out / "paper-speed.csv", index=False)
+    points = quality_points([*measured.dense, *measured.by_fraction])
     points.to_csv(out / "paper-accuracy.csv", index=False)
+    speed = Speed(rows, profile, f"infinisim reproduce paper --profile {settings.profile} (simulator; table "
+                                 f"{out / 'paper-speed.csv'})")
 
-    ran_speed = f"infinisim reproduce paper --profile {settings.profile} (simulator; table {out / 'paper-speed.csv'})"
-    ran_exec = (f"infinisim reproduce paper (executor: SmolLM2, {settings.prompt_len}-token prompt from "
-                f"{ex.source}, {settings.steps} teacher-forced steps; traces in {ex.out})")
-    base = (speed["model"] == p["model"]) & (speed["gen_len"] == p["gen_len"])
-    paper_ig = ((speed["policy"] != "infinigen") | ((speed["alpha"] == p["alpha"])
-                & (speed["partial_ratio"] == p["partial_ratio"])))
-    sections: list[Section] = []
-
-    setup = pd.DataFrame([
-        ("hardware", "RTX A6000 48 GB, Xeon Gold 6136, DDR4-2666, PCIe 3.0 x16",
-         f"simulated: profile `{profile.name}` ({profile.device.name}, {profile.link.name})"),
-        ("model / workload", "OPT-13B, prompt 1920, generate 128, fp16", "same, simulated"),
-        ("InfiniGen knobs", "alpha 4, partial ratio 0.2, at most 400 KV per layer",
-         f"same; share within alpha 4 measured on SmolLM2: {share_at[p['alpha']]:.3f} of the cache"),
-        ("baselines", "FlexGen, FlexGen+INT4, H2O (20%), UVM, UVM+H2O", "full (FlexGen), int4, h2o (20%); no UVM"),
-        ("accuracy", "OPT / Llama-2, 5-shot tasks, WikiText-2 / PTB perplexity",
-         f"SmolLM2-135M, recall + perplexity on {ex.source}, {settings.steps} forced tokens"),
-    ], columns=["", "paper", "ours"])
-    sections.append(Section(
-        "Setup, and what differs from the paper",
-        "Speed comes from the simulator, not from an A6000: its efficiencies are stated assumptions in the "
-        "profile (see docs/SIMULATOR.md for the model and its measured fidelity on this machine). InfiniGen's "
-        "fetched share is the one SmolLM2 really chose; OPT-13B's may differ. The paper's overlap of weight and "
-        "cache I/O is off in both. UVM baselines are not modelled.", table=setup))
-
-    batch = speed[base & paper_ig & (speed["prompt_len"] == p["prompt_len"]) & speed["batch"].isin(p["batches"])]
-    batch = _speedup_table(batch.sort_values(["policy", "batch"]), "batch")
-    ig = batch[batch["policy"] == "infinigen"].set_index("batch")["total_s"]
-    vs = {pol: batch[batch["policy"] == pol].set_index("batch")["total_s"] / ig for pol in ("full", "int4", "h2o")}
-    wide = batch.pivot(index="policy", columns="batch", values="total_s").reindex(list(BASELINES))
-    wide.columns = [f"batch {b} (s)" for b in wide.columns]
-    sections.append(Section(
-        "Speedup vs batch size (OPT-13B, prompt 1920, generate 128)",
-        "Total time (prefill + 128 tokens) per policy, and the speedup over full. The table gives total seconds.",
-        figures.panels(batch, "batch", [("total_s", "total seconds"), ("speedup", "speedup over full")], "policy",
-                       "paper-batch", "OPT-13B on " + profile.name + ": time and speedup vs batch", ran_speed,
-                       "batch size", reference=None), wide.reset_index()))
-    claims = [("InfiniGen vs FlexGen (full)", "part of 1.63x-32.93x over the baselines", _range(vs["full"])),
-              ("InfiniGen vs INT4", "up to 3.00x over prior KV-cache methods", _range(vs["int4"])),
-              ("InfiniGen vs H2O", "up to 3.00x over prior KV-cache methods", _range(vs["h2o"]))]
-
-    at8 = speed[base & paper_ig & (speed["batch"] == 8) & (speed["prompt_len"] == p["prompt_len"])]
-    phase_cols = [c for c in at8.columns if c.endswith("_ms") and c != "decode_ms"]
-    sections.append(Section(
-        "Where a decode step's time goes (OPT-13B, batch 8)",
-        BREAKDOWN_TEXT,
-        figures.breakdown(list(at8["policy"]), [{c.removesuffix("_ms"): r[c] for c in phase_cols}
-                                                for _, r in at8.iterrows()],
-                          list(at8["decode_ms"]), "paper-breakdown", "decode step breakdown, OPT-13B batch 8",
-                          ran_speed)))
-    from sim.workload import synthetic
-    from traces.spec import named_model
-
-    workload = synthetic(named_model(p["model"]), 8, p["prompt_len"], 8, "infinigen", "float16",
-                         {"budget": float(MAX_KV), "partial_ratio": p["partial_ratio"]}, share_at[p["alpha"]])
-    sections.append(timeline_section(workload, profile, ran_speed + "; 8 generated tokens for the excerpt"))
-
-    prompt = speed[base & paper_ig & (speed["batch"] == 8) & speed["prompt_len"].isin(p["prompt_lens"])]
-    prompt = _speedup_table(prompt.sort_values(["policy", "prompt_len"]), "prompt_len")
-    ig_p = prompt[prompt["policy"] == "infinigen"]
-    sections.append(Section(
-        "Speedup vs prompt length (OPT-13B, batch 8)",
-        "The cap of 400 KV per layer binds only above 400 tokens, so InfiniGen's advantage grows with the prompt.",
-        figures.panels(prompt, "prompt_len", [("speedup", "speedup over full")], "policy", "paper-prompt",
-                       f"speedup over full vs prompt length, OPT-13B batch 8 on {profile.name}", ran_speed,
-                       "prompt length", reference=1.0),
-        prompt.pivot(index="policy", columns="prompt_len", values="speedup").reindex(list(BASELINES)).rename(
-            columns=lambda n: f"prompt {n}").reset_index()))
-    claims.append(("vs prompt length 384..1920", "swept; no number in INFINIGEN.md",
-                   f"InfiniGen over full {ig_p['speedup'].min():.2f}x (384) to {ig_p['speedup'].max():.2f}x"))
-
-    models = speed[(speed["gen_len"] == p["gen_len"]) & paper_ig & (speed["batch"] == 4)
-                   & (speed["prompt_len"] == p["prompt_len"]) & speed["model"].isin(p["models"])]
-    fit = models[models["fits"]]
-    fit = pd.concat([_speedup_table(g, "batch") for _, g in fit.groupby("model", sort=False)]) if len(fit) else fit
-    missing = models[~models["fits"]].drop_duplicates("model")
-    note = "".join(f" {r.model} does not fit: {r.does_not_fit} (the paper's FlexGen offloads part of the weights; "
-                   "our executor and simulator keep them on the device)." for r in missing.itertuples())
-    if len(fit):
-        table = fit.pivot(index="policy", columns="model", values="speedup").reindex(list(BASELINES))
-        sections.append(Section(
-            "Speedup vs model size (batch 4)", "Speedup over full per model." + note,
-            figures.panels(fit, "model", [("speedup", "speedup over full")], "policy", "paper-models",
-                           f"speedup over full vs model, batch 4, prompt 1920 on {profile.name}", ran_speed,
-                           "model", categorical=True, reference=1.0),
-            table.rename(columns=lambda m: f"{m} speedup").reset_index()))
-    claims.append(("vs model size 6.7B/13B/30B", "swept; no number in INFINIGEN.md",
-                   ", ".join(f"{m}: {v:.2f}x" for m, v in fit[fit["policy"] == "infinigen"][["model", "speedup"]]
-                             .itertuples(index=False)) + ("; " + ", ".join(missing["model"]) + " does not fit"
-                                                          if len(missing) else "")))
-
-    full8 = float(at8.loc[at8["policy"] == "full", "total_s"].iloc[0])
-    alpha_rows = speed[base & (speed["policy"] == "infinigen") & (speed["batch"] == 8)
-                       & (speed["prompt_len"] == p["prompt_len"]) & (speed["partial_ratio"] == p["partial_ratio"])]
-    alpha_rows = alpha_rows.assign(speedup=full8 / alpha_rows["total_s"]).sort_values("alpha")
-    acc_alpha = quality_points([*dense, *by_alpha.values()])
-    acc_alpha = acc_alpha[acc_alpha["policy"] == "infinigen"].assign(
-        alpha=[k["alpha"] for k in acc_alpha[acc_alpha["policy"] == "infinigen"]["knobs"]])
-    sens = alpha_rows[["alpha", "speedup", "fetched_fraction"]].merge(
-        acc_alpha[["alpha", "recall", "perplexity_ratio"]], on="alpha", how="left").assign(policy="infinigen")
-    sections.append(Section(
-        "Sensitivity to alpha",
-        "Larger alpha fetches more tokens (up to the 400-KV cap): speed falls, accuracy rises. Speed: OPT-13B "
-        "batch 8 with the share SmolLM2 chose at each alpha; accuracy: SmolLM2 runs at each alpha.",
-        figures.panels(sens, "alpha", [("speedup", "speedup over full (OPT-13B b8, simulated)"),
-                                       ("recall", "recall (SmolLM2, measured)"),
-                                       ("perplexity_ratio", "perplexity / dense (SmolLM2)")], "policy",
-                       "paper-alpha", "alpha sensitivity", f"{ran_speed}; {ran_exec}", "alpha"),
-        sens.drop(columns="policy")))
-
-    ratio_rows = speed[base & (speed["policy"] == "infinigen") & (speed["batch"] == 8)
-                       & (speed["prompt_len"] == p["prompt_len"]) & (speed["alpha"] == p["alpha"])]
-    ratio_rows = ratio_rows.assign(speedup=full8 / ratio_rows["total_s"])
-    acc_ratio = quality_points([*dense, *by_ratio.values()])
-    acc_ratio = acc_ratio[acc_ratio["policy"] == "infinigen"].assign(
-        partial_ratio=[k["partial_ratio"] for k in acc_ratio[acc_ratio["policy"] == "infinigen"]["knobs"]])
-    sens_r = ratio_rows[["partial_ratio", "speedup", "fetched_fraction", "spec_ms"]].merge(
-        acc_ratio[["partial_ratio", "recall", "perplexity_ratio"]], on="partial_ratio", how="inner").assign(
-        policy="infinigen").sort_values("partial_ratio")
-    sections.append(Section(
-        "Sensitivity to the partial weight ratio",
-        "A larger ratio makes speculation costlier (more columns of the partial key cache scanned) and its "
-        "ranking closer to exact. Speed: OPT-13B batch 8 with the share SmolLM2 chose at each ratio; accuracy: "
-        "SmolLM2 runs at each ratio.",
-        figures.panels(sens_r, "partial_ratio", [("speedup", "speedup over full (OPT-13B b8, simulated)"),
-                                                 ("recall", "recall (SmolLM2, measured)")], "policy",
-                       "paper-partial-ratio", "partial weight ratio sensitivity", f"{ran_speed}; {ran_exec}",
-                       "partial weight ratio"),
-        sens_r.drop(columns="policy")))
-
-    sections.append(accuracy_section(points, "paper-accuracy", ran_exec))
-    at = {pol: points[(points["policy"] == pol)] for pol in ("infinigen", "oracle", "h2o", "int4")}
-    lines = []
-    for f in fractions:
-        ig_f = at["infinigen"].iloc[(at["infinigen"]["fetched_fraction"] - f).abs().argmin()]
-        h2o_f = at["h2o"].iloc[(at["h2o"]["fetched_fraction"] - f).abs().argmin()]
-        lines.append(f"at {f:.0%}: recall {ig_f.recall:.3f} vs H2O {h2o_f.recall:.3f}, perplexity x"
-                     f"{ig_f.perplexity_ratio:.3f} vs x{h2o_f.perplexity_ratio:.3f}")
-    claims.append(("accuracy vs fetched fraction", "close to the full cache; better than H2O and INT4 at the "
-                   "same fetched fraction", "; ".join(lines) + f"; INT4 (whole cache) perplexity x"
-                   f"{at['int4']['perplexity_ratio'].iloc[0]:.3f}"))
-    sections.insert(1, Section("The paper's claims beside ours",
-                               "Speed rows: simulated OPT-13B on the profile; accuracy row: SmolLM2 measured. "
-                               "INFINIGEN.md gives the paper's headline numbers only, so the sweeps' shapes are "
-                               "compared, not their points.", table=_claims(claims)))
+    batch, claims = _batch_section(speed)
+    prompt, prompt_claim = _prompt_section(speed)
+    model, model_claim = _model_section(speed)
+    claims += [prompt_claim, model_claim, _accuracy_claim(points)]
+    claims_section = Section("The paper's claims beside ours",
+                             "Speed rows: simulated OPT-13B on the profile; accuracy row: SmolLM2 measured. "
+                             "INFINIGEN.md gives the paper's headline numbers only, so the sweeps' shapes are "
+                             "compared, not their points.",
+                             table=pd.DataFrame(claims, columns=["", "paper (INFINIGEN.md)", "ours"]))
+    sections = [_setup_section(profile, measured, settings), claims_section, batch,
+                *_breakdown_sections(speed, measured), prompt, *([model] if model else []),
+                *_sensitivity_sections(speed, measured), accuracy_section(points, "paper-accuracy", measured.ran)]
     (out / "paper-claims.json").write_text(json.dumps(claims, indent=1))
     intro = (f"InfiniGen's speed experiments simulated on `{profile.name}` and its accuracy trends measured on "
              f"SmolLM2-135M with this project's executor. Tables: `paper-speed.csv`, `paper-accuracy.csv`; "

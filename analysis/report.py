@@ -185,9 +185,20 @@ def plan_sections(rows: pd.DataFrame, ran: str, target_ms: float | None = None) 
     at = fit[(fit["profile"] == reference["profile"]) & (fit["model"] == reference["model"])
              & (fit["prompt_len"] == reference["prompt_len"]) & (fit["gen_len"] == reference["gen_len"])
              & (fit["batch"] == reference["batch"])]
+    ig = at[at["policy"] == "infinigen"]
+    if "alpha" in ig and ig["alpha"].nunique() > 1:
+        ig = ig[ig["budget"] == ig["budget"].max()].sort_values("alpha")  # the loosest cap shows alpha's effect
+        ys = [("decode_ms", "ms per decode step (simulated)"), ("fetched_fraction", "fetched share")]
+        if "expected_recall" in ig and ig["expected_recall"].notna().any():
+            ys.append(("expected_recall", "expected recall (quality traces)"))
+        what = (f"{reference['model']} on {reference['profile']}, batch {reference['batch']}, "
+                f"budget {ig['budget'].max():g}")
+        sections.append(Section(
+            "Sensitivity to alpha (simulated)", f"InfiniGen across the sweep's alphas ({what}).",
+            figures.panels(ig, "alpha", ys, "policy", "plan-alpha", f"alpha sensitivity: {what}", ran, "alpha")))
     at = at.loc[at.groupby("policy")["total_s"].idxmin()]
     phase_cols = [f"{p}_ms" for members in figures.GROUPS.values() for p in members]
-    if set(phase_cols) <= set(at.columns):
+    if len(at) and set(phase_cols) <= set(at.columns):
         what = (f"{reference['model']} on {reference['profile']}, batch {reference['batch']}, "
                 f"prompt {reference['prompt_len']}")
         sections.append(Section(
@@ -207,8 +218,8 @@ def validation_sections(data: dict[str, Any], source: str) -> list[Section]:
                            "step MAPE %": c["step"]["mape"], "p90 %": c["step"]["p90"],
                            "end-to-end error %": c["end_to_end_s"]["error_pct"]} for c in comparisons])
     return [Section("Predicted vs measured (validation)",
-                    f"The executor's run on `{comparisons[0]['profile']}`, replayed by the simulator on the same "
-                    "machine's calibrated profile; errors relative to the measurement.",
+                    f"The executor's runs, replayed by the simulator on profile `{comparisons[0]['profile']}` (for a "
+                    "fair check, one calibrated on the machine that ran them); errors relative to the measurement.",
                     figures.validation_steps(comparisons, "validation-steps", ran), table)]
 
 
@@ -237,6 +248,7 @@ def trace_sections(paths: Sequence[str | Path], profile: str | None) -> list[Sec
     if quality:
         points = quality_points(quality)
         sections.append(accuracy_section(points, "trace-accuracy", ran))
+        sections += knob_sections(points, ran)
     offloaded = [(p, t) for p, t in traces if t.run["policy"] != "resident"]
     if profile and offloaded:
         from hwprofiles.profile import load_profile
@@ -255,6 +267,34 @@ def _label(trace: Any) -> str:
     shown = [f"{k} {knobs[k]:g}" for k in ("alpha", "budget") if isinstance(knobs.get(k), int | float)
              and not (k == "alpha" and knobs[k] >= 100)]
     return " ".join([trace.run["policy"], *shown, f"b{trace.run['batch']} p{max(trace.run['prompt_lens'])}"])
+
+
+def knob_sections(points: pd.DataFrame, ran: str) -> list[Section]:
+    """Accuracy vs alpha and vs partial ratio, where the quality traces of infinigen vary one of them with
+    the other knobs held (the most common setting of the others)."""
+    ig = points[points["policy"] == "infinigen"]
+    sections = []
+    for knob, label in (("alpha", "alpha"), ("partial_ratio", "partial weight ratio")):
+        settings = pd.DataFrame([{k: knobs.get(k) for k in ("alpha", "budget", "partial_ratio", "dense_layers")}
+                                 for knobs in ig["knobs"]], index=ig.index)
+        if settings.empty or settings[knob].nunique() < 2:
+            continue
+        others = [c for c in settings.columns if c != knob]
+        held = settings[others].astype(str).agg("|".join, axis=1)
+        same = ig[held == held.mode().iloc[0]].assign(**{knob: settings[knob]})
+        if same[knob].nunique() < 2:
+            continue
+        fixed = ", ".join(f"{k} {_cell(v)}" for k, v in settings.loc[same.index[0], others].items()
+                          if v is not None and v == v)
+        ys = [("recall", "recall of exact attention mass"), ("fetched_fraction", "fetched share")]
+        if same["perplexity_ratio"].notna().any():
+            ys.append(("perplexity_ratio", "perplexity / dense"))
+        sections.append(Section(
+            f"Accuracy vs {label} (measured)", f"InfiniGen's quality traces at {fixed}.",
+            figures.panels(same.sort_values(knob), knob, ys, "policy", f"trace-{knob.replace('_', '-')}",
+                           f"infinigen accuracy vs {label} ({fixed})", ran, label),
+            same[[knob, "fetched_fraction", "recall", "topk_overlap", "perplexity_ratio"]].sort_values(knob)))
+    return sections
 
 
 def accuracy_section(points: pd.DataFrame, name: str, ran: str) -> Section:

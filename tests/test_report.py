@@ -45,7 +45,9 @@ def quality_traces(smollm2, tmp_path_factory):
     paths = {}
     for tag, policy, knobs in (("resident", "resident", {}), ("ig10", "infinigen", {"alpha": 1000.0, "budget": 0.1}),
                                ("ig40", "infinigen", {"alpha": 1000.0, "budget": 0.4}),
-                               ("h2o", "h2o", {"budget": 0.3}), ("int4", "int4", {})):
+                               ("h2o", "h2o", {"budget": 0.3}), ("int4", "int4", {}),
+                               ("a2", "infinigen", {"alpha": 2.0, "budget": 1.0}),
+                               ("a6", "infinigen", {"alpha": 6.0, "budget": 1.0})):
         _, trace = run_policy(smollm2.model, prompt, policy, SamplingConfig(5, stop_at_eos=False),
                               {"model": "smollm2-135m", "weights": "embedded"}, knobs=knobs, forced=forced,
                               quality=True)
@@ -121,13 +123,14 @@ def test_report_is_self_contained_and_every_image_decodes(quality_traces, tmp_pa
     plan = tmp_path / "plan"
     assert main(["plan", "--model", "opt-6.7b,opt-13b", "--profile", "a6000-pcie3,h100-pcie5", "--batch", "2,8",
                  "--prompt-len", "512,1024", "--gen-len", "4", "--policy", "full,h2o,infinigen",
-                 "--fetch-fraction", "0.1", "--serial", "--target-ms", "500", "--out", str(plan)]) == 0
+                 "--from-trace", quality_traces["a6"], "--alpha", "2,6", "--budget", "1.0", "--serial",
+                 "--target-ms", "500", "--out", str(plan)]) == 0
     workload = from_trace(read_trace(quality_traces["ig10"]))
     comparison = compare(workload, simulate(workload, load_profile("a6000-pcie3")))
     (tmp_path / "validation.json").write_text(json.dumps({"comparisons": [comparison], "command": "made by a test"},
                                                          default=float))
     out = tmp_path / "report"
-    traces = [quality_traces[k] for k in ("resident", "ig10", "ig40", "h2o")]
+    traces = [quality_traces[k] for k in ("resident", "ig10", "ig40", "h2o", "a2", "a6")]
     assert main(["report", "--plan", str(plan), "--validation", str(tmp_path / "validation.json"), "--trace", *traces,
                  "--out", str(out)]) == 0
     capsys.readouterr()
@@ -141,9 +144,10 @@ def test_report_is_self_contained_and_every_image_decodes(quality_traces, tmp_pa
     assert not {"script", "link", "iframe", "object", "embed"} & set(parser.tags)
     assert not re.search(r"url\(|@import|https?://", page)
     figures = sorted((out / "figures").glob("*.png"))
-    # pareto, speedup vs batch / prompt / model, simulated breakdown, validation, measured breakdown,
-    # accuracy, timeline
-    assert len(images) == len(figures) == 9
+    # pareto, speedup vs batch / prompt / model, alpha (simulated), simulated breakdown, validation,
+    # measured breakdown, accuracy vs fetched fraction, accuracy vs alpha (measured), timeline
+    assert len(images) == len(figures) == 11
+    assert {f.name for f in figures} >= {"plan-alpha.png", "trace-alpha.png", "timeline.png", "plan-pareto.png"}
     for data in images:
         width, height = _decode(base64.b64decode(data.removeprefix("data:image/png;base64,")))
         assert width > 300 and height > 150
