@@ -55,7 +55,7 @@ def add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
                                          "with InfiniGen's fetched share measured by the executor on SmolLM2, and "
                                          "the accuracy trends (recall, perplexity vs fetched fraction; alpha; "
                                          "partial ratio) measured by the executor on SmolLM2. Writes traces, "
-                                         "tables and one report. About 7 minutes on 2 CPU cores (--quick: ~1).",
+                                         "tables and one report. 7-8 minutes on 2 CPU cores (--quick: ~1).",
                              epilog=EPILOG)
     paper.add_argument("--profile", default="a6000-pcie3", help="hardware profile (default: the paper's testbed)")
     paper.add_argument("--text", help="text the executor reads (default: Python's bundled docs; the paper used "
