@@ -25,7 +25,7 @@ import pandas as pd
 from analysis import figures
 from analysis.accuracy import quality_points
 from analysis.planner import Config, evaluate
-from analysis.report import BREAKDOWN_TEXT, Section, accuracy_section, timeline_section
+from analysis.report import BREAKDOWN_TEXT, Section, accuracy_section, speedups, timeline_section
 from infinisim.errors import InfinisimError
 
 MAX_KV = 400  # the paper's cap: at most 400 KV entries fetched per layer
@@ -109,12 +109,6 @@ def _configs(profile: str, share_at: dict[int, float], shares_by_ratio: dict[flo
     return out
 
 
-def _speedup_table(rows: pd.DataFrame, axis: str) -> pd.DataFrame:
-    """Speedup over full (total time) per policy along `axis` (rows of one sweep)."""
-    full = rows[rows["policy"] == "full"].set_index(axis)["total_s"]
-    return rows.assign(speedup=[full.get(v, np.nan) / t for v, t in zip(rows[axis], rows["total_s"], strict=True)])
-
-
 def _range(values: pd.Series) -> str:
     return f"{values.min():.2f}x-{values.max():.2f}x" if len(values) else "-"
 
@@ -173,7 +167,7 @@ class Speed:
 
     def sweep(self, axis: str, **fixed: Any) -> pd.DataFrame:
         """`select(**fixed)` sorted along `axis`, with each policy's speedup over full."""
-        return _speedup_table(self.select(**fixed).sort_values(["policy", axis]), axis)
+        return speedups(self.select(**fixed), [axis]).sort_values(["policy", axis])
 
 
 def _setup_section(profile: Any, measured: Measured, settings: PaperSettings) -> Section:
@@ -258,7 +252,7 @@ def _model_section(speed: Speed) -> tuple[Section | None, tuple[str, str, str]]:
                    "our executor and simulator keep them on the device)." for r in missing.itertuples())
     section = None
     if len(fit):
-        fit = pd.concat([_speedup_table(g, "batch") for _, g in fit.groupby("model", sort=False)])
+        fit = speedups(fit, ["model"])
         table = fit.pivot(index="policy", columns="model", values="speedup").reindex(list(BASELINES))
         section = Section(
             "Speedup vs model size (batch 4)", "Speedup over full per model." + note,

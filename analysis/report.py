@@ -133,7 +133,7 @@ def write_report(sections: Sequence[Section], out_dir: str | Path, title: str, i
 # ------------------------------------------------------------------ sections from results a user has
 
 
-def _speedups(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+def speedups(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Per group of `by`, each policy's best (lowest total time over its knobs) speedup over `full`."""
     fit = rows[rows["fits"]]
     best = fit.loc[fit.groupby([*by, "policy"], dropna=False)["total_s"].idxmin()]
@@ -172,7 +172,7 @@ def plan_sections(rows: pd.DataFrame, ran: str, target_ms: float | None = None) 
             same = same[same[a] == reference[a]]
         if same[axis].nunique() < 2:
             continue
-        points = _speedups(same, [axis])
+        points = speedups(same, [axis])
         if axis == "model":
             points = points.sort_values("device_gb")
         fixed = ", ".join(f"{a} {reference[a]}" for a in held)
