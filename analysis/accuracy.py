@@ -9,7 +9,7 @@ take 5%): outside it there is no honest number to give.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +18,32 @@ import pandas as pd
 
 from infinisim.errors import InfinisimError
 from traces.summary import quality
-from traces.trace import read_trace
+from traces.trace import Trace, read_trace
 
 DENSE = ("resident", "full")  # attend over the whole cache in full precision: the reference
+EXPECTED = {"expected_recall": "recall", "expected_topk": "topk_overlap", "expected_ppl_ratio": "perplexity_ratio"}
 
 
 def quality_points(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per quality trace: policy, fetched share, recall, top-k overlap, perplexity and the
-    perplexity relative to a dense trace of the same model and prompt (when one is among them)."""
+    """`points_from` the quality traces in these files."""
+    return points_from({str(path): read_trace(path) for path in paths})
+
+
+def points_from(traces: Mapping[str, Trace]) -> pd.DataFrame:
+    """One row per quality trace (keyed by its source): policy, fetched share, recall, top-k overlap,
+    perplexity and the perplexity relative to a dense trace of the same model and prompt (when one is
+    among them)."""
     rows = []
-    for path in paths:
-        trace = read_trace(path)
+    for source, trace in traces.items():
         if not trace.run.get("quality"):
-            raise InfinisimError("not a quality trace (run it with `infinisim run --quality`)", path, "run.quality")
+            raise InfinisimError("not a quality trace (run it with `infinisim run --quality`)", source, "run.quality")
         q = quality(trace)
         policy = trace.run["policy"]
         share = 1.0 if policy in (*DENSE, "int4") else q["selected_fraction"]
         rows.append({"policy": policy, "model": trace.model.name, "prompt": tuple(trace.run["prompt_lens"]),
                      "fetched_fraction": share, "recall": 1.0 if policy in DENSE else q["recall"],
                      "topk_overlap": 1.0 if policy in DENSE else q["topk_overlap"], "perplexity": q["perplexity"],
-                     "knobs": trace.run.get("policy_knobs", {}), "source": str(path)})
+                     "knobs": trace.run.get("policy_knobs", {}), "source": source})
     points = pd.DataFrame(rows, columns=["policy", "model", "prompt", "fetched_fraction", "recall", "topk_overlap",
                                          "perplexity", "knobs", "source"])
     dense = points[points["policy"].isin(DENSE)].drop_duplicates(["model", "prompt"]).set_index(["model", "prompt"])
@@ -52,19 +58,18 @@ def expected(points: pd.DataFrame, policy: str, fraction: float) -> dict[str, An
     measured points; NaN where no point brackets it (within 5% of a measured share counts as it).
     Dense policies (resident, full) are exact: 1, 1, 1."""
     if policy in DENSE:  # exact attention over the whole cache: nothing to lose, by definition
-        return {"expected_recall": 1.0, "expected_topk": 1.0, "expected_ppl_ratio": 1.0}
+        return dict.fromkeys(EXPECTED, 1.0)
     mine = points[(points["policy"] == policy) & points["fetched_fraction"].notna()]
-    out = {"expected_recall": np.nan, "expected_topk": np.nan, "expected_ppl_ratio": np.nan}
+    out = dict.fromkeys(EXPECTED, np.nan)
     if mine.empty or not np.isfinite(fraction):
         return out
-    mine = mine.groupby("fetched_fraction", as_index=False)[["recall", "topk_overlap", "perplexity_ratio"]].mean()
+    mine = mine.groupby("fetched_fraction", as_index=False)[list(EXPECTED.values())].mean()
     x = mine["fetched_fraction"].to_numpy()
     tolerance = 0.05 * fraction  # h2o's fixed keep-set is a shrinking share of a growing cache
     if fraction < x.min() - tolerance or fraction > x.max() + tolerance:
         return out
     at = float(np.clip(fraction, x.min(), x.max()))
-    for key, column in (("expected_recall", "recall"), ("expected_topk", "topk_overlap"),
-                        ("expected_ppl_ratio", "perplexity_ratio")):
+    for key, column in EXPECTED.items():
         out[key] = float(np.interp(at, x, mine[column].to_numpy()))
     return out
 
@@ -72,6 +77,6 @@ def expected(points: pd.DataFrame, policy: str, fraction: float) -> dict[str, An
 def add_expected_accuracy(rows: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
     """The plan table with the accuracy to expect at each config's fetched share (NaN outside the
     measured range, or for a policy with no quality trace)."""
-    extra = [expected(points, row.policy, row.fetched_fraction) if row.fits else expected(points, "", np.nan)
-             for row in rows.itertuples()]
+    blank = dict.fromkeys(EXPECTED, np.nan)
+    extra = [expected(points, row.policy, row.fetched_fraction) if row.fits else blank for row in rows.itertuples()]
     return pd.concat([rows.reset_index(drop=True), pd.DataFrame(extra)], axis=1)

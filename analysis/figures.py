@@ -80,6 +80,13 @@ def breakdown(labels: Sequence[str], phase_ms: Sequence[dict[str, float]], step_
     return Figure(name, title, ran, _png(fig))
 
 
+def plan_breakdown(rows: pd.DataFrame, name: str, title: str, ran: str) -> Figure:
+    """`breakdown` of rows of the planner's table (one per policy: decode_ms and a `<phase>_ms` column per phase)."""
+    phases = [p for members in GROUPS.values() for p in members]
+    return breakdown(list(rows["policy"]), [{p: row[f"{p}_ms"] for p in phases} for _, row in rows.iterrows()],
+                     list(rows["decode_ms"]), name, title, ran)
+
+
 def panels(rows: pd.DataFrame, x: str, ys: Sequence[tuple[str, str]], hue: str, name: str, title: str, ran: str,
            xlabel: str | None = None, categorical: bool = False, reference: float | None = None) -> Figure:
     """One panel per (column, label) in `ys`, one line per value of `hue`, against `x`."""

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from analysis import figures
-from analysis.accuracy import quality_points
+from analysis.accuracy import points_from
 from analysis.planner import Config, evaluate
 from analysis.report import BREAKDOWN_TEXT, Section, accuracy_section, speedups, timeline_section
 from infinisim.errors import InfinisimError
@@ -61,7 +60,8 @@ class Executor:
         self.prompt, self.forced = [ids[:settings.prompt_len]], [ids[settings.prompt_len:need]]
         self.settings, self.out, self.log = settings, out / "traces", log
         self.source = settings.text or "pydoc_data"
-        self.done: dict[str, str] = {}
+        self.done: dict[str, str] = {}  # tag -> path
+        self.traces: dict[str, Any] = {}  # path -> Trace
 
     def run(self, policy: str, knobs: dict[str, Any]) -> str:
         from executor.generate import SamplingConfig
@@ -77,16 +77,8 @@ class Executor:
                                                    "prompt_source": self.source},
                               knobs=knobs, forced=self.forced, quality=True)
         path = str(write_trace(trace, self.out / f"smollm2-135m-{tag}.trace.parquet"))
-        self.done[tag] = path
+        self.done[tag], self.traces[path] = path, trace
         return path
-
-
-def _share(path: str, alpha: float) -> float:
-    """Mean uncapped within-alpha share over a trace's speculating layers."""
-    from sim.workload import fetched_fraction_per_layer
-    from traces.trace import read_trace
-
-    return float(np.nanmean(fetched_fraction_per_layer(read_trace(path), alpha)))
 
 
 def _configs(profile: str, share_at: dict[int, float], shares_by_ratio: dict[float, float]) -> list[Config]:
@@ -122,10 +114,16 @@ class Measured:
     by_ratio: dict[float, str]  # infinigen at the paper's setting, per partial weight ratio
     share_at: dict[int, float]  # uncapped share within alpha 1..9 at the paper's setting
     share_by_ratio: dict[float, float]  # share within the paper's alpha, per partial ratio
+    points: pd.DataFrame  # quality points of every run (`source`: its trace's path)
     ran: str  # what was run, for the figures
+
+    def points_of(self, paths: list[str]) -> pd.DataFrame:
+        return self.points[self.points["source"].isin(paths)]
 
 
 def measure(settings: PaperSettings, out: Path, log: Callable[[str], None]) -> Measured:
+    from sim.workload import mean_fetched_fraction
+
     p = PAPER
     fractions = [0.1, 0.3] if settings.quick else [0.05, 0.1, 0.2, 0.4]
     alphas = [1, 4, 9] if settings.quick else p["alphas"]
@@ -139,11 +137,12 @@ def measure(settings: PaperSettings, out: Path, log: Callable[[str], None]) -> M
                    for f in fractions for pol in ("infinigen", "oracle", "h2o")]
     by_alpha = {a: ex.run("infinigen", {**paper_knobs, "alpha": float(a)}) for a in alphas}
     by_ratio = {r: ex.run("infinigen", {**paper_knobs, "partial_ratio": r}) for r in ratios}
-    paper_trace = ex.run("infinigen", paper_knobs)  # already run when alpha 4 is in the sweep
-    share_at = {a: _share(paper_trace, a) for a in p["alphas"]}
+    paper_trace = ex.traces[ex.run("infinigen", paper_knobs)]  # already run when alpha 4 is in the sweep
+    share_at = {a: mean_fetched_fraction(paper_trace, a) for a in p["alphas"]}
     log(f"  InfiniGen's uncapped share at alpha {p['alpha']} (SmolLM2): {share_at[p['alpha']]:.3f}")
     return Measured(dense, by_fraction, by_alpha, by_ratio, share_at,
-                    {r: _share(path, p["alpha"]) for r, path in by_ratio.items()},
+                    {r: mean_fetched_fraction(ex.traces[path], p["alpha"]) for r, path in by_ratio.items()},
+                    points_from(ex.traces),
                     f"infinisim reproduce paper (executor: SmolLM2, {settings.prompt_len}-token prompt from "
                     f"{ex.source}, {settings.steps} teacher-forced steps; traces in {ex.out})")
 
@@ -212,13 +211,9 @@ def _breakdown_sections(speed: Speed, measured: Measured) -> list[Section]:
     from traces.spec import named_model
 
     at8 = speed.select(model=PAPER["model"], prompt_len=PAPER["prompt_len"], batch=8)
-    phase_cols = [c for c in at8.columns if c.endswith("_ms") and c != "decode_ms"]
-    breakdown = Section(
-        "Where a decode step's time goes (OPT-13B, batch 8)", BREAKDOWN_TEXT,
-        figures.breakdown(list(at8["policy"]), [{c.removesuffix("_ms"): r[c] for c in phase_cols}
-                                                for _, r in at8.iterrows()],
-                          list(at8["decode_ms"]), "paper-breakdown", "decode step breakdown, OPT-13B batch 8",
-                          speed.ran))
+    breakdown = Section("Where a decode step's time goes (OPT-13B, batch 8)", BREAKDOWN_TEXT,
+                        figures.plan_breakdown(at8, "paper-breakdown", "decode step breakdown, OPT-13B batch 8",
+                                               speed.ran))
     workload = synthetic(named_model(PAPER["model"]), 8, PAPER["prompt_len"], 8, "infinigen", "float16",
                          {"budget": float(MAX_KV), "partial_ratio": PAPER["partial_ratio"]},
                          measured.share_at[PAPER["alpha"]])
@@ -266,8 +261,7 @@ def _model_section(speed: Speed) -> tuple[Section | None, tuple[str, str, str]]:
 
 
 def _knob_accuracy(measured: Measured, paths: list[str], knob: str) -> pd.DataFrame:
-    points = quality_points([*measured.dense, *paths])
-    mine = points[points["policy"] == "infinigen"]
+    mine = measured.points_of(paths)
     return mine.assign(**{knob: [k[knob] for k in mine["knobs"]]})
 
 
@@ -332,7 +326,7 @@ def reproduce_paper(settings: PaperSettings, out_dir: str | Path, log: Callable[
     rows = pd.DataFrame([evaluate(c) for c in configs.values()])
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "paper-speed.csv", index=False)
-    points = quality_points([*measured.dense, *measured.by_fraction])
+    points = measured.points_of([*measured.dense, *measured.by_fraction])
     points.to_csv(out / "paper-accuracy.csv", index=False)
     speed = Speed(rows, profile, f"infinisim reproduce paper --profile {settings.profile} (simulator; table "
                                  f"{out / 'paper-speed.csv'})")

@@ -61,11 +61,8 @@ def main() -> int:
         _, trace = run_policy(loaded.model, prompt, name, sampling, {"model": "smollm2-135m", "weights": "embedded"},
                               knobs=knobs, forced=forced, quality=True)
         s = summarize(trace)
-        decode = trace.layers[trace.layers.step > 0]
-        selecting = decode[decode.recall.map(len) > 0]
-        fetched = (selecting.tokens_fetched / (selecting.kv_len - 1)).mean() if len(selecting) else float("nan")
         rows.append({"policy": name, "knobs": knobs, "target_fraction": fraction,
-                     "fetched_fraction_selecting_layers": float(fetched),
+                     "fetched_fraction_selecting_layers": s["selected_fraction"],
                      "attended_fraction_all_layers": s["attended_fraction"],
                      "recall": s["recall"], "topk_overlap": s["topk_overlap"], "perplexity": s["perplexity"],
                      "bytes_h2d_per_decode_step": s["bytes_h2d_per_decode_step"],

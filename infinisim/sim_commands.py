@@ -385,7 +385,6 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from analysis.accuracy import add_expected_accuracy, quality_points
@@ -405,11 +404,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(sweep, axis, value)
     if args.from_trace:
-        from sim.workload import fetched_fraction_per_layer
+        from sim.workload import mean_fetched_fraction
         from traces.trace import read_trace
 
         trace = read_trace(args.from_trace)
-        sweep.alpha_shares = tuple(float(np.nanmean(fetched_fraction_per_layer(trace, a))) for a in range(1, 10))
+        sweep.alpha_shares = tuple(mean_fetched_fraction(trace, a) for a in range(1, 10))
     if "infinigen" in sweep.policies and sweep.fetch_fraction is None and sweep.alpha_shares is None:
         raise InfinisimError("infinigen needs --fetch-fraction or --from-trace (a trace's within-alpha counts)",
                              field="--fetch-fraction")

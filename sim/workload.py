@@ -122,6 +122,12 @@ def fetched_fraction_per_layer(trace: Trace, alpha: float) -> np.ndarray:
     return out
 
 
+def mean_fetched_fraction(trace: Trace, alpha: float) -> float:
+    """The uncapped share within `alpha`, averaged over the trace's speculating layers: what a model
+    with a different layer count (or the planner's alpha axis) takes from a trace."""
+    return float(np.nanmean(fetched_fraction_per_layer(trace, alpha)))
+
+
 def synthetic(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, policy: str, dtype: str = "float16",
               knobs: dict[str, Any] | None = None, fetch_fraction: float | np.ndarray | None = None) -> Workload:
     """A workload from a description. For infinigen, `fetch_fraction` is the uncapped share of the
