@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from infinisim.errors import InfinisimError
-from traces.summary import quality
-from traces.trace import Trace, read_trace
+from infinisim.core.errors import InfinisimError
+from infinisim.traces.summary import quality
+from infinisim.traces.trace import Trace, read_trace
 
 DENSE = ("resident", "full")  # attend over the whole cache in full precision: the reference
 EXPECTED = {"expected_recall": "recall", "expected_topk": "topk_overlap", "expected_ppl_ratio": "perplexity_ratio"}

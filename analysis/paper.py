@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-from analysis import figures
-from analysis.accuracy import points_from
-from analysis.planner import Config, evaluate
-from analysis.report import BREAKDOWN_TEXT, Section, accuracy_section, speedups, timeline_section
-from infinisim.errors import InfinisimError
+from infinisim.analysis import figures
+from infinisim.analysis.accuracy import points_from
+from infinisim.analysis.planner import Config, evaluate
+from infinisim.analysis.report import BREAKDOWN_TEXT, Section, accuracy_section, speedups, timeline_section
+from infinisim.core.errors import InfinisimError
 
 MAX_KV = 400  # the paper's cap: at most 400 KV entries fetched per layer
 PAPER = {"model": "opt-13b", "prompt_len": 1920, "gen_len": 128, "alpha": 4, "partial_ratio": 0.2,
@@ -48,8 +47,8 @@ class Executor:
     """SmolLM2 loaded once; teacher-forced quality runs written as traces, one per distinct setting."""
 
     def __init__(self, settings: PaperSettings, out: Path, log: Callable[[str], None]):
-        from executor.loaders import load_model
-        from executor.prompts import bundled_text, read_prompt_file
+        from infinisim.executor.loaders import load_model
+        from infinisim.executor.prompts import bundled_text, read_prompt_file
 
         self.loaded = load_model("smollm2-135m")
         text = read_prompt_file(settings.text) if settings.text else bundled_text()
@@ -64,9 +63,9 @@ class Executor:
         self.traces: dict[str, Any] = {}  # path -> Trace
 
     def run(self, policy: str, knobs: dict[str, Any]) -> str:
-        from executor.generate import SamplingConfig
-        from executor.recording import run_policy
-        from traces.trace import write_trace
+        from infinisim.executor.generate import SamplingConfig
+        from infinisim.executor.recording import run_policy
+        from infinisim.traces.trace import write_trace
 
         tag = f"{policy}-" + "-".join(f"{k}{v:g}" for k, v in sorted(knobs.items())) if knobs else policy
         if tag in self.done:
@@ -122,7 +121,7 @@ class Measured:
 
 
 def measure(settings: PaperSettings, out: Path, log: Callable[[str], None]) -> Measured:
-    from sim.workload import mean_fetched_fraction
+    from infinisim.sim.workload import mean_fetched_fraction
 
     p = PAPER
     fractions = [0.1, 0.3] if settings.quick else [0.05, 0.1, 0.2, 0.4]
@@ -207,8 +206,8 @@ def _batch_section(speed: Speed) -> tuple[Section, list[tuple[str, str, str]]]:
 
 
 def _breakdown_sections(speed: Speed, measured: Measured) -> list[Section]:
-    from sim.workload import synthetic
-    from traces.spec import named_model
+    from infinisim.sim.workload import synthetic
+    from infinisim.traces.spec import named_model
 
     at8 = speed.select(model=PAPER["model"], prompt_len=PAPER["prompt_len"], batch=8)
     breakdown = Section("Where a decode step's time goes (OPT-13B, batch 8)", BREAKDOWN_TEXT,
@@ -316,7 +315,7 @@ def _accuracy_claim(points: pd.DataFrame) -> tuple[str, str, str]:
 def reproduce_paper(settings: PaperSettings, out_dir: str | Path, log: Callable[[str], None] = print
                     ) -> tuple[list[Section], str]:
     """Run the executor and the simulator experiments; return the report's sections and intro."""
-    from hwprofiles.profile import load_profile
+    from infinisim.hwprofiles.profile import load_profile
 
     out = Path(out_dir)
     profile = load_profile(settings.profile)  # a bad profile fails before minutes of measuring

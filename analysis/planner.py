@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from infinisim.errors import InfinisimError
-from infinisim.files import read_yaml
+from infinisim.core.errors import InfinisimError
+from infinisim.core.files import read_yaml
 
 AXES = ("profiles", "models", "batches", "prompt_lens", "gen_lens", "policies", "budgets", "alphas",
         "pool_capacities")
@@ -134,17 +133,17 @@ def _axis_value(axis: str, item: Any, path: Path) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _profile(name: str) -> Any:
-    from hwprofiles.profile import load_profile
+    from infinisim.hwprofiles.profile import load_profile
 
     return load_profile(name)  # parsed once per process, not once per config
 
 
 def evaluate(config: Config) -> dict[str, Any]:
     """Simulate one config (or say why it does not fit). Pure: the same config, the same row."""
-    from sim.engine import simulate
-    from sim.memory import memory_plan
-    from sim.workload import selected_share, synthetic
-    from traces.spec import named_model
+    from infinisim.sim.engine import simulate
+    from infinisim.sim.memory import memory_plan
+    from infinisim.sim.workload import selected_share, synthetic
+    from infinisim.traces.spec import named_model
 
     row: dict[str, Any] = {"key": config.key(), **{k: v for k, v in asdict(config).items() if k != "alpha_shares"}}
     try:

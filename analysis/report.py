@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from analysis import figures
-from analysis.figures import Figure
-from infinisim.errors import InfinisimError
-from infinisim.files import write_text_atomic
+from infinisim.analysis import figures
+from infinisim.analysis.figures import Figure
+from infinisim.core.errors import InfinisimError
+from infinisim.core.files import write_text_atomic
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45} h1{font-size:1.6em} h2{font-size:1.25em;margin-top:2em;
@@ -145,7 +144,7 @@ def speedups(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
 
 def plan_sections(rows: pd.DataFrame, ran: str, target_ms: float | None = None) -> list[Section]:
     """Pareto plot, speedup over `full` along each axis the sweep varied, and a breakdown per policy."""
-    from analysis.planner import best_under, pareto
+    from infinisim.analysis.planner import best_under, pareto
 
     if "decode_ms" not in rows or not rows["fits"].any():
         raise InfinisimError("the plan has no config that fits: nothing to plot", field="fits")
@@ -221,9 +220,9 @@ def validation_sections(data: dict[str, Any], source: str) -> list[Section]:
 def trace_sections(paths: Sequence[str | Path], profile: str | None) -> list[Section]:
     """Measured breakdown per policy, accuracy vs fetched share (quality traces), and a simulated
     timeline excerpt of the first offloading trace on `profile`."""
-    from analysis.accuracy import points_from
-    from traces.summary import summarize
-    from traces.trace import read_trace
+    from infinisim.analysis.accuracy import points_from
+    from infinisim.traces.summary import summarize
+    from infinisim.traces.trace import read_trace
 
     traces = [(str(p), read_trace(p)) for p in paths]
     sections = []
@@ -246,8 +245,8 @@ def trace_sections(paths: Sequence[str | Path], profile: str | None) -> list[Sec
         sections += knob_sections(points, ran)
     offloaded = [(p, t) for p, t in traces if t.run["policy"] != "resident"]
     if profile and offloaded:
-        from hwprofiles.profile import load_profile
-        from sim.workload import from_trace
+        from infinisim.hwprofiles.profile import load_profile
+        from infinisim.sim.workload import from_trace
 
         path, pick = next(((p, t) for p, t in offloaded if t.run["policy"] == "infinigen"), offloaded[0])
         chosen = load_profile(profile)
@@ -308,7 +307,7 @@ def accuracy_section(points: pd.DataFrame, name: str, ran: str) -> Section:
 
 def timeline_section(workload: Any, profile: Any, ran: str) -> Section:
     """One decode step of `workload` simulated on `profile`, as a stream-by-stream timeline."""
-    from sim.engine import simulate
+    from infinisim.sim.engine import simulate
 
     result = simulate(workload, profile, timeline=True)
     step = min(2, workload.n_steps)

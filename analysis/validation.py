@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from sim.engine import PHASES, SimResult
-from sim.workload import Workload
+from infinisim.sim.engine import PHASES, SimResult
+from infinisim.sim.workload import Workload
 
 COMPARED_PHASES = ("attn", "ffn", "spec", "gather", "h2d", "d2h")
 
@@ -86,7 +85,7 @@ def relative(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_steps(comparisons: list[dict[str, Any]], path: str, ran: str = "infinisim validate") -> str:
     """Predicted vs measured decode latency per step, one panel per run, as a PNG file."""
-    from analysis.figures import validation_steps
+    from infinisim.analysis.figures import validation_steps
 
     Path(path).write_bytes(validation_steps(comparisons, Path(path).stem, ran).png)
     return path

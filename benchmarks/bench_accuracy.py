@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from executor.generate import SamplingConfig
-from executor.loaders import load_model
-from executor.recording import run_policy
-from traces.summary import summarize
+from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.loaders import load_model
+from infinisim.executor.recording import run_policy
+from infinisim.traces.summary import summarize
 
 REPO = Path(__file__).resolve().parent.parent
 

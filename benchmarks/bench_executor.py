@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-
-from executor.generate import SamplingConfig
-from executor.loaders import load_model
-from executor.prompts import bundled_prompts
-from executor.recording import run_policy
-from traces.spec import DTYPE_BYTES
-from traces.summary import summarize
+from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.loaders import load_model
+from infinisim.executor.prompts import bundled_prompts
+from infinisim.executor.recording import run_policy
+from infinisim.traces.spec import DTYPE_BYTES
+from infinisim.traces.summary import summarize
 
 
 def main() -> int:

@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from executor.generate import SamplingConfig, generate
-from executor.loaders import load_model
-from executor.policies import make_policy
-from executor.prompts import needle_prompt
+from infinisim.executor.generate import SamplingConfig, generate
+from infinisim.executor.loaders import load_model
+from infinisim.executor.policies import make_policy
+from infinisim.executor.prompts import needle_prompt
 
 
 def main() -> int:

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.planner import Sweep, run_sweep
-from hwprofiles.profile import builtin_profiles
+from infinisim.analysis.planner import Sweep, run_sweep
+from infinisim.hwprofiles.profile import builtin_profiles
 
 
 def main() -> int:

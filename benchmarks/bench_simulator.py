@@ -21,15 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from executor.generate import SamplingConfig
-from executor.loaders import load_model
-from executor.model import Transformer
-from executor.recording import run_policy
-from hwprofiles.profile import load_profile
-from sim.engine import simulate
-from sim.workload import fetched_fraction_per_layer, from_trace, synthetic
-from traces.spec import ModelSpec, named_model
+from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.loaders import load_model
+from infinisim.executor.model import Transformer
+from infinisim.executor.recording import run_policy
+from infinisim.hwprofiles.profile import load_profile
+from infinisim.sim.engine import simulate
+from infinisim.sim.workload import fetched_fraction_per_layer, from_trace, synthetic
+from infinisim.traces.spec import ModelSpec, named_model
 
 REPO = Path(__file__).resolve().parent.parent
 BATCHES = (4, 8, 12, 16, 20)
@@ -66,7 +65,7 @@ def infinigen_shares(text_path: Path, prompt_len: int) -> tuple[np.ndarray, str]
     if text_path.exists():
         ids, source = loaded.tokenizer.encode(text_path.read_text(encoding="utf-8")).ids, str(text_path)
     else:
-        from executor.prompts import bundled_text
+        from infinisim.executor.prompts import bundled_text
 
         ids, source = loaded.tokenizer.encode(bundled_text()[:40000]).ids, "pydoc_data.topics"
     _, trace = run_policy(loaded.model, [ids[:prompt_len]], "infinigen", SamplingConfig(32, stop_at_eos=False),

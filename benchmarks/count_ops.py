@@ -18,12 +18,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from infinisim.executor import timing
+from infinisim.executor.generate import SamplingConfig, generate
+from infinisim.executor.loaders import load_model
+from infinisim.executor.policies import make_policy
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from executor import timing
-from executor.generate import SamplingConfig, generate
-from executor.loaders import load_model
-from executor.policies import make_policy
 
 POLICIES = ("resident", "full", "infinigen", "h2o", "int4")
 

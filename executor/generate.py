@@ -6,13 +6,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.kvcache import PolicyContext
+from infinisim.executor.model import StepState, Transformer
+from infinisim.executor.policies import Policy
+from infinisim.executor.timing import StepRecorder, StepTimes
 from torch import Tensor
-
-from executor.kvcache import PolicyContext
-from executor.model import StepState, Transformer
-from executor.policies import Policy
-from executor.timing import StepRecorder, StepTimes
-from infinisim.errors import InfinisimError
 
 
 @dataclass

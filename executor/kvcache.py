@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.timing import StepRecorder
 from torch import Tensor
 
-from executor.timing import StepRecorder
-from infinisim.errors import InfinisimError
-
 if TYPE_CHECKING:
-    from executor.model import Transformer
+    from infinisim.executor.model import Transformer
 
 
 def available_bytes(device: torch.device) -> int:

@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+from infinisim.traces.spec import ModelSpec
 from torch import Tensor, nn
 
-from traces.spec import ModelSpec
-
 if TYPE_CHECKING:
-    from executor.timing import StepRecorder
+    from infinisim.executor.timing import StepRecorder
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table reserves two leading rows
 

@@ -9,9 +9,8 @@ sequence, summed over layers and KV heads, on the host: the decisions are tiny.
 from __future__ import annotations
 
 import torch
+from infinisim.core.errors import InfinisimError
 from torch import Tensor
-
-from infinisim.errors import InfinisimError
 
 EVICTIONS = ("counter", "lru", "fifo")
 

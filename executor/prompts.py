@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from infinisim.core.errors import InfinisimError
 from tokenizers import Tokenizer
-
-from infinisim.errors import InfinisimError
 
 
 def bundled_text() -> str:

@@ -9,12 +9,11 @@ from collections.abc import Callable
 
 import pandas as pd
 import torch
-
-from executor.generate import Generation, SamplingConfig, StepRecord, generate
-from executor.model import Transformer
-from executor.policies import make_policy
-from traces.spec import ModelSpec
-from traces.trace import LAYER_COLUMNS, LIST_COLUMNS, Trace
+from infinisim.executor.generate import Generation, SamplingConfig, StepRecord, generate
+from infinisim.executor.model import Transformer
+from infinisim.executor.policies import make_policy
+from infinisim.traces.spec import ModelSpec
+from infinisim.traces.trace import LAYER_COLUMNS, LIST_COLUMNS, Trace
 
 
 def environment(device: torch.device) -> dict[str, object]:

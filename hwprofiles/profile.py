@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from infinisim.errors import InfinisimError
-from infinisim.files import read_yaml, write_text_atomic
+from infinisim.core.errors import InfinisimError
+from infinisim.core.files import read_yaml, write_text_atomic
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data"
 

@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from hwprofiles.profile import Profile
-from traces.spec import DTYPE_BYTES, ModelSpec
+from infinisim.hwprofiles.profile import Profile
+from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
 
 # Host-issued ops (PyTorch dispatcher calls, views included) per phase of one decode layer, as the
 # executor issues them; counted with `benchmarks/count_ops.py` (SmolLM2 for "llama", OPT-125m for

@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 import simpy
-
-from hwprofiles.profile import Profile
-from sim.costs import Costs, Work
-from sim.memory import MemoryPlan, memory_plan
-from sim.workload import Workload
+from infinisim.hwprofiles.profile import Profile
+from infinisim.sim.costs import Costs, Work
+from infinisim.sim.memory import MemoryPlan, memory_plan
+from infinisim.sim.workload import Workload
 
 PHASES = ("embed", "attn", "ffn", "spec", "gather", "h2d", "d2h", "wait", "head", "host")
 P = {name: i for i, name in enumerate(PHASES)}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hwprofiles.profile import Profile
-from sim.costs import partial_width
-from sim.workload import OFFLOADED, Workload, row_bytes
-from traces.spec import DTYPE_BYTES
+from infinisim.hwprofiles.profile import Profile
+from infinisim.sim.costs import partial_width
+from infinisim.sim.workload import OFFLOADED, Workload, row_bytes
+from infinisim.traces.spec import DTYPE_BYTES
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from infinisim.errors import InfinisimError
-from traces.spec import DTYPE_BYTES, ModelSpec
-from traces.trace import Trace
+from infinisim.core.errors import InfinisimError
+from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
+from infinisim.traces.trace import Trace
 
 POLICIES = ("resident", "full", "infinigen", "oracle", "h2o", "int4")
 OFFLOADED = ("full", "infinigen", "oracle", "h2o", "int4")  # the KV cache lives in host memory

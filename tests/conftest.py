@@ -17,7 +17,7 @@ torch.manual_seed(0)
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from executor.loaders import load_model
+    from infinisim.executor.loaders import load_model
 
     return load_model("smollm2-135m", "float32", "cpu")
 
@@ -25,9 +25,8 @@ def smollm2():
 @pytest.fixture(scope="session")
 def hf_smollm2():
     """transformers' LlamaForCausalLM and tokenizer on the same GGUF (the independent reference)."""
+    from infinisim.executor.loaders import embedded_gguf_path
     from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from executor.loaders import embedded_gguf_path
 
     path = embedded_gguf_path()
     model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-
-from executor.generate import SamplingConfig, generate
-from executor.policies import H2O, Int4
-from executor.policies.h2o import accumulated_attention, keep_set
-from executor.policies.int4 import dequantize, quantize
+from infinisim.executor.generate import SamplingConfig, generate
+from infinisim.executor.policies import H2O, Int4
+from infinisim.executor.policies.h2o import accumulated_attention, keep_set
+from infinisim.executor.policies.int4 import dequantize, quantize
 
 
 def test_int4_packs_two_codes_per_byte_and_round_trips_a_ramp():

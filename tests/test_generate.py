@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from executor.generate import SamplingConfig, generate
-from executor.loaders import load_model
-from executor.policies import Full, Resident, make_policy
-from infinisim.errors import InfinisimError
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.generate import SamplingConfig, generate
+from infinisim.executor.loaders import load_model
+from infinisim.executor.policies import Full, Resident, make_policy
 
 
 @pytest.fixture(scope="module")

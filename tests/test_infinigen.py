@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-
-from executor.generate import SamplingConfig, generate
-from executor.loaders import load_model
-from executor.policies import InfiniGen, Oracle, Resident, make_policy
-from executor.selection import (
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.generate import SamplingConfig, generate
+from infinisim.executor.loaders import load_model
+from infinisim.executor.policies import InfiniGen, Oracle, Resident, make_policy
+from infinisim.executor.selection import (
     budget_tokens,
     counts_within_alpha,
     fetch_counts,
@@ -20,7 +20,6 @@ from executor.selection import (
     select_top,
     skew_matrix,
 )
-from infinisim.errors import InfinisimError
 
 NEG = float("-inf")
 

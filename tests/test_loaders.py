@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-
-from executor.generate import SamplingConfig, generate, prefill_logits
-from executor.loaders import load_model
-from executor.policies import Resident
-from infinisim.errors import InfinisimError
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.generate import SamplingConfig, generate, prefill_logits
+from infinisim.executor.loaders import load_model
+from infinisim.executor.policies import Resident
 
 
 @pytest.fixture()

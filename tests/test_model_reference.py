@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from executor.generate import SamplingConfig, generate, prefill_logits
-from executor.loaders import load_model
-from executor.policies import Resident
+from infinisim.executor.generate import SamplingConfig, generate, prefill_logits
+from infinisim.executor.loaders import load_model
+from infinisim.executor.policies import Resident
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from executor.generate import SamplingConfig, generate
-from executor.policies import InfiniGen
-from executor.pool import HostPool, evict_order
-from infinisim.errors import InfinisimError
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.generate import SamplingConfig, generate
+from infinisim.executor.policies import InfiniGen
+from infinisim.executor.pool import HostPool, evict_order
 
 STORED = torch.tensor([0, 1, 2, 3, 4, 5])
 FETCHES = torch.tensor([5, 0, 3, 0, 0, 9])  # position 1 and 3 never fetched; 4 is recent

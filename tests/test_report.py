@@ -11,14 +11,14 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
+from infinisim.analysis.accuracy import expected, quality_points
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.recording import run_policy
+from infinisim.traces.trace import write_trace
 from PIL import Image
 
-from analysis.accuracy import expected, quality_points
-from executor.generate import SamplingConfig
-from executor.recording import run_policy
 from infinisim.cli import main
-from infinisim.errors import InfinisimError
-from traces.trace import write_trace
 
 
 def test_expected_accuracy_interpolates_only_inside_the_measured_range():
@@ -114,11 +114,11 @@ def _decode(png: bytes) -> tuple[int, int]:
 def test_report_is_self_contained_and_every_image_decodes(quality_traces, tmp_path, capsys):
     import base64
 
-    from analysis.validation import compare
-    from hwprofiles.profile import load_profile
-    from sim.engine import simulate
-    from sim.workload import from_trace
-    from traces.trace import read_trace
+    from infinisim.analysis.validation import compare
+    from infinisim.hwprofiles.profile import load_profile
+    from infinisim.sim.engine import simulate
+    from infinisim.sim.workload import from_trace
+    from infinisim.traces.trace import read_trace
 
     plan = tmp_path / "plan"
     assert main(["plan", "--model", "opt-6.7b,opt-13b", "--profile", "a6000-pcie3,h100-pcie5", "--batch", "2,8",

@@ -8,18 +8,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import simpy
+from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.loaders import load_model
+from infinisim.executor.recording import run_policy
+from infinisim.hwprofiles.profile import Device, Host, Link, Profile, load_profile
+from infinisim.sim.costs import Costs, copy_time
+from infinisim.sim.engine import PHASES, Stream, simulate
+from infinisim.sim.memory import memory_plan
+from infinisim.sim.workload import fetched_fraction_per_layer, from_trace, synthetic
+from infinisim.traces.spec import named_model
+from infinisim.traces.trace import write_trace
 
-from executor.generate import SamplingConfig
-from executor.loaders import load_model
-from executor.recording import run_policy
-from hwprofiles.profile import Device, Host, Link, Profile, load_profile
 from infinisim.cli import main
-from sim.costs import Costs, copy_time
-from sim.engine import PHASES, Stream, simulate
-from sim.memory import memory_plan
-from sim.workload import fetched_fraction_per_layer, from_trace, synthetic
-from traces.spec import named_model
-from traces.trace import write_trace
 
 INSTANT = 1e30  # compute so fast it vanishes next to the copies
 

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from executor.generate import SamplingConfig
-from executor.loaders import load_model
-from executor.recording import run_policy
-from infinisim.errors import InfinisimError
-from traces import trace as trace_module
-from traces.summary import summarize
-from traces.trace import METADATA_KEY, decode_selection, encode_selection, read_trace, write_trace
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.loaders import load_model
+from infinisim.executor.recording import run_policy
+from infinisim.traces import trace as trace_module
+from infinisim.traces.summary import summarize
+from infinisim.traces.trace import METADATA_KEY, decode_selection, encode_selection, read_trace, write_trace
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-
-from traces.trace import Trace
+from infinisim.traces.trace import Trace
 
 
 def summarize(trace: Trace) -> dict[str, float | int | str]:

@@ -18,9 +18,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from infinisim.errors import InfinisimError
-from traces.spec import ModelSpec
+from infinisim.core.errors import InfinisimError
+from infinisim.traces.spec import ModelSpec
 
 SCHEMA_NAME = "infinisim-trace"
 SCHEMA_VERSION = 1

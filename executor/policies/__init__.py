@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import inspect
 
-from executor.policies.base import Policy
-from executor.policies.dense import Full, Resident
-from executor.policies.h2o import H2O
-from executor.policies.infinigen import InfiniGen, Oracle
-from executor.policies.int4 import Int4
-from infinisim.errors import InfinisimError
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.policies.base import Policy
+from infinisim.executor.policies.dense import Full, Resident
+from infinisim.executor.policies.h2o import H2O
+from infinisim.executor.policies.infinigen import InfiniGen, Oracle
+from infinisim.executor.policies.int4 import Int4
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Resident, Full, InfiniGen, Oracle, H2O, Int4)}
 

@@ -8,10 +8,9 @@ it records bytes moved and tokens fetched/attended on the step recorder, and tim
 
 from __future__ import annotations
 
+from infinisim.executor.kvcache import PolicyContext
+from infinisim.executor.model import StepState
 from torch import Tensor
-
-from executor.kvcache import PolicyContext
-from executor.model import StepState
 
 
 class Policy:

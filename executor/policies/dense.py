@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from infinisim.executor.kvcache import CopyEngine, PolicyContext
+from infinisim.executor.model import StepState
+from infinisim.executor.policies.base import Policy
 from torch import Tensor
-
-from executor.kvcache import CopyEngine, PolicyContext
-from executor.model import StepState
-from executor.policies.base import Policy
 
 
 class Resident(Policy):

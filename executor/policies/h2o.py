@@ -8,13 +8,12 @@ from __future__ import annotations
 import math
 
 import torch
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.kvcache import PolicyContext
+from infinisim.executor.model import StepState
+from infinisim.executor.policies.selective import Selective
+from infinisim.executor.selection import budget_tokens, decode_logits
 from torch import Tensor
-
-from executor.kvcache import PolicyContext
-from executor.model import StepState
-from executor.policies.selective import Selective
-from executor.selection import budget_tokens, decode_logits
-from infinisim.errors import InfinisimError
 
 QUERY_CHUNK = 256  # prompt rows per chunk when accumulating the prefill's attention
 

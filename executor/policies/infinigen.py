@@ -24,13 +24,12 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-from executor.kvcache import PolicyContext
-from executor.model import StepState, apply_rope
-from executor.policies.selective import Selective
-from executor.pool import HostPool
-from executor.selection import (
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.kvcache import PolicyContext
+from infinisim.executor.model import StepState, apply_rope
+from infinisim.executor.policies.selective import Selective
+from infinisim.executor.pool import HostPool
+from infinisim.executor.selection import (
     budget_tokens,
     choose_rows,
     decode_logits,
@@ -39,7 +38,7 @@ from executor.selection import (
     select_top,
     skew_matrix,
 )
-from infinisim.errors import InfinisimError
+from torch import Tensor
 
 
 class InfiniGen(Selective):

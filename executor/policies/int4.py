@@ -5,12 +5,11 @@ dequantizes it on the device. The newest row is attended at full precision."""
 from __future__ import annotations
 
 import torch
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.kvcache import CopyEngine, KVStore, PolicyContext
+from infinisim.executor.model import StepState
+from infinisim.executor.policies.base import Policy
 from torch import Tensor
-
-from executor.kvcache import CopyEngine, KVStore, PolicyContext
-from executor.model import StepState
-from executor.policies.base import Policy
-from infinisim.errors import InfinisimError
 
 LEVELS = 15  # 4 bits
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from infinisim.executor.kvcache import PolicyContext
+from infinisim.executor.model import StepState
+from infinisim.executor.policies.dense import Full
+from infinisim.executor.selection import decode_logits
+from infinisim.traces.trace import encode_selection
 from torch import Tensor
-
-from executor.kvcache import PolicyContext
-from executor.model import StepState
-from executor.policies.dense import Full
-from executor.selection import decode_logits
-from traces.trace import encode_selection
 
 
 @dataclass

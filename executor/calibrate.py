@@ -20,8 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-from hwprofiles.profile import Device, Host, Link, Profile
+from infinisim.hwprofiles.profile import Device, Host, Link, Profile
 
 SWEEP_SIZES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 QUICK_SWEEP_SIZES = (4 << 10, 256 << 10, 4 << 20)
@@ -163,7 +162,7 @@ def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[i
     """InfiniGen's count-and-choose (executor.selection.choose_rows, the policy's own code): its cost
     per speculated score, from a tiny and a large case (the simulator extrapolates the measured
     speculation sweep with it)."""
-    from executor.selection import choose_rows
+    from infinisim.executor.selection import choose_rows
 
     def seconds(b: int, h: int, length: int) -> float:
         scores = torch.randn(b, h, length, device=dev) * 3
@@ -179,15 +178,15 @@ def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[i
 
 def _skew(measure: Measure, dev: torch.device, repeats: int, rows: int) -> float:
     """Seconds per query row of building one KV head's skew (SVD, ordering, column choice)."""
-    from executor.selection import partial_columns, skew_matrix
+    from infinisim.executor.selection import partial_columns, skew_matrix
 
     q, k = torch.randn(rows, 64, device=dev), torch.randn(rows // 4, 64, device=dev)
     return measure(lambda: partial_columns(q @ skew_matrix(q, k), 19), repeats) / rows
 
 
 def _tiny_model(n_heads: int, dev: torch.device, dt: torch.dtype) -> object:
-    from executor.model import Transformer
-    from traces.spec import ModelSpec
+    from infinisim.executor.model import Transformer
+    from infinisim.traces.spec import ModelSpec
 
     spec = ModelSpec("calibration-tiny", "llama", n_layers=3, hidden=64, n_heads=n_heads, n_kv_heads=2, head_dim=16,
                      ffn_hidden=128, vocab_size=256)
@@ -198,10 +197,9 @@ def _tiny_model(n_heads: int, dev: torch.device, dt: torch.dtype) -> object:
 def _launch_overhead(dev: torch.device, dt: torch.dtype) -> float:
     """Host seconds per dispatched op in the executor's own decode step, on a tiny random model (all
     tensors tiny, so the time is dispatch and Python); ops counted with a dispatch mode."""
+    from infinisim.executor.generate import SamplingConfig, generate
+    from infinisim.executor.policies import make_policy
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from executor.generate import SamplingConfig, generate
-    from executor.policies import make_policy
 
     model = _tiny_model(4, dev, dt)
     prompt = [list(range(1, 65))]
@@ -229,8 +227,8 @@ def _speculation(dev: torch.device, dt: torch.dtype, shapes: tuple[tuple[int, in
     """(speculated scores, seconds) of one layer's InfiniGen speculation, run by the executor on a
     narrow model (8 query heads) at (batch, prompt length) shapes: its fixed and size-dependent host
     costs, without the projections of a real model (the simulator adds those from the roofline)."""
-    from executor.generate import SamplingConfig, generate
-    from executor.policies import make_policy
+    from infinisim.executor.generate import SamplingConfig, generate
+    from infinisim.executor.policies import make_policy
 
     model = _tiny_model(8, dev, dt)
     out = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infinisim.argtypes import positive
-from infinisim.errors import InfinisimError
+from infinisim.cli.args import positive
+from infinisim.core.errors import InfinisimError
 
 EPILOG = "Docs: docs/REPORTS.md. Errors exit with status 1, usage errors with 2."
 
@@ -30,7 +30,7 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from analysis.report import report_sections, write_report
+    from infinisim.analysis.report import report_sections, write_report
 
     if not (args.plan or args.validation or args.trace):
         raise InfinisimError("give --plan, --validation or --trace (or several)", field="report")
@@ -71,8 +71,8 @@ def add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from analysis.paper import PaperSettings, reproduce_paper
-    from analysis.report import write_report
+    from infinisim.analysis.paper import PaperSettings, reproduce_paper
+    from infinisim.analysis.report import write_report
 
     settings = PaperSettings(args.profile, args.text, args.prompt_len, args.steps, args.quick)
     sections, intro = reproduce_paper(settings, args.out, lambda line: print(line, file=sys.stderr, flush=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Collection
 
-from infinisim.errors import InfinisimError
+from infinisim.core.errors import InfinisimError
 
 
 def positive(text: str) -> int:

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from infinisim import __version__
-from infinisim.argtypes import policy_names, positive
-from infinisim.errors import InfinisimError
-from infinisim.report_commands import add_report_parser, add_reproduce_parser
-from infinisim.sim_commands import (
+from infinisim.cli.args import policy_names, positive
+from infinisim.cli.report_commands import add_report_parser, add_reproduce_parser
+from infinisim.cli.sim_commands import (
     add_calibrate_parser,
     add_plan_parser,
     add_profiles_parser,
@@ -20,6 +19,7 @@ from infinisim.sim_commands import (
     add_simulate_parser,
     add_validate_parser,
 )
+from infinisim.core.errors import InfinisimError
 
 EPILOG = "Docs: README.md and docs/ in the source tree. Errors exit with status 1, usage errors with 2."
 
@@ -91,13 +91,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from executor.generate import SamplingConfig
-    from executor.loaders import load_model
-    from executor.policies import POLICIES, make_policy
-    from executor.prompts import bundled_prompts, read_prompt_file
-    from executor.recording import run_policy
-    from traces.summary import summarize
-    from traces.trace import write_trace
+    from infinisim.executor.generate import SamplingConfig
+    from infinisim.executor.loaders import load_model
+    from infinisim.executor.policies import POLICIES, make_policy
+    from infinisim.executor.prompts import bundled_prompts, read_prompt_file
+    from infinisim.executor.recording import run_policy
+    from infinisim.traces.summary import summarize
+    from infinisim.traces.trace import write_trace
 
     policies = policy_names(args.policy, POLICIES)
     if args.trace and len(policies) > 1:
@@ -218,7 +218,7 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from traces.spec import MODELS
+    from infinisim.traces.spec import MODELS
 
     print(f"{'name':<15} {'family':<6} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>4} {'params':>8} "
           f"{'KV/token fp16':>13}")
@@ -260,6 +260,3 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninfinisim: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from infinisim.errors import InfinisimError
+from infinisim.core.errors import InfinisimError
 
 
 def read_yaml(path: Path) -> Any:

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infinisim.argtypes import floats, int_list, names, policy_names, positive
-from infinisim.errors import InfinisimError
-from infinisim.files import write_text_atomic
+from infinisim.cli.args import floats, int_list, names, policy_names, positive
+from infinisim.core.errors import InfinisimError
+from infinisim.core.files import write_text_atomic
 
 EPILOG = "Docs: docs/SIMULATOR.md. Errors exit with status 1, usage errors with 2."
 
@@ -35,7 +35,7 @@ def add_profiles_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_profiles(args: argparse.Namespace) -> int:
     import yaml
 
-    from hwprofiles.profile import builtin_profiles, load_profile
+    from infinisim.hwprofiles.profile import builtin_profiles, load_profile
 
     if args.verb == "show":
         profile = load_profile(args.profile)
@@ -76,8 +76,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from hwprofiles.calibrate import calibrate
-    from hwprofiles.profile import write_profile
+    from infinisim.executor.calibrate import calibrate
+    from infinisim.hwprofiles.profile import write_profile
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -112,8 +112,8 @@ def _print_results(results: list[dict[str, Any]]) -> None:
 
 
 def _run_workloads(workloads: list[Any], profile: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from sim.engine import chrome_trace, simulate
-    from sim.memory import memory_plan
+    from infinisim.sim.engine import chrome_trace, simulate
+    from infinisim.sim.memory import memory_plan
 
     results = []
     for i, w in enumerate(workloads):
@@ -168,9 +168,9 @@ def add_replay_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from hwprofiles.profile import load_profile
-    from sim.workload import from_trace
-    from traces.trace import read_trace
+    from infinisim.hwprofiles.profile import load_profile
+    from infinisim.sim.workload import from_trace
+    from infinisim.traces.trace import read_trace
 
     profile = load_profile(args.profile)
     workloads = [from_trace(read_trace(path)) for path in args.trace]
@@ -206,10 +206,10 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from hwprofiles.profile import load_profile
-    from sim.workload import fetched_fraction_per_layer, synthetic
-    from traces.spec import named_model
-    from traces.trace import read_trace
+    from infinisim.hwprofiles.profile import load_profile
+    from infinisim.sim.workload import fetched_fraction_per_layer, synthetic
+    from infinisim.traces.spec import named_model
+    from infinisim.traces.trace import read_trace
 
     profile = load_profile(args.profile)
     spec = named_model(args.model)
@@ -262,11 +262,11 @@ def add_validate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from analysis.validation import compare, plot_steps, relative
-    from hwprofiles.profile import load_profile, write_profile
-    from sim.engine import simulate
-    from sim.workload import from_trace
-    from traces.trace import read_trace, write_trace
+    from infinisim.analysis.validation import compare, plot_steps, relative
+    from infinisim.hwprofiles.profile import load_profile, write_profile
+    from infinisim.sim.engine import simulate
+    from infinisim.sim.workload import from_trace
+    from infinisim.traces.trace import read_trace, write_trace
 
     out = Path(args.out)
     traces = [read_trace(p) for p in args.trace] if args.trace else None
@@ -275,7 +275,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        from hwprofiles.calibrate import calibrate
+        from infinisim.executor.calibrate import calibrate
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         print("calibrating this machine ...", file=sys.stderr, flush=True)
@@ -316,11 +316,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _run_for_validation(args: argparse.Namespace, out: Path, write_trace: Any) -> list[Any]:
     import torch
 
-    from executor.generate import SamplingConfig
-    from executor.loaders import load_model
-    from executor.policies import POLICIES
-    from executor.prompts import bundled_prompts
-    from executor.recording import run_policy
+    from infinisim.executor.generate import SamplingConfig
+    from infinisim.executor.loaders import load_model
+    from infinisim.executor.policies import POLICIES
+    from infinisim.executor.prompts import bundled_prompts
+    from infinisim.executor.recording import run_policy
 
     chosen = policy_names(args.policy, POLICIES)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -387,9 +387,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from analysis.accuracy import add_expected_accuracy, quality_points
-    from analysis.planner import Sweep, best_under, largest_batch, load_sweep, pareto, run_sweep, write_table
-    from hwprofiles.profile import builtin_profiles
+    from infinisim.analysis.accuracy import add_expected_accuracy, quality_points
+    from infinisim.analysis.planner import Sweep, best_under, largest_batch, load_sweep, pareto, run_sweep, write_table
+    from infinisim.hwprofiles.profile import builtin_profiles
 
     if args.sweep:
         sweep = load_sweep(args.sweep)
@@ -404,8 +404,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(sweep, axis, value)
     if args.from_trace:
-        from sim.workload import mean_fetched_fraction
-        from traces.trace import read_trace
+        from infinisim.sim.workload import mean_fetched_fraction
+        from infinisim.traces.trace import read_trace
 
         trace = read_trace(args.from_trace)
         sweep.alpha_shares = tuple(mean_fetched_fraction(trace, a) for a in range(1, 10))
