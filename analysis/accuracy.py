@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from infinisim.core.errors import InfinisimError
 from infinisim.traces.summary import quality
 from infinisim.traces.trace import Trace, read_trace

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from infinisim.analysis import figures
 from infinisim.analysis.accuracy import points_from
 from infinisim.analysis.planner import Config, evaluate
@@ -64,6 +65,7 @@ class Executor:
 
     def run(self, policy: str, knobs: dict[str, Any]) -> str:
         from infinisim.executor.generate import SamplingConfig
+        from infinisim.executor.kvcache import Measurement
         from infinisim.executor.recording import run_policy
         from infinisim.traces.trace import write_trace
 
@@ -74,7 +76,7 @@ class Executor:
         _, trace = run_policy(self.loaded.model, self.prompt, policy, SamplingConfig(self.settings.steps,
                               stop_at_eos=False), {"model": "smollm2-135m", "weights": "embedded",
                                                    "prompt_source": self.source},
-                              knobs=knobs, forced=self.forced, quality=True)
+                              knobs=knobs, measure=Measurement(forced=self.forced, quality=True))
         path = str(write_trace(trace, self.out / f"smollm2-135m-{tag}.trace.parquet"))
         self.done[tag], self.traces[path] = path, trace
         return path

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from infinisim.core.errors import InfinisimError
 from infinisim.core.files import read_yaml
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from infinisim.analysis import figures
 from infinisim.analysis.figures import Figure
 from infinisim.core.errors import InfinisimError

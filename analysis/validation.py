@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from infinisim.sim.engine import PHASES, SimResult
 from infinisim.sim.workload import Workload
 

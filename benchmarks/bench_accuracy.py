@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.kvcache import Measurement
 from infinisim.executor.loaders import load_model
 from infinisim.executor.recording import run_policy
 from infinisim.traces.summary import summarize
@@ -59,7 +60,7 @@ def main() -> int:
     for name, knobs, fraction in runs:
         t0 = time.perf_counter()
         _, trace = run_policy(loaded.model, prompt, name, sampling, {"model": "smollm2-135m", "weights": "embedded"},
-                              knobs=knobs, forced=forced, quality=True)
+                              knobs=knobs, measure=Measurement(forced=forced, quality=True))
         s = summarize(trace)
         rows.append({"policy": name, "knobs": knobs, "target_fraction": fraction,
                      "fetched_fraction_selecting_layers": s["selected_fraction"],

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from infinisim.executor.generate import SamplingConfig
 from infinisim.executor.loaders import load_model
 from infinisim.executor.prompts import bundled_prompts

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from infinisim.executor.generate import SamplingConfig
 from infinisim.executor.loaders import load_model
 from infinisim.executor.model import Transformer

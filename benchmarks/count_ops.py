@@ -18,11 +18,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from infinisim.executor import timing
 from infinisim.executor.generate import SamplingConfig, generate
 from infinisim.executor.loaders import load_model
 from infinisim.executor.policies import make_policy
-from torch.utils._python_dispatch import TorchDispatchMode
 
 POLICIES = ("resident", "full", "infinigen", "h2o", "int4")
 
@@ -38,10 +39,10 @@ def main() -> int:
     phase = ["outside"]
     counts: collections.Counter[str] = collections.Counter()
     counting = [False]
-    original_span = timing.StepRecorder.span
+    original_span = timing.Recorder.span
 
     @contextlib.contextmanager
-    def span(self: timing.StepRecorder, layer: int | None, name: str, stream: object = None,
+    def span(self: timing.Recorder, layer: int | None, name: str, stream: object = None,
              host: bool = False) -> Iterator[None]:
         outer, phase[0] = phase[0], name
         with original_span(self, layer, name, stream, host):
@@ -54,7 +55,7 @@ def main() -> int:
                 counts[phase[0]] += 1
             return func(*args, **(kwargs or {}))
 
-    timing.StepRecorder.span = span  # type: ignore[method-assign]
+    timing.Recorder.span = span  # type: ignore[method-assign]
     results = {}
     steps = 4
     try:
@@ -73,7 +74,7 @@ def main() -> int:
                              for k, v in per_step.items()}
             print(f"{name:<10} {results[name]}  (embed/head/outside: per step; others: per layer)")
     finally:
-        timing.StepRecorder.span = original_span  # type: ignore[method-assign]
+        timing.Recorder.span = original_span  # type: ignore[method-assign]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "layers": n_layers, "ops": results}, indent=1))

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
 from infinisim.hwprofiles.profile import Device, Host, Link, Profile
 
 SWEEP_SIZES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
@@ -197,9 +198,10 @@ def _tiny_model(n_heads: int, dev: torch.device, dt: torch.dtype) -> object:
 def _launch_overhead(dev: torch.device, dt: torch.dtype) -> float:
     """Host seconds per dispatched op in the executor's own decode step, on a tiny random model (all
     tensors tiny, so the time is dispatch and Python); ops counted with a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from infinisim.executor.generate import SamplingConfig, generate
     from infinisim.executor.policies import make_policy
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     model = _tiny_model(4, dev, dt)
     prompt = [list(range(1, 65))]

@@ -6,12 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from infinisim.core.errors import InfinisimError
-from infinisim.executor.kvcache import PolicyContext
-from infinisim.executor.model import StepState, Transformer
-from infinisim.executor.policies import Policy
-from infinisim.executor.timing import StepRecorder, StepTimes
 from torch import Tensor
+
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.kvcache import TIMING_ONLY, Measurement, PolicyContext
+from infinisim.executor.model import Step, Transformer
+from infinisim.executor.policies import Policy
+from infinisim.executor.timing import Recorder, Timings
 
 
 @dataclass
@@ -35,7 +36,7 @@ class StepRecord:
     phase: str  # "prefill" or "decode"
     n_new: int  # positions written by this step, per sequence
     kv_len: int  # positions in the cache after this step (padded batch)
-    times: StepTimes
+    times: Timings
     nll: float | None = None  # teacher forcing: mean negative log-likelihood of the forced tokens
 
 
@@ -61,15 +62,17 @@ def sample(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> 
 
 
 def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: SamplingConfig,
-             on_step: Callable[[StepRecord], None] | None = None, forced: list[list[int]] | None = None,
-             keep_logits: bool = False, quality: bool = False, record_selection: bool = False) -> Generation:
+             on_step: Callable[[StepRecord], None] | None = None, measure: Measurement = TIMING_ONLY
+             ) -> Generation:
     """Left-pads the prompts into one batch, prefills, then decodes one token per step.
 
-    `forced` (teacher forcing): per sequence, the tokens to feed instead of sampled ones, one per
-    step (its length caps the steps); selection and fetching happen exactly as in generation.
+    With `measure.forced` (teacher forcing): per sequence, the tokens to feed instead of sampled
+    ones, one per step (its length caps the steps); selection and fetching happen exactly as in
+    generation, and each step's negative log-likelihood of the forced token is recorded.
     """
     spec = model.spec
     device = model.tok_embeddings.weight.device
+    forced = measure.forced
     if not prompts or any(not p for p in prompts):
         raise InfinisimError("every prompt needs at least one token")
     batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -94,44 +97,45 @@ def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: 
     positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
 
     policy.setup(PolicyContext(spec.n_layers, batch, spec.n_kv_heads, spec.head_dim, capacity,
-                               model.tok_embeddings.weight.dtype, device, model, quality, record_selection))
-    recorder = StepRecorder(cuda=device.type == "cuda")
+                               model.tok_embeddings.weight.dtype, device, model, measure))
+    recorder = Recorder(cuda=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     eos = torch.tensor(spec.eos_token_ids or [-1], device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[Tensor] = []
     result = Generation([], [len(p) for p in prompts])
 
-    start = 0
+    def next_token(index: int, logits: Tensor) -> Tensor:
+        with recorder.span(None, "head"):
+            if forced is not None:
+                return forced_tokens[:, index]
+            chosen = sample(logits[:, -1], cfg, gen)
+            return torch.where(finished, eos[0].clamp(min=0), chosen)
+
     with torch.inference_mode():
         for index in range(cfg.max_new_tokens):
-            n_new = tokens.shape[1]
             recorder.begin()
-            step = StepState(index, start, n_new, valid[:, :start + n_new], policy, recorder)
-            logits = model(tokens, positions, step)
-            with recorder.span(None, "head"):
-                if forced is not None:
-                    next_token = forced_tokens[:, index]
-                else:
-                    next_token = sample(logits[:, -1], cfg, gen)
-                    next_token = torch.where(finished, eos[0].clamp(min=0), next_token)
-            record = StepRecord(index, "prefill" if index == 0 else "decode", n_new, start + n_new,
+            if index == 0:
+                logits = prefill(model, tokens, positions, valid, policy, recorder)
+            else:  # the token sampled last step sits at cache position longest + index - 1
+                logits = decode_one(model, index, longest + index - 1, tokens, positions, valid, policy, recorder)
+            token = next_token(index, logits)
+            record = StepRecord(index, "prefill" if index == 0 else "decode", tokens.shape[1], longest + index,
                                 recorder.finish())
             if forced is not None:
                 log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
-                record.nll = -log_probs.gather(-1, next_token[:, None]).mean().item()
+                record.nll = -log_probs.gather(-1, token[:, None]).mean().item()
             result.steps.append(record)
-            if keep_logits:
+            if measure.keep_logits:
                 result.logits.append(logits[:, -1])
             if on_step is not None:
                 on_step(record)
-            out.append(next_token)
+            out.append(token)
             if cfg.stop_at_eos:
-                finished |= torch.isin(next_token, eos)
+                finished |= torch.isin(token, eos)
                 if bool(finished.all()):
                     break
-            start += n_new
-            tokens, positions = next_token[:, None], positions[:, -1:] + 1
+            tokens, positions = token[:, None], positions[:, -1:] + 1
 
     generated = torch.stack(out, dim=1).tolist()
     eos_ids = set(spec.eos_token_ids)
@@ -141,18 +145,33 @@ def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: 
     return result
 
 
+def prefill(model: Transformer, tokens: Tensor, positions: Tensor, valid: Tensor, policy: Policy,
+            recorder: Recorder, last_only: bool = True) -> Tensor:
+    """The whole (left-padded) prompt [B, T] in one forward: each layer's rows [0, T) go to the
+    policy's `prefill_kv`. Returns float32 logits of the last (or every) position."""
+    step = Step(0, 0, tokens.shape[1], valid[:, :tokens.shape[1]], policy, recorder, prefill=True)
+    return model(tokens, positions, step, last_only)
+
+
+def decode_one(model: Transformer, index: int, start: int, token: Tensor, position: Tensor, valid: Tensor,
+               policy: Policy, recorder: Recorder) -> Tensor:
+    """Decode step `index`: each sequence's newest token [B, 1] at cache position `start`; each
+    layer's one new row goes to the policy's `decode_kv`. Returns float32 logits [B, 1, vocab]."""
+    step = Step(index, start, 1, valid[:, :start + 1], policy, recorder, prefill=False)
+    return model(token, position, step)
+
+
 def prefill_logits(model: Transformer, tokens: list[int], policy: Policy) -> Tensor:
     """float32 logits of every position of one prompt (for perplexity and reference checks)."""
     device = model.tok_embeddings.weight.device
     spec = model.spec
-    ids = torch.tensor([tokens], device=device)
     policy.setup(PolicyContext(spec.n_layers, 1, spec.n_kv_heads, spec.head_dim, len(tokens),
                                model.tok_embeddings.weight.dtype, device, model))
-    recorder = StepRecorder(cuda=device.type == "cuda")
+    recorder = Recorder(cuda=device.type == "cuda")
     recorder.begin()
-    step = StepState(0, 0, len(tokens), torch.ones(1, len(tokens), dtype=torch.bool, device=device),
-                     policy, recorder)
     with torch.inference_mode():
-        logits = model(ids, torch.arange(len(tokens), device=device)[None], step, last_only=False)
+        logits = prefill(model, torch.tensor([tokens], device=device), torch.arange(len(tokens), device=device)[None],
+                         torch.ones(1, len(tokens), dtype=torch.bool, device=device), policy, recorder,
+                         last_only=False)
     recorder.finish()
     return logits[0]

@@ -7,12 +7,27 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from infinisim.core.errors import InfinisimError
-from infinisim.executor.timing import StepRecorder
 from torch import Tensor
+
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.timing import Recorder
 
 if TYPE_CHECKING:
     from infinisim.executor.model import Transformer
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a run measures beyond its timing. None of it changes what attention runs over; each
+    costs time outside the timed phases."""
+
+    forced: list[list[int]] | None = None  # teacher forcing: per sequence the tokens fed instead of sampled
+    quality: bool = False  # selective policies: recall and top-k overlap against exact attention
+    record_selection: bool = False  # selective policies: the fetched positions go into the trace
+    keep_logits: bool = False  # keep each step's last-position logits in the Generation
+
+
+TIMING_ONLY = Measurement()
 
 
 def available_bytes(device: torch.device) -> int:
@@ -63,7 +78,7 @@ class CopyEngine:
         self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
         self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
 
-    def to_device(self, dst: list[Tensor], src: list[Tensor], layer: int, rec: StepRecorder) -> object:
+    def to_device(self, dst: list[Tensor], src: list[Tensor], layer: int, rec: Recorder) -> object:
         """Copy host tensors into device tensors; returns a handle for `wait`."""
         if not self.cuda:
             with rec.span(layer, "h2d"):
@@ -80,13 +95,13 @@ class CopyEngine:
         done.record(stream)
         return done
 
-    def wait(self, handle: object, layer: int, rec: StepRecorder) -> None:
+    def wait(self, handle: object, layer: int, rec: Recorder) -> None:
         if handle is None:
             return
         with rec.span(layer, "wait"):
             torch.cuda.current_stream().wait_event(handle)
 
-    def to_host(self, store: KVStore, layer: int, start: int, k: Tensor, v: Tensor, rec: StepRecorder) -> None:
+    def to_host(self, store: KVStore, layer: int, start: int, k: Tensor, v: Tensor, rec: Recorder) -> None:
         """Write new rows back to the host store, asynchronously on CUDA."""
         if not self.cuda:
             with rec.span(layer, "d2h"):
@@ -112,8 +127,7 @@ class PolicyContext:
     dtype: torch.dtype
     device: torch.device
     model: Transformer  # policies that speculate use later layers' weights
-    quality: bool = False  # measure selections against exact attention (costly; measurement only)
-    record_selection: bool = False  # put the fetched positions in the trace (selective policies)
+    measure: Measurement = TIMING_ONLY
 
     def store(self, device: torch.device, pin_memory: bool = False, n_layers: int | None = None) -> KVStore:
         n_layers = self.n_layers if n_layers is None else n_layers

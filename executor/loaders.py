@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
 from infinisim.core.errors import InfinisimError
 from infinisim.executor.kvcache import check_fits
 from infinisim.executor.model import Transformer, rope_inv_freq
 from infinisim.executor.tokenizer import tokenizer_from_file, tokenizer_from_gguf
 from infinisim.traces.spec import ModelSpec, named_model
-from tokenizers import Tokenizer
-from torch import Tensor
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMBEDDED_MODEL = "smollm2-135m"

@@ -12,23 +12,24 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
-from infinisim.traces.spec import ModelSpec
 from torch import Tensor, nn
 
+from infinisim.traces.spec import ModelSpec
+
 if TYPE_CHECKING:
-    from infinisim.executor.timing import StepRecorder
+    from infinisim.executor.timing import Recorder
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table reserves two leading rows
 
 
 class KVPolicy(Protocol):
-    """What the model needs from a KV policy (see executor/policies.py)."""
+    """What the model needs from a KV policy (see executor/policies/base.py)."""
 
-    def on_attention_start(self, layer: int, residual: Tensor, step: StepState) -> None:
+    def on_attention_start(self, layer: int, residual: Tensor, step: Step) -> None:
         """Called before the layer's attention with the layer's input (the residual stream)."""
         ...
 
-    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                   ) -> tuple[Tensor, Tensor, Tensor]:
         """Store the new rows; return (k, v, key_valid) for the queries q to attend over.
 
@@ -39,16 +40,18 @@ class KVPolicy(Protocol):
 
 
 @dataclass
-class StepState:
-    """What one forward call writes: rows [start, start + n_new) of every sequence."""
+class Step:
+    """What one forward call writes: rows [start, start + n_new) of every sequence. The prefill
+    writes the whole prompt (start 0); each decode step one row."""
 
     index: int
     start: int
     n_new: int
     valid: Tensor  # bool [batch, start + n_new]: False for left padding
     policy: KVPolicy
-    recorder: StepRecorder
+    recorder: Recorder
     rope: tuple[Tensor, Tensor] | None = None  # this step's (cos, sin), set by the model; None for OPT
+    prefill: bool = False  # the prompt (policies' prefill_kv), else a decode step (decode_kv)
 
 
 class RMSNorm(nn.Module):
@@ -165,7 +168,7 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(spec)
         self.feed_forward = MLP(spec) if spec.family == "opt" else SwiGLU(spec)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, step: StepState) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, step: Step) -> Tensor:
         i, rec, policy = self.index, step.recorder, step.policy
         policy.on_attention_start(i, x, step)
         with rec.span(i, "attn"):
@@ -193,7 +196,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(spec) if spec.family == "llama" else torch.empty(0),
                              persistent=False)
 
-    def forward(self, tokens: Tensor, positions: Tensor, step: StepState, last_only: bool = True) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor, step: Step, last_only: bool = True) -> Tensor:
         """tokens, positions: [batch, seq]. Returns float32 logits of the last (or every) position."""
         rec = step.recorder
         with rec.span(None, "embed"):

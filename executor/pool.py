@@ -9,8 +9,9 @@ sequence, summed over layers and KV heads, on the host: the decisions are tiny.
 from __future__ import annotations
 
 import torch
-from infinisim.core.errors import InfinisimError
 from torch import Tensor
+
+from infinisim.core.errors import InfinisimError
 
 EVICTIONS = ("counter", "lru", "fifo")
 

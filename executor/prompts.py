@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infinisim.core.errors import InfinisimError
 from tokenizers import Tokenizer
+
+from infinisim.core.errors import InfinisimError
 
 
 def bundled_text() -> str:

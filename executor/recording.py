@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 import pandas as pd
 import torch
+
 from infinisim.executor.generate import Generation, SamplingConfig, StepRecord, generate
+from infinisim.executor.kvcache import TIMING_ONLY, Measurement
 from infinisim.executor.model import Transformer
 from infinisim.executor.policies import make_policy
 from infinisim.traces.spec import ModelSpec
@@ -60,21 +62,17 @@ def trace_from_generation(gen: Generation, spec: ModelSpec, run: dict[str, objec
 
 def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, sampling: SamplingConfig,
                run_info: dict[str, object], on_step: Callable[[StepRecord], None] | None = None,
-               knobs: dict[str, object] | None = None, forced: list[list[int]] | None = None,
-               quality: bool = False, record_selection: bool = False) -> tuple[Generation, Trace]:
-    """Generate through one policy and describe the run as a trace (not yet written).
-
-    With `forced` continuations the run is teacher-forced (each step's NLL is recorded); with
-    `quality`, selective policies measure their selections against exact attention; with
-    `record_selection` they write the positions they fetched into the trace."""
+               knobs: dict[str, object] | None = None, measure: Measurement = TIMING_ONLY
+               ) -> tuple[Generation, Trace]:
+    """Generate through one policy and describe the run as a trace (not yet written). `measure`
+    says what else to measure: teacher forcing (each step's NLL), quality, the fetched positions."""
     policy = make_policy(policy_name, **(knobs or {}))
-    gen = generate(model, prompts, policy, sampling, on_step, forced=forced, quality=quality,
-                   record_selection=record_selection)
+    gen = generate(model, prompts, policy, sampling, on_step, measure)
     device = model.tok_embeddings.weight.device
     run = {
         **run_info,
         "policy": policy.name,
-        "policy_knobs": policy.knobs(),
+        "policy_knobs": policy.settings(),
         "batch": len(prompts),
         "prompt_lens": gen.prompt_lens,
         "gen_len": sampling.max_new_tokens,
@@ -83,8 +81,8 @@ def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, s
         "device": device.type,
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
                      "stop_at_eos": sampling.stop_at_eos},
-        "teacher_forced": forced is not None,
-        "quality": quality,
-        "record_selection": record_selection,
+        "teacher_forced": measure.forced is not None,
+        "quality": measure.quality,
+        "record_selection": measure.record_selection,
     }
     return gen, trace_from_generation(gen, model.spec, run, device)

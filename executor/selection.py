@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from infinisim.core.policies import budget_cap
+
 ALPHAS = tuple(range(1, 10))  # the trace records uncapped counts for each of these
 
 
@@ -44,10 +46,6 @@ def partial_columns(q_skewed: Tensor, r: int) -> Tensor:
     return torch.topk(q_skewed.abs().sum(0), r).indices.sort().values
 
 
-def partial_count(ratio: float, head_dim: int) -> int:
-    return max(1, min(head_dim, round(ratio * head_dim)))
-
-
 def score_gaps(scores: Tensor) -> Tensor:
     """How far each key scores below its head's best: [B, H, L] logits (scaled, -inf where a key
     is not valid) -> [B, H, L] gaps (inf where not valid). Computed once, read by both counts below."""
@@ -76,10 +74,8 @@ def fetch_counts(gaps: Tensor, alpha: float, budgets: Tensor) -> Tensor:
 
 
 def budget_tokens(budget: float, valid_lens: Tensor) -> Tensor:
-    """The cap per sequence: a fraction (0 < budget <= 1) of its cached tokens, or a count (> 1)."""
-    if budget <= 1:
-        return (valid_lens.float() * budget).ceil().long().clamp(min=1)
-    return valid_lens.clamp(max=int(budget))
+    """The cap per sequence (`infinisim.core.policies.budget_cap` of its cached tokens): [B] -> [B]."""
+    return torch.tensor([budget_cap(budget, n) for n in valid_lens.tolist()], device=valid_lens.device)
 
 
 def group_scores(scores: Tensor, n_kv_heads: int, combine: str = "softmax_sum") -> Tensor:

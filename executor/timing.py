@@ -19,7 +19,7 @@ STEP_PHASES = ("embed", "head")
 
 
 @dataclass
-class StepTimes:
+class Timings:
     """Resolved times of one step, in seconds."""
 
     wall_s: float
@@ -30,7 +30,7 @@ class StepTimes:
 
 
 @dataclass
-class StepRecorder:
+class Recorder:
     """Collects spans of one step; `finish()` turns them into seconds."""
 
     cuda: bool
@@ -63,7 +63,7 @@ class StepRecorder:
         """Per-layer (or, with layer None, per-step) quantities: bytes moved, tokens fetched, ..."""
         self._counts.setdefault(layer, {}).update(counts)
 
-    def finish(self) -> StepTimes:
+    def finish(self) -> Timings:
         end = self._mark()
         if self.cuda:
             torch.cuda.synchronize()
@@ -83,5 +83,5 @@ class StepRecorder:
             else:
                 layers[layer][phase] += elapsed(a, b)
         step_counts = self._counts.pop(None, {})
-        return StepTimes(elapsed(self._start, end), dict(step), {k: dict(v) for k, v in layers.items()},
+        return Timings(elapsed(self._start, end), dict(step), {k: dict(v) for k, v in layers.items()},
                          self._counts, step_counts)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infinisim.core.errors import InfinisimError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from infinisim.core.errors import InfinisimError
 
 GGUF_CONTROL = 3  # llama.cpp token type of special/control tokens
 

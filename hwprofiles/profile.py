@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from infinisim.core.errors import InfinisimError
 from infinisim.core.files import read_yaml, write_text_atomic
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import simpy
+
 from infinisim.hwprofiles.profile import Profile
 from infinisim.sim.costs import Costs, Work
 from infinisim.sim.memory import MemoryPlan, memory_plan

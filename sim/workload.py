@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from infinisim.core.errors import InfinisimError
 from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
 from infinisim.traces.trace import Trace

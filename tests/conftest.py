@@ -25,8 +25,9 @@ def smollm2():
 @pytest.fixture(scope="session")
 def hf_smollm2():
     """transformers' LlamaForCausalLM and tokenizer on the same GGUF (the independent reference)."""
-    from infinisim.executor.loaders import embedded_gguf_path
     from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from infinisim.executor.loaders import embedded_gguf_path
 
     path = embedded_gguf_path()
     model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from infinisim.executor.generate import SamplingConfig, generate
 from infinisim.executor.policies import H2O, Int4
 from infinisim.executor.policies.h2o import accumulated_attention, keep_set

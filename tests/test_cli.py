@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from infinisim.traces.trace import read_trace
 
 CLI = [sys.executable, "-m", "infinisim.cli"]

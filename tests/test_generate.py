@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from infinisim.core.errors import InfinisimError
 from infinisim.executor.generate import SamplingConfig, generate
 from infinisim.executor.loaders import load_model

@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+
 from infinisim.core.errors import InfinisimError
 from infinisim.executor.generate import SamplingConfig, generate
+from infinisim.executor.kvcache import Measurement
 from infinisim.executor.loaders import load_model
 from infinisim.executor.policies import InfiniGen, Oracle, Resident, make_policy
 from infinisim.executor.selection import (
@@ -79,7 +81,8 @@ def test_skew_is_orthogonal_keeps_qk_and_concentrates():
 
 
 def _forced_logits(model, prompts, conts, policy):
-    gen = generate(model, prompts, policy, SamplingConfig(len(conts[0])), forced=conts, keep_logits=True)
+    gen = generate(model, prompts, policy, SamplingConfig(len(conts[0])),
+                   measure=Measurement(forced=conts, keep_logits=True))
     return torch.stack(gen.logits)
 
 

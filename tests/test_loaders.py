@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from infinisim.core.errors import InfinisimError
 from infinisim.executor.generate import SamplingConfig, generate, prefill_logits
 from infinisim.executor.loaders import load_model

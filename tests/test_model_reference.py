@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from infinisim.executor.generate import SamplingConfig, generate, prefill_logits
 from infinisim.executor.loaders import load_model
 from infinisim.executor.policies import Resident

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+
 from infinisim.analysis import planner
 from infinisim.analysis.planner import Sweep, best_under, largest_batch, load_sweep, pareto, run_sweep
-from infinisim.core.errors import InfinisimError
-
 from infinisim.cli import main
+from infinisim.core.errors import InfinisimError
 
 
 def small_sweep() -> Sweep:

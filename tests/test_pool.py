@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from infinisim.core.errors import InfinisimError
 from infinisim.executor.generate import SamplingConfig, generate
 from infinisim.executor.policies import InfiniGen

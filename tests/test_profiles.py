@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from infinisim.core.errors import InfinisimError
-from infinisim.hwprofiles.profile import builtin_profiles, load_profile, parse_quantity, write_profile
 
 from infinisim.cli import main
+from infinisim.core.errors import InfinisimError
+from infinisim.hwprofiles.profile import builtin_profiles, load_profile, parse_quantity, write_profile
 
 SHIPPED = ("a6000-pcie3", "a100-40gb-pcie4", "a100-80gb-pcie4", "h100-pcie5", "h100-sxm", "h200", "l4", "rtx4090")
 

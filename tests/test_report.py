@@ -11,14 +11,15 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
-from infinisim.analysis.accuracy import expected, quality_points
-from infinisim.core.errors import InfinisimError
-from infinisim.executor.generate import SamplingConfig
-from infinisim.executor.recording import run_policy
-from infinisim.traces.trace import write_trace
 from PIL import Image
 
+from infinisim.analysis.accuracy import expected, quality_points
 from infinisim.cli import main
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.kvcache import Measurement
+from infinisim.executor.recording import run_policy
+from infinisim.traces.trace import write_trace
 
 
 def test_expected_accuracy_interpolates_only_inside_the_measured_range():
@@ -49,8 +50,8 @@ def quality_traces(smollm2, tmp_path_factory):
                                ("a2", "infinigen", {"alpha": 2.0, "budget": 1.0}),
                                ("a6", "infinigen", {"alpha": 6.0, "budget": 1.0})):
         _, trace = run_policy(smollm2.model, prompt, policy, SamplingConfig(5, stop_at_eos=False),
-                              {"model": "smollm2-135m", "weights": "embedded"}, knobs=knobs, forced=forced,
-                              quality=True)
+                              {"model": "smollm2-135m", "weights": "embedded"}, knobs=knobs,
+                              measure=Measurement(forced=forced, quality=True))
         paths[tag] = str(write_trace(trace, out / f"{tag}.trace.parquet"))
     _, plain = run_policy(smollm2.model, prompt, "infinigen", SamplingConfig(2, stop_at_eos=False),
                           {"model": "smollm2-135m", "weights": "embedded"})

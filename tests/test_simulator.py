@@ -8,6 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import simpy
+
+from infinisim.cli import main
 from infinisim.executor.generate import SamplingConfig
 from infinisim.executor.loaders import load_model
 from infinisim.executor.recording import run_policy
@@ -18,8 +20,6 @@ from infinisim.sim.memory import memory_plan
 from infinisim.sim.workload import fetched_fraction_per_layer, from_trace, synthetic
 from infinisim.traces.spec import named_model
 from infinisim.traces.trace import write_trace
-
-from infinisim.cli import main
 
 INSTANT = 1e30  # compute so fast it vanishes next to the copies
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from infinisim.core.errors import InfinisimError
 from infinisim.traces.spec import ModelSpec
 

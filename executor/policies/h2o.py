@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 
 import torch
-from infinisim.core.errors import InfinisimError
-from infinisim.executor.kvcache import PolicyContext
-from infinisim.executor.model import StepState
-from infinisim.executor.policies.selective import Selective
-from infinisim.executor.selection import budget_tokens, decode_logits
 from torch import Tensor
+
+from infinisim.core.policies import H2OKnobs
+from infinisim.executor.kvcache import PolicyContext
+from infinisim.executor.model import Step
+from infinisim.executor.policies.base import Policy
+from infinisim.executor.policies.fetching import SelectedRows, WholeCache
+from infinisim.executor.selection import budget_tokens, decode_logits
 
 QUERY_CHUNK = 256  # prompt rows per chunk when accumulating the prefill's attention
 
@@ -53,54 +55,48 @@ def keep_set(scores: Tensor, positions: Tensor, usable: Tensor, sizes: Tensor, r
     return positions.gather(-1, order), keep
 
 
-class H2O(Selective):
+class H2O(Policy):
     name = "h2o"
-
-    def __init__(self, budget: float = 0.2, recent_ratio: float = 0.5):
-        if budget <= 0 or (budget > 1 and budget != int(budget)):
-            raise InfinisimError(f"budget must be a fraction in (0, 1] or a whole token count, got {budget}",
-                                 field="budget")
-        if not 0 <= recent_ratio <= 1:
-            raise InfinisimError(f"recent ratio must be in [0, 1], got {recent_ratio}", field="recent_ratio")
-        self.budget, self.recent_ratio = budget, recent_ratio
-
-    def knobs(self) -> dict[str, object]:
-        return {"budget": self.budget, "recent_ratio": self.recent_ratio}
-
-    def max_fetch(self, ctx: PolicyContext) -> int:
-        return int(budget_tokens(self.budget, torch.tensor([ctx.capacity]))[0])
+    knobs: H2OKnobs
 
     def setup(self, ctx: PolicyContext) -> None:
-        super().setup(ctx)
+        self.whole = WholeCache(ctx)
+        self.rows = SelectedRows(ctx, self.whole, self.knobs.max_fetch(ctx.capacity))
         self.scores = torch.zeros(ctx.n_layers, ctx.batch, ctx.n_kv_heads, ctx.capacity, dtype=torch.float32,
                                   device=ctx.device)
         self.kept: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (positions [B, G, m], keep [B, G, m])
 
-    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+    def prefill_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.whole.attend(layer, k_new, v_new, step)
+        with step.recorder.span(layer, "attn"):
+            self.start_kept_set(layer, q, k_new, step.valid)
+        return out
+
+    def decode_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        if step.start == 0:
-            out = super().attend_kv(layer, q, k_new, v_new, step)
-            with step.recorder.span(layer, "attn"):
-                self.start_kept_set(layer, q, k_new, step.valid)
-            return out
         positions, keep = self.kept[layer]
         self.fetch(layer, positions, keep, step)
-        k, v, attended = self.attend_fetched(layer, q, k_new, v_new, step)
+        k, v, attended = self.rows.attend(layer, q, k_new, v_new, step)
         with step.recorder.span(layer, "attn"):
             self.update_kept_set(layer, q, k, attended, step)
         return k, v, attended
+
+    def fetch(self, layer: int, positions: Tensor, keep: Tensor, step: Step) -> None:
+        """The layer's kept set, gathered and copied to the device."""
+        self.rows.fetch(layer, positions, keep, step)
 
     def start_kept_set(self, layer: int, q: Tensor, k: Tensor, valid: Tensor) -> None:
         t = k.shape[2]
         self.scores[layer, :, :, :t] = accumulated_attention(q, k, valid)
         lengths = valid.sum(-1)
-        sizes = budget_tokens(self.budget, lengths)
-        recent = (sizes.float() * self.recent_ratio).floor().long()
+        sizes = budget_tokens(self.knobs.budget, lengths)
+        recent = (sizes.float() * self.knobs.recent_ratio).floor().long()
         positions = torch.arange(t, device=k.device).expand(*self.scores.shape[1:3], t)
         usable = valid[:, None, :].expand_as(positions)
         self.kept[layer] = keep_set(self.scores[layer, :, :, :t], positions, usable, sizes, recent, t - 1)
 
-    def update_kept_set(self, layer: int, q: Tensor, k: Tensor, attended: Tensor, step: StepState) -> None:
+    def update_kept_set(self, layer: int, q: Tensor, k: Tensor, attended: Tensor, step: Step) -> None:
         """Add this step's attention to the scores, take in the newest token, evict down to the budget."""
         logits = decode_logits(q, k)
         probs = torch.softmax(logits.masked_fill(~attended[:, :, None, :], float("-inf")), -1).sum(2)  # [B, G, m+1]
@@ -109,5 +105,5 @@ class H2O(Selective):
         scores = self.scores[layer]
         scores.scatter_add_(-1, candidates, probs * attended)
         sizes = keep.sum(-1).amax(-1)  # the set stays at its prefill size per sequence
-        recent = (sizes.float() * self.recent_ratio).floor().long()
+        recent = (sizes.float() * self.knobs.recent_ratio).floor().long()
         self.kept[layer] = keep_set(scores.gather(-1, candidates), candidates, attended, sizes, recent, step.start)

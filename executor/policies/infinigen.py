@@ -21,81 +21,47 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from infinisim.core.errors import InfinisimError
-from infinisim.executor.kvcache import PolicyContext
-from infinisim.executor.model import StepState, apply_rope
-from infinisim.executor.policies.selective import Selective
-from infinisim.executor.pool import HostPool
-from infinisim.executor.selection import (
-    budget_tokens,
-    choose_rows,
-    decode_logits,
-    partial_columns,
-    partial_count,
-    select_top,
-    skew_matrix,
-)
 from torch import Tensor
 
+from infinisim.core.errors import InfinisimError
+from infinisim.core.policies import InfiniGenKnobs, partial_width
+from infinisim.executor.kvcache import PolicyContext
+from infinisim.executor.model import Step, apply_rope
+from infinisim.executor.policies.base import Policy
+from infinisim.executor.policies.fetching import SelectedRows, WholeCache
+from infinisim.executor.pool import HostPool
+from infinisim.executor.selection import choose_rows, decode_logits, partial_columns, select_top, skew_matrix
 
-class InfiniGen(Selective):
+
+class InfiniGen(Policy):
     name = "infinigen"
-
-    def __init__(self, alpha: float | None = None, partial_ratio: float = 0.3, budget: float = 0.2,
-                 dense_layers: int = 1, gqa_combine: str = "softmax_sum", pool_capacity: int | None = None,
-                 eviction: str = "counter"):
-        if not 0 < partial_ratio <= 1:
-            raise InfinisimError(f"partial ratio must be in (0, 1], got {partial_ratio}", field="partial_ratio")
-        if budget <= 0 or (budget > 1 and budget != int(budget)):
-            raise InfinisimError(f"budget must be a fraction in (0, 1] or a whole token count, got {budget}",
-                                 field="budget")
-        if alpha is not None and alpha <= 0:
-            raise InfinisimError(f"alpha must be positive, got {alpha}", field="alpha")
-        if dense_layers < 1:
-            raise InfinisimError("the first layer has no previous layer to speculate from: dense_layers >= 1",
-                                 field="dense_layers")
-        if gqa_combine not in ("softmax_sum", "max"):
-            raise InfinisimError(f"unknown GQA combine {gqa_combine!r} (softmax_sum, max)", field="gqa_combine")
-        if pool_capacity is not None:
-            HostPool(pool_capacity, eviction, 1, 1)  # validates the pool knobs now, before any run
-        self.alpha, self.partial_ratio, self.budget = alpha, partial_ratio, budget
-        self.dense_layers, self.gqa_combine = dense_layers, gqa_combine
-        self.pool_capacity, self.eviction = pool_capacity, eviction
-
-    def knobs(self) -> dict[str, object]:
-        return {"alpha": self.alpha, "partial_ratio": self.partial_ratio, "budget": self.budget,
-                "dense_layers": self.dense_layers, "gqa_combine": self.gqa_combine,
-                "pool_capacity": self.pool_capacity, "eviction": self.eviction}
+    knobs: InfiniGenKnobs
 
     def setup(self, ctx: PolicyContext) -> None:
-        super().setup(ctx)
-        spec = ctx.model.spec
-        if self.alpha is None:
-            self.alpha = 4.0 if spec.family == "opt" else 5.0  # the paper's defaults
-        self.r = partial_count(self.partial_ratio, ctx.head_dim)
+        self.ctx = ctx
+        self.knobs = replace(self.knobs, alpha=self.knobs.alpha_for(ctx.model.spec.family))  # as the trace records it
+        self.whole = WholeCache(ctx)
+        self.rows = SelectedRows(ctx, self.whole, self.knobs.max_fetch(ctx.capacity))
+        self.r = partial_width(self.knobs.partial_ratio, ctx.head_dim)
         self.skew: dict[int, Tensor] = {}  # layer -> [G, d, r]: A restricted to the partial columns
         self.partial_keys: dict[int, Tensor] = {}  # layer -> [B, G, capacity, r] on the device
         self.partial_wq: dict[int, tuple[Tensor, Tensor | None]] = {}  # OPT: folded (W_q A)[:, cols], bias
-        self.pool = HostPool(self.pool_capacity, self.eviction, ctx.batch, ctx.capacity) \
-            if self.pool_capacity is not None else None
+        pool = self.knobs.pool_capacity
+        self.pool = HostPool(pool, self.knobs.eviction, ctx.batch, ctx.capacity) if pool is not None else None
         self.stored: Tensor | None = None  # this step's pool membership on the device
         self.spec_stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
 
-    def max_fetch(self, ctx: PolicyContext) -> int:
-        if self.pool_capacity is not None:  # layers that do not speculate fetch every stored row
-            return min(ctx.capacity, self.pool_capacity)
-        return int(budget_tokens(self.budget, torch.tensor([ctx.capacity]))[0])
-
-    def cached_valid(self, step: StepState) -> Tensor:
+    def cached_valid(self, step: Step) -> Tensor:
         """Which cached positions [0, start) can be attended: not padding, not evicted from the pool."""
         valid = step.valid[:, :step.start]
         return valid if self.stored is None else valid & self.stored[:, :step.start]
 
     def speculates(self, layer: int) -> bool:
-        return layer >= self.dense_layers
+        return layer >= self.knobs.dense_layers
 
     # ------------------------------------------------------------------ prefill
 
@@ -126,19 +92,21 @@ class InfiniGen(Selective):
                 torch.einsum("hd,hdr->hr", attention.wq.bias.view(h, d), per_head).reshape(-1)
             self.partial_wq[layer] = (weight, bias)
 
-    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+    def prefill_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.whole.attend(layer, k_new, v_new, step)
+        if self.speculates(layer):
+            with step.recorder.span(layer, "spec"):
+                self.build_skew(layer, q, k_new, step.valid[:, -step.n_new:])
+        return out
+
+    def decode_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        if step.start == 0:
-            out = super().attend_kv(layer, q, k_new, v_new, step)
-            if self.speculates(layer):
-                with step.recorder.span(layer, "spec"):
-                    self.build_skew(layer, q, k_new, step.valid[:, -step.n_new:])
-            return out
         if step.n_new != 1:
             raise InfinisimError("infinigen decodes one token per step after the prefill")
         if not self.speculates(layer):
             if self.pool is None:
-                return super().attend_kv(layer, q, k_new, v_new, step)
+                return self.whole.attend(layer, k_new, v_new, step)
             stored = self.cached_valid(step)  # fetch every stored row, nothing evicted
             indices, keep = select_top(stored[:, None, :].expand(-1, self.ctx.n_kv_heads, -1).float(),
                                        stored.sum(-1).clamp(min=1), stored)
@@ -147,7 +115,7 @@ class InfiniGen(Selective):
 
     # ------------------------------------------------------------------ decode
 
-    def speculate(self, layer: int, residual: Tensor, step: StepState) -> Tensor:
+    def speculate(self, layer: int, residual: Tensor, step: Step) -> Tensor:
         """Approximate attention logits of `layer` for this step's query: [B, H, start]."""
         block = self.ctx.model.layers[layer]
         attention = block.attention
@@ -165,31 +133,36 @@ class InfiniGen(Selective):
         scores = scores.reshape(b, h, step.start).float() / math.sqrt(d)
         return scores.masked_fill(~self.cached_valid(step)[:, None, :], float("-inf"))
 
-    def choose(self, layer: int, scores: Tensor, rank_scores: Tensor, step: StepState) -> tuple[Tensor, Tensor]:
+    def choose(self, layer: int, scores: Tensor, rank_scores: Tensor, step: Step) -> tuple[Tensor, Tensor]:
         """How many (from the speculated `scores`) and which (by `rank_scores`) rows to fetch."""
-        indices, keep, alpha_counts = choose_rows(scores, rank_scores, self.cached_valid(step), self.alpha,
-                                                  self.budget, self.ctx.n_kv_heads, self.gqa_combine)
+        k = self.knobs
+        indices, keep, alpha_counts = choose_rows(scores, rank_scores, self.cached_valid(step), k.alpha, k.budget,
+                                                  self.ctx.n_kv_heads, k.gqa_combine)
         step.recorder.count(layer, alpha_counts=alpha_counts.flatten().tolist())
         return indices, keep
 
-    def start_step(self, layer: int, step: StepState) -> None:
+    def start_step(self, layer: int, step: Step) -> None:
         """Before the first layer of a decode step: the pool takes in last step's rows and makes room."""
-        if layer != 0 or step.start == 0 or self.pool is None:
+        if layer != 0 or self.pool is None:
             return
         self.pool.admit(step.valid, step.start)
         step.recorder.count(None, evicted=self.pool.make_room(1))
         self.stored = self.pool.stored.to(step.valid.device)
 
-    def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: StepState) -> None:
+    def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: Step) -> None:
         if self.pool is not None:
             self.pool.record_fetch(indices, keep, step.index)
-        super().fetch(layer, indices, keep, step)
+        self.rows.fetch(layer, indices, keep, step)
 
-    def on_attention_start(self, layer: int, residual: Tensor, step: StepState) -> None:
-        self.start_step(layer, step)
-        target = layer + 1
-        if step.start == 0 or target >= self.ctx.n_layers or not self.speculates(target):
+    def on_attention_start(self, layer: int, residual: Tensor, step: Step) -> None:
+        if step.prefill:
             return
+        self.start_step(layer, step)
+        if layer + 1 < self.ctx.n_layers and self.speculates(layer + 1):
+            self.speculate_ahead(layer + 1, residual, step)
+
+    def speculate_ahead(self, target: int, residual: Tensor, step: Step) -> None:
+        """At the start of layer target-1: speculate layer `target`'s rows, start their prefetch."""
         with self.on_spec_stream(), step.recorder.span(target, "spec", self.spec_stream):
             scores = self.speculate(target, residual, step)
             indices, keep = self.choose(target, scores, scores, step)
@@ -211,9 +184,9 @@ class InfiniGen(Selective):
             yield
         compute.wait_stream(self.spec_stream)  # the choice is read by later compute kernels
 
-    def attend_prefetched(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+    def attend_prefetched(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                           ) -> tuple[Tensor, Tensor, Tensor]:
-        k, v, keep = self.attend_fetched(layer, q, k_new, v_new, step)
+        k, v, keep = self.rows.attend(layer, q, k_new, v_new, step)
         if self.speculates(layer):
             with step.recorder.span(layer, "attn"):
                 self.partial_keys[layer][:, :, step.start] = torch.einsum("bgd,gdr->bgr", k_new[:, :, 0],
@@ -227,21 +200,18 @@ class Oracle(InfiniGen):
 
     name = "oracle"
 
-    def on_attention_start(self, layer: int, residual: Tensor, step: StepState) -> None:
-        self.start_step(layer, step)
-        target = layer + 1
-        if step.start == 0 or target >= self.ctx.n_layers or not self.speculates(target):
-            return
+    def speculate_ahead(self, target: int, residual: Tensor, step: Step) -> None:
+        """Only the count is speculated ahead; the rows are chosen at the layer, by exact scores."""
         with step.recorder.span(target, "spec"):
             self.speculated = self.speculate(target, residual, step)
 
-    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+    def decode_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        if step.start > 0 and step.n_new == 1 and self.speculates(layer):
-            exact = exact_scores(q, self.host.k[layer][:, :, :step.start], self.cached_valid(step))
+        if step.n_new == 1 and self.speculates(layer):
+            exact = exact_scores(q, self.whole.host.k[layer][:, :, :step.start], self.cached_valid(step))
             indices, keep = self.choose(layer, self.speculated, exact, step)
             self.fetch(layer, indices, keep, step)
-        return super().attend_kv(layer, q, k_new, v_new, step)
+        return super().decode_kv(layer, q, k_new, v_new, step)
 
 
 def exact_scores(q: Tensor, keys: Tensor, valid: Tensor) -> Tensor:

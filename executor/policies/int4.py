@@ -5,11 +5,13 @@ dequantizes it on the device. The newest row is attended at full precision."""
 from __future__ import annotations
 
 import torch
-from infinisim.core.errors import InfinisimError
-from infinisim.executor.kvcache import CopyEngine, KVStore, PolicyContext
-from infinisim.executor.model import StepState
-from infinisim.executor.policies.base import Policy
 from torch import Tensor
+
+from infinisim.core.errors import InfinisimError
+from infinisim.core.policies import Int4Knobs
+from infinisim.executor.kvcache import CopyEngine, KVStore, PolicyContext
+from infinisim.executor.model import Step
+from infinisim.executor.policies.base import Policy, record_layer
 
 LEVELS = 15  # 4 bits
 
@@ -34,17 +36,10 @@ def dequantize(packed: Tensor, scale: Tensor, low: Tensor, group: int) -> Tensor
 
 class Int4(Policy):
     name = "int4"
-
-    def __init__(self, group_size: int = 64):
-        if group_size < 2 or group_size % 2:
-            raise InfinisimError(f"group size must be an even number >= 2, got {group_size}", field="group_size")
-        self.group_size = group_size
-
-    def knobs(self) -> dict[str, object]:
-        return {"group_size": self.group_size}
+    knobs: Int4Knobs
 
     def setup(self, ctx: PolicyContext) -> None:
-        self.group = min(self.group_size, ctx.head_dim)
+        self.group = self.knobs.group(ctx.head_dim)
         if ctx.head_dim % self.group:
             raise InfinisimError(f"head dim {ctx.head_dim} is not a multiple of the group size {self.group}",
                                  field="group_size")
@@ -62,7 +57,7 @@ class Int4(Policy):
         self.copies = CopyEngine(ctx.device)
         self.row_bytes = sum(s.token_bytes for s in (self.codes, self.scales, self.lows))
 
-    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
+    def decode_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                   ) -> tuple[Tensor, Tensor, Tensor]:
         start, rec = step.start, step.recorder
         stores = (self.codes, self.scales, self.lows)
@@ -86,6 +81,6 @@ class Int4(Policy):
                 k, v = torch.cat([k_old, k_new], dim=2), torch.cat([v_old, v_new], dim=2)
             else:
                 k, v = k_new, v_new
-        self.count(step, layer, kv_len=start + step.n_new, fetched=start, attended=start + step.n_new,
-                   bytes_h2d=start * self.row_bytes, bytes_d2h=step.n_new * self.row_bytes)
+        record_layer(step, layer, kv_len=start + step.n_new, fetched=start, attended=start + step.n_new,
+                     bytes_h2d=start * self.row_bytes, bytes_d2h=step.n_new * self.row_bytes)
         return k, v, step.valid[:, None, :]

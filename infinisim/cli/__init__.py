@@ -92,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from infinisim.executor.generate import SamplingConfig
+    from infinisim.executor.kvcache import Measurement
     from infinisim.executor.loaders import load_model
     from infinisim.executor.policies import POLICIES, make_policy
     from infinisim.executor.prompts import bundled_prompts, read_prompt_file
@@ -151,8 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   leave=False) as bar:
             try:
                 gen, trace = run_policy(loaded.model, prompts, name, sampling, run_info,
-                                        on_step=lambda record: bar.update(1), knobs=knobs, forced=forced,
-                                        quality=args.quality, record_selection=args.record_selection)
+                                        on_step=lambda record: bar.update(1), knobs=knobs,
+                                        measure=Measurement(forced, args.quality, args.record_selection))
             except KeyboardInterrupt:
                 print(f"\ninterrupted: no trace written for {name}", file=sys.stderr)
                 return 130

@@ -1,8 +1,10 @@
-"""Policies that fetch a chosen subset of each layer's KV rows (InfiniGen, H2O, the oracle).
+"""How offloaded policies move KV rows to the device: a layer's whole cache (FlexGen), or rows
+chosen per KV head (InfiniGen, H2O, the oracle). Parts that policies are composed of.
 
-The rows a layer attends over are gathered on the host into a (pinned) staging buffer and
-copied to the device into one of two slots, so layer i's rows can arrive while layer i-1 still
-reads its own. Layers that do not select fall back to the full fetch of `Full`.
+Chosen rows are gathered on the host into a (pinned) staging buffer and copied into one of two
+device slots, so layer i's rows can arrive while layer i-1 still reads its own.
+
+Shapes: B batch, H query heads, G KV heads, n rows fetched per KV head, d head dim.
 """
 
 from __future__ import annotations
@@ -10,12 +12,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from infinisim.executor.kvcache import PolicyContext
-from infinisim.executor.model import StepState
-from infinisim.executor.policies.dense import Full
+from torch import Tensor
+
+from infinisim.executor.kvcache import CopyEngine, KVStore, PolicyContext
+from infinisim.executor.model import Step
+from infinisim.executor.policies.base import record_layer
 from infinisim.executor.selection import decode_logits
 from infinisim.traces.trace import encode_selection
-from torch import Tensor
+
+
+class WholeCache:
+    """The cache in host memory; before a layer attends, its whole cache is copied into a
+    one-layer device store and the new rows are written back. Bytes count the padded batch."""
+
+    def __init__(self, ctx: PolicyContext):
+        self.host: KVStore = ctx.store(ctx.host_device, pin_memory=ctx.host_pinned)
+        self.staging = ctx.store(ctx.device, n_layers=1)  # one layer's cache on the device at a time
+        self.copies = CopyEngine(ctx.device)
+
+    def attend(self, layer: int, k_new: Tensor, v_new: Tensor, step: Step) -> tuple[Tensor, Tensor, Tensor]:
+        start, end = step.start, step.start + step.n_new
+        k, v = self.staging.k[0], self.staging.v[0]
+        fetched = self.copies.to_device([k[:, :, :start], v[:, :, :start]],
+                                        [self.host.k[layer][:, :, :start], self.host.v[layer][:, :, :start]],
+                                        layer, step.recorder) if start else None
+        self.copies.to_host(self.host, layer, start, k_new, v_new, step.recorder)
+        with step.recorder.span(layer, "attn"):
+            self.staging.write(0, start, k_new, v_new)
+        self.copies.wait(fetched, layer, step.recorder)
+        row = self.host.token_bytes
+        record_layer(step, layer, kv_len=end, fetched=start, attended=end, bytes_h2d=start * row,
+                     bytes_d2h=step.n_new * row)
+        return k[:, :, :end], v[:, :, :end], step.valid[:, None, :]
 
 
 @dataclass
@@ -28,11 +56,13 @@ class Prefetch:
     handle: object
 
 
-class Selective(Full):
-    def setup(self, ctx: PolicyContext) -> None:
-        super().setup(ctx)
-        self.ctx = ctx
-        rows = ctx.batch * ctx.n_kv_heads * self.max_fetch(ctx) * ctx.head_dim
+class SelectedRows:
+    """Chosen rows of the host cache (`whole.host`): gathered, copied into a device slot, attended
+    with the newest row. Slots are sized for `max_rows` per sequence and KV head."""
+
+    def __init__(self, ctx: PolicyContext, whole: WholeCache, max_rows: int):
+        self.ctx, self.host, self.copies = ctx, whole.host, whole.copies
+        rows = ctx.batch * ctx.n_kv_heads * max_rows * ctx.head_dim
         self.slots = [(torch.empty(rows, dtype=ctx.dtype, device=ctx.device),
                        torch.empty(rows, dtype=ctx.dtype, device=ctx.device)) for _ in range(2)]
         self.gathered = [(torch.empty(rows, dtype=ctx.dtype, pin_memory=ctx.host_pinned),
@@ -40,11 +70,7 @@ class Selective(Full):
         self.gathered_free: list[torch.cuda.Event | None] = [None, None]
         self.pending: dict[int, Prefetch] = {}
 
-    def max_fetch(self, ctx: PolicyContext) -> int:
-        """Most rows one layer fetches per sequence and KV head: the size of the fetch slots."""
-        return ctx.capacity
-
-    def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: StepState) -> None:
+    def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: Step) -> None:
         """Gather the chosen rows on the host into a staging buffer and start their copy."""
         b, g, n = indices.shape
         d = self.ctx.head_dim
@@ -62,16 +88,16 @@ class Selective(Full):
         handle = self.copies.to_device([dev_k, dev_v], [host_k, host_v], layer, step.recorder)
         self.gathered_free[slot] = handle
         self.pending[layer] = Prefetch(slot, indices, keep, handle)
-        if self.ctx.record_selection:
+        if self.ctx.measure.record_selection:
             step.recorder.count(layer, selected=encode_selection(indices.cpu().numpy(), keep.cpu().numpy()))
 
-    def attend_fetched(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: StepState
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+    def attend(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
+               ) -> tuple[Tensor, Tensor, Tensor]:
         """Wait for the layer's fetched rows; attend over them plus the newest row (always kept),
         which is also written back to the host."""
         fetched = self.pending.pop(layer)
         b, g, n, d = k_new.shape[0], self.ctx.n_kv_heads, fetched.indices.shape[-1], self.ctx.head_dim
-        if self.ctx.quality:
+        if self.ctx.measure.quality:
             self.measure_quality(layer, q, k_new, fetched, step)
         self.copies.to_host(self.host, layer, step.start, k_new, v_new, step.recorder)
         self.copies.wait(fetched.handle, layer, step.recorder)
@@ -81,11 +107,11 @@ class Selective(Full):
             v = torch.cat([dev_v, v_new], dim=2)
             keep = torch.cat([fetched.keep, torch.ones(b, g, 1, dtype=torch.bool, device=k.device)], dim=2)
         row = self.host.token_bytes
-        self.count(step, layer, kv_len=step.start + 1, fetched=n, attended=n + 1, bytes_h2d=n * row,
-                   bytes_d2h=row)
+        record_layer(step, layer, kv_len=step.start + 1, fetched=n, attended=n + 1, bytes_h2d=n * row,
+                     bytes_d2h=row)
         return k, v, keep
 
-    def measure_quality(self, layer: int, q: Tensor, k_new: Tensor, fetched: Prefetch, step: StepState) -> None:
+    def measure_quality(self, layer: int, q: Tensor, k_new: Tensor, fetched: Prefetch, step: Step) -> None:
         """Against exact attention over every cached row (measurement only, not timed as policy work):
         per query head, the attention mass the fetched rows capture, and their overlap with the
         exact top rows of the same count. The newest row is always attended and counts as captured."""
