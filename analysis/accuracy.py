@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 
 from infinisim.core.errors import InfinisimError
+from infinisim.core.policies import POLICIES
 from infinisim.traces.summary import quality
 from infinisim.traces.trace import Trace, read_trace
 
-DENSE = ("resident", "full")  # attend over the whole cache in full precision: the reference
+EXACT = tuple(name for name, spec in POLICIES.items() if spec.exact)  # whole cache, full precision: the reference
 EXPECTED = {"expected_recall": "recall", "expected_topk": "topk_overlap", "expected_ppl_ratio": "perplexity_ratio"}
 
 
@@ -39,14 +40,15 @@ def points_from(traces: Mapping[str, Trace]) -> pd.DataFrame:
             raise InfinisimError("not a quality trace (run it with `infinisim run --quality`)", source, "run.quality")
         q = quality(trace)
         policy = trace.run["policy"]
-        share = 1.0 if policy in (*DENSE, "int4") else q["selected_fraction"]
+        exact = policy in EXACT
+        share = q["fetched_fraction"] if POLICIES[policy].selective else 1.0
         rows.append({"policy": policy, "model": trace.model.name, "prompt": tuple(trace.run["prompt_lens"]),
-                     "fetched_fraction": share, "recall": 1.0 if policy in DENSE else q["recall"],
-                     "topk_overlap": 1.0 if policy in DENSE else q["topk_overlap"], "perplexity": q["perplexity"],
+                     "fetched_fraction": share, "recall": 1.0 if exact else q["recall"],
+                     "topk_overlap": 1.0 if exact else q["topk_overlap"], "perplexity": q["perplexity"],
                      "knobs": trace.run.get("policy_knobs", {}), "source": source})
     points = pd.DataFrame(rows, columns=["policy", "model", "prompt", "fetched_fraction", "recall", "topk_overlap",
                                          "perplexity", "knobs", "source"])
-    dense = points[points["policy"].isin(DENSE)].drop_duplicates(["model", "prompt"]).set_index(["model", "prompt"])
+    dense = points[points["policy"].isin(EXACT)].drop_duplicates(["model", "prompt"]).set_index(["model", "prompt"])
     points["perplexity_ratio"] = [
         row.perplexity / dense.loc[(row.model, row.prompt), "perplexity"] if (row.model, row.prompt) in dense.index
         else np.nan for row in points.itertuples()]
@@ -56,8 +58,8 @@ def points_from(traces: Mapping[str, Trace]) -> pd.DataFrame:
 def expected(points: pd.DataFrame, policy: str, fraction: float) -> dict[str, Any]:
     """Recall, top-k overlap and perplexity ratio at `fraction`, interpolated between the policy's
     measured points; NaN where no point brackets it (within 5% of a measured share counts as it).
-    Dense policies (resident, full) are exact: 1, 1, 1."""
-    if policy in DENSE:  # exact attention over the whole cache: nothing to lose, by definition
+    Exact policies (resident, full) are 1, 1, 1."""
+    if policy in EXACT:  # exact attention over the whole cache: nothing to lose, by definition
         return dict.fromkeys(EXPECTED, 1.0)
     mine = points[(points["policy"] == policy) & points["fetched_fraction"].notna()]
     out = dict.fromkeys(EXPECTED, np.nan)

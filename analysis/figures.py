@@ -22,6 +22,11 @@ COLOURS = {"compute": "#4c72b0", "speculation": "#dd8452", "gather": "#937860", 
            "wait": "#c44e52"}
 POLICY_COLOURS = {"resident": "#7f7f7f", "full": "#1f77b4", "int4": "#9467bd", "h2o": "#d62728",
                   "infinigen": "#2ca02c", "oracle": "#bcbd22"}
+SPARE_COLOURS = ("#17becf", "#8c564b", "#e377c2", "#ff7f0e")  # policies without a colour of their own
+
+
+def policy_colour(name: str) -> str:
+    return POLICY_COLOURS.get(name) or SPARE_COLOURS[sum(map(ord, name)) % len(SPARE_COLOURS)]
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ def panels(rows: pd.DataFrame, x: str, ys: Sequence[tuple[str, str]], hue: str, 
             if group.empty:
                 continue
             xs = [order.index(v) for v in group[x]] if order else group[x]
-            ax.plot(xs, group[column], "o-", ms=4, label=str(key), color=POLICY_COLOURS.get(str(key)))
+            ax.plot(xs, group[column], "o-", ms=4, label=str(key), color=policy_colour(str(key)))
         if order:
             ax.set_xticks(range(len(order)), order)
         if reference is not None:

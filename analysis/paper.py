@@ -13,7 +13,6 @@ across alpha and partial ratio. The paper's claims (../shared/INFINIGEN.md) stan
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,9 @@ import pandas as pd
 
 from infinisim.analysis import figures
 from infinisim.analysis.accuracy import points_from
-from infinisim.analysis.planner import Config, evaluate
 from infinisim.analysis.report import BREAKDOWN_TEXT, Section, accuracy_section, speedups, timeline_section
-from infinisim.core.errors import InfinisimError
+from infinisim.analysis.sweep import Config, evaluate
+from infinisim.core.files import write_json, write_text_atomic
 
 MAX_KV = 400  # the paper's cap: at most 400 KV entries fetched per layer
 PAPER = {"model": "opt-13b", "prompt_len": 1920, "gen_len": 128, "alpha": 4, "partial_ratio": 0.2,
@@ -44,61 +43,56 @@ class PaperSettings:
     quick: bool = False
 
 
-class Executor:
+class QualityRuns:
     """SmolLM2 loaded once; teacher-forced quality runs written as traces, one per distinct setting."""
 
     def __init__(self, settings: PaperSettings, out: Path, log: Callable[[str], None]):
-        from infinisim.executor.loaders import load_model
-        from infinisim.executor.prompts import bundled_text, read_prompt_file
+        from infinisim.executor.prompts import read_prompt_file
+        from infinisim.executor.session import Session
 
-        self.loaded = load_model("smollm2-135m")
-        text = read_prompt_file(settings.text) if settings.text else bundled_text()
-        ids = self.loaded.tokenizer.encode(text[:(settings.prompt_len + settings.steps) * 8 + 1000]).ids
-        need = settings.prompt_len + settings.steps
-        if len(ids) < need:
-            raise InfinisimError(f"{len(ids)} tokens of text, need {need} (prompt + steps)", settings.text, "text")
-        self.prompt, self.forced = [ids[:settings.prompt_len]], [ids[settings.prompt_len:need]]
+        self.session = Session("smollm2-135m")
+        text = read_prompt_file(settings.text) if settings.text else None
+        self.prompts = self.session.prompts(1, settings.prompt_len, text, settings.steps, settings.text or "",
+                                            field="--text")
         self.settings, self.out, self.log = settings, out / "traces", log
-        self.source = settings.text or "pydoc_data"
-        self.done: dict[str, str] = {}  # tag -> path
+        self.source = self.prompts.source
+        self.done: dict[str, str] = {}  # trace name -> path
         self.traces: dict[str, Any] = {}  # path -> Trace
 
     def run(self, policy: str, knobs: dict[str, Any]) -> str:
         from infinisim.executor.generate import SamplingConfig
         from infinisim.executor.kvcache import Measurement
-        from infinisim.executor.recording import run_policy
-        from infinisim.traces.trace import write_trace
 
-        tag = f"{policy}-" + "-".join(f"{k}{v:g}" for k, v in sorted(knobs.items())) if knobs else policy
+        tag = f"{policy} {knobs}"
         if tag in self.done:
             return self.done[tag]
-        self.log(f"  executor: {tag} ({self.settings.prompt_len} + {self.settings.steps} forced tokens)")
-        _, trace = run_policy(self.loaded.model, self.prompt, policy, SamplingConfig(self.settings.steps,
-                              stop_at_eos=False), {"model": "smollm2-135m", "weights": "embedded",
-                                                   "prompt_source": self.source},
-                              knobs=knobs, measure=Measurement(forced=self.forced, quality=True))
-        path = str(write_trace(trace, self.out / f"smollm2-135m-{tag}.trace.parquet"))
+        steps = self.settings.steps
+        self.log(f"  executor: {policy} {knobs or ''} ({self.settings.prompt_len} + {steps} forced tokens)")
+        _, trace = self.session.run(policy, self.prompts, SamplingConfig(self.settings.steps, stop_at_eos=False),
+                                    knobs, Measurement(quality=True), "infinisim reproduce paper")
+        path = str(self.session.write(trace, self.out, knobs=knobs))
         self.done[tag], self.traces[path] = path, trace
         return path
 
 
-def _configs(profile: str, share_at: dict[int, float], shares_by_ratio: dict[float, float]) -> list[Config]:
+def _configs(profile: str, speculated_at: dict[int, float], speculated_by_ratio: dict[float, float]) -> list[Config]:
     """Every simulator config of the paper's speed sweeps (duplicates collapse in the caller)."""
     p = PAPER
 
     def config(policy: str, model: str = p["model"], batch: int = 8, prompt: int = p["prompt_len"],
-               alpha: int = p["alpha"], ratio: float = p["partial_ratio"], share: float | None = None) -> Config:
+               alpha: int = p["alpha"], ratio: float = p["partial_ratio"], speculated: float | None = None) -> Config:
         if policy == "infinigen":
-            return Config(profile, model, batch, prompt, p["gen_len"], policy, float(MAX_KV), float(alpha),
-                          fetch_fraction=share if share is not None else share_at[alpha], partial_ratio=ratio)
-        return Config(profile, model, batch, prompt, p["gen_len"], policy,
-                      p["h2o_budget"] if policy == "h2o" else None)
+            knobs = (("alpha", float(alpha)), ("budget", float(MAX_KV)), ("partial_ratio", ratio))
+            return Config(profile, model, batch, prompt, p["gen_len"], policy, knobs,
+                          speculated_fraction=speculated if speculated is not None else speculated_at[alpha])
+        knobs = (("budget", p["h2o_budget"]),) if policy == "h2o" else ()
+        return Config(profile, model, batch, prompt, p["gen_len"], policy, knobs)
 
     out = [config(pol, batch=b) for b in p["batches"] for pol in BASELINES]
     out += [config(pol, prompt=n) for n in p["prompt_lens"] for pol in BASELINES]
     out += [config(pol, model=m, batch=4) for m in p["models"] for pol in BASELINES]
     out += [config("infinigen", alpha=a) for a in p["alphas"]]
-    out += [config("infinigen", ratio=r, share=share) for r, share in shares_by_ratio.items()]
+    out += [config("infinigen", ratio=r, speculated=f) for r, f in speculated_by_ratio.items()]
     return out
 
 
@@ -113,8 +107,8 @@ class Measured:
     by_fraction: list[str]  # infinigen, oracle, h2o at fixed fetched fractions
     by_alpha: dict[int, str]  # infinigen at the paper's setting, per alpha
     by_ratio: dict[float, str]  # infinigen at the paper's setting, per partial weight ratio
-    share_at: dict[int, float]  # uncapped share within alpha 1..9 at the paper's setting
-    share_by_ratio: dict[float, float]  # share within the paper's alpha, per partial ratio
+    speculated_at: dict[int, float]  # uncapped share within alpha 1..9 at the paper's setting
+    speculated_by_ratio: dict[float, float]  # share within the paper's alpha, per partial ratio
     points: pd.DataFrame  # quality points of every run (`source`: its trace's path)
     ran: str  # what was run, for the figures
 
@@ -123,7 +117,7 @@ class Measured:
 
 
 def measure(settings: PaperSettings, out: Path, log: Callable[[str], None]) -> Measured:
-    from infinisim.sim.workload import mean_fetched_fraction
+    from infinisim.sim.workload import mean_speculated_fraction
 
     p = PAPER
     fractions = [0.1, 0.3] if settings.quick else [0.05, 0.1, 0.2, 0.4]
@@ -132,17 +126,17 @@ def measure(settings: PaperSettings, out: Path, log: Callable[[str], None]) -> M
     paper_knobs = {"alpha": float(p["alpha"]), "budget": MAX_KV / p["prompt_len"],  # 400 of 1920, as a share
                    "partial_ratio": p["partial_ratio"]}
     log(f"accuracy on SmolLM2 through the executor ({'quick' if settings.quick else 'full'} set) ...")
-    ex = Executor(settings, out, log)
+    ex = QualityRuns(settings, out, log)
     dense = [ex.run("resident", {}), ex.run("int4", {})]
     by_fraction = [ex.run(pol, {"alpha": 1000.0, "budget": f} if pol != "h2o" else {"budget": f})
                    for f in fractions for pol in ("infinigen", "oracle", "h2o")]
     by_alpha = {a: ex.run("infinigen", {**paper_knobs, "alpha": float(a)}) for a in alphas}
     by_ratio = {r: ex.run("infinigen", {**paper_knobs, "partial_ratio": r}) for r in ratios}
     paper_trace = ex.traces[ex.run("infinigen", paper_knobs)]  # already run when alpha 4 is in the sweep
-    share_at = {a: mean_fetched_fraction(paper_trace, a) for a in p["alphas"]}
-    log(f"  InfiniGen's uncapped share at alpha {p['alpha']} (SmolLM2): {share_at[p['alpha']]:.3f}")
-    return Measured(dense, by_fraction, by_alpha, by_ratio, share_at,
-                    {r: mean_fetched_fraction(ex.traces[path], p["alpha"]) for r, path in by_ratio.items()},
+    speculated_at = {a: mean_speculated_fraction(paper_trace, a) for a in p["alphas"]}
+    log(f"  InfiniGen's uncapped share at alpha {p['alpha']} (SmolLM2): {speculated_at[p['alpha']]:.3f}")
+    return Measured(dense, by_fraction, by_alpha, by_ratio, speculated_at,
+                    {r: mean_speculated_fraction(ex.traces[path], p["alpha"]) for r, path in by_ratio.items()},
                     points_from(ex.traces),
                     f"infinisim reproduce paper (executor: SmolLM2, {settings.prompt_len}-token prompt from "
                     f"{ex.source}, {settings.steps} teacher-forced steps; traces in {ex.out})")
@@ -176,7 +170,7 @@ def _setup_section(profile: Any, measured: Measured, settings: PaperSettings) ->
          f"simulated: profile `{profile.name}` ({profile.device.name}, {profile.link.name})"),
         ("model / workload", "OPT-13B, prompt 1920, generate 128, fp16", "same, simulated"),
         ("InfiniGen knobs", "alpha 4, partial ratio 0.2, at most 400 KV per layer",
-         f"same; share within alpha 4 measured on SmolLM2: {measured.share_at[PAPER['alpha']]:.3f} of the cache"),
+         f"same; share within alpha 4 measured on SmolLM2: {measured.speculated_at[PAPER['alpha']]:.3f} of the cache"),
         ("baselines", "FlexGen, FlexGen+INT4, H2O (20%), UVM, UVM+H2O", "full (FlexGen), int4, h2o (20%); no UVM"),
         ("accuracy", "OPT / Llama-2, 5-shot tasks, WikiText-2 / PTB perplexity",
          f"SmolLM2-135M, recall + perplexity on {settings.text or 'pydoc_data'}, {settings.steps} forced tokens"),
@@ -217,7 +211,7 @@ def _breakdown_sections(speed: Speed, measured: Measured) -> list[Section]:
                                                speed.ran))
     workload = synthetic(named_model(PAPER["model"]), 8, PAPER["prompt_len"], 8, "infinigen", "float16",
                          {"budget": float(MAX_KV), "partial_ratio": PAPER["partial_ratio"]},
-                         measured.share_at[PAPER["alpha"]])
+                         measured.speculated_at[PAPER["alpha"]])
     return [breakdown, timeline_section(workload, speed.profile, speed.ran + "; 8 generated tokens for the excerpt")]
 
 
@@ -323,12 +317,11 @@ def reproduce_paper(settings: PaperSettings, out_dir: str | Path, log: Callable[
     profile = load_profile(settings.profile)  # a bad profile fails before minutes of measuring
     measured = measure(settings, out, log)
     log(f"speed on {profile.name} through the simulator ...")
-    configs = {c.key(): c for c in _configs(settings.profile, measured.share_at, measured.share_by_ratio)}
+    configs = {c.key(): c for c in _configs(settings.profile, measured.speculated_at, measured.speculated_by_ratio)}
     rows = pd.DataFrame([evaluate(c) for c in configs.values()])
-    out.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(out / "paper-speed.csv", index=False)
+    write_text_atomic(out / "paper-speed.csv", rows.to_csv(index=False))
     points = measured.points_of([*measured.dense, *measured.by_fraction])
-    points.to_csv(out / "paper-accuracy.csv", index=False)
+    write_text_atomic(out / "paper-accuracy.csv", points.to_csv(index=False))
     speed = Speed(rows, profile, f"infinisim reproduce paper --profile {settings.profile} (simulator; table "
                                  f"{out / 'paper-speed.csv'})")
 
@@ -344,7 +337,7 @@ def reproduce_paper(settings: PaperSettings, out_dir: str | Path, log: Callable[
     sections = [_setup_section(profile, measured, settings), claims_section, batch,
                 *_breakdown_sections(speed, measured), prompt, *([model] if model else []),
                 *_sensitivity_sections(speed, measured), accuracy_section(points, "paper-accuracy", measured.ran)]
-    (out / "paper-claims.json").write_text(json.dumps(claims, indent=1))
+    write_json(claims, out / "paper-claims.json")
     intro = (f"InfiniGen's speed experiments simulated on `{profile.name}` and its accuracy trends measured on "
              f"SmolLM2-135M with this project's executor. Tables: `paper-speed.csv`, `paper-accuracy.csv`; "
              f"traces: `traces/`.")

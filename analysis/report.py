@@ -22,7 +22,7 @@ import pandas as pd
 from infinisim.analysis import figures
 from infinisim.analysis.figures import Figure
 from infinisim.core.errors import InfinisimError
-from infinisim.core.files import write_text_atomic
+from infinisim.core.files import write_bytes_atomic, write_text_atomic
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45} h1{font-size:1.6em} h2{font-size:1.25em;margin-top:2em;
@@ -122,9 +122,7 @@ def write_report(sections: Sequence[Section], out_dir: str | Path, title: str, i
         raise InfinisimError(f"two figures share a name: {sorted(n for n in names if names.count(n) > 1)[0]}")
     for s in sections:
         if s.figure is not None:
-            tmp = out / "figures" / f".{s.figure.name}.png.tmp"
-            tmp.write_bytes(s.figure.png)
-            tmp.replace(out / "figures" / f"{s.figure.name}.png")
+            write_bytes_atomic(out / "figures" / f"{s.figure.name}.png", s.figure.png)
     md = write_text_atomic(out / "report.md", render_markdown(title, intro, sections, "figures"))
     page = write_text_atomic(out / "report.html", render_html(title, intro, sections))
     return page, md

@@ -6,11 +6,13 @@ is the replay of that trace's workload on a profile. Errors are relative to the 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from infinisim.core.files import write_bytes_atomic, write_json
 from infinisim.sim.engine import PHASES, SimResult
 from infinisim.sim.workload import Workload
 
@@ -88,5 +90,60 @@ def plot_steps(comparisons: list[dict[str, Any]], path: str, ran: str = "infinis
     """Predicted vs measured decode latency per step, one panel per run, as a PNG file."""
     from infinisim.analysis.figures import validation_steps
 
-    Path(path).write_bytes(validation_steps(comparisons, Path(path).stem, ran).png)
+    write_bytes_atomic(path, validation_steps(comparisons, Path(path).stem, ran).png)
     return path
+
+
+def validate(out: str | Path, *, traces: list[str] | None = None, profile: str | None = None,
+             policies: list[str] = ("resident", "full", "infinigen"), batch: int = 1, prompt_len: int = 1024,
+             gen_len: int = 32, model: str = "smollm2-135m", random_weights: bool = False, device: str | None = None,
+             dtype: str = "float32", quick_calibration: bool = False, knobs: dict[str, Any] | None = None,
+             command: str = "infinisim validate", log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Calibrate this machine (or load `profile`), run the executor per policy (or read `traces`),
+    replay each run and compare; writes validation.json, validation.png (and the profile and traces
+    it made) into `out`. Returns what validation.json holds."""
+    from infinisim.hwprofiles.profile import load_profile, write_profile
+    from infinisim.sim.engine import simulate
+    from infinisim.sim.workload import from_trace
+    from infinisim.traces.trace import read_trace
+
+    out = Path(out)
+    read = [read_trace(p) for p in traces] if traces else None
+    if profile:
+        chosen = load_profile(profile)
+    else:
+        from infinisim.executor.calibrate import calibrate
+        from infinisim.executor.session import pick_device
+
+        log("calibrating this machine ...")
+        chosen = calibrate(pick_device(device).type, dtype, quick_calibration, log=lambda line: log(f"  {line}"))
+        log(f"profile: {write_profile(chosen, out / 'profile.yaml')}")
+    if read is None:
+        read = _run(out, policies, batch, prompt_len, gen_len, model, random_weights, device, dtype, knobs or {},
+                    command, log)
+    comparisons = []
+    for trace in read:
+        workload = from_trace(trace)
+        comparisons.append(compare(workload, simulate(workload, chosen)))
+    data = {"command": command, "comparisons": comparisons, "relative": relative(comparisons),
+            "profile": chosen.to_dict()}
+    write_json(data, out / "validation.json")
+    plot_steps(comparisons, str(out / "validation.png"), command)
+    return data
+
+
+def _run(out: Path, policies: Sequence[str], batch: int, prompt_len: int, gen_len: int, model: str,
+         random_weights: bool, device: str | None, dtype: str, knobs: dict[str, Any], command: str,
+         log: Callable[[str], None]) -> list[Any]:
+    from infinisim.executor.generate import SamplingConfig
+    from infinisim.executor.session import Session
+
+    session = Session(model, dtype, device, random_weights, log)
+    prompts = session.prompts(batch, prompt_len)
+    traces = []
+    for name in policies:
+        log(f"[{name}] running {batch} x {prompt_len} tokens, {gen_len} new ...")
+        _, trace = session.run(name, prompts, SamplingConfig(gen_len, stop_at_eos=False), knobs, command=command)
+        log(f"  trace: {session.write(trace, out, knobs=knobs)}")
+        traces.append(trace)
+    return traces

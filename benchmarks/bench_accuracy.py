@@ -63,7 +63,7 @@ def main() -> int:
                               knobs=knobs, measure=Measurement(forced=forced, quality=True))
         s = summarize(trace)
         rows.append({"policy": name, "knobs": knobs, "target_fraction": fraction,
-                     "fetched_fraction_selecting_layers": s["selected_fraction"],
+                     "fetched_fraction_selecting_layers": s["fetched_fraction"],
                      "attended_fraction_all_layers": s["attended_fraction"],
                      "recall": s["recall"], "topk_overlap": s["topk_overlap"], "perplexity": s["perplexity"],
                      "bytes_h2d_per_decode_step": s["bytes_h2d_per_decode_step"],

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from infinisim.analysis.planner import Sweep, run_sweep
+from infinisim.analysis.sweep import Sweep, run_sweep
 from infinisim.hwprofiles.profile import builtin_profiles
 
 
@@ -29,7 +29,7 @@ def main() -> int:
 
     sweep = Sweep(list(builtin_profiles()), ["opt-6.7b", "opt-13b", "llama-3-8b", "mistral-7b"], [1, 4, 8, 16, 32],
                   [512, 1024, 1536, 1920], [args.gen_len], ["resident", "full", "int4", "h2o", "infinigen"],
-                  budgets=[0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5], fetch_fraction=0.1)
+                  knobs={"budget": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5]}, speculated_fraction=0.1)
     configs = sweep.configs()
     print(f"{len(configs)} configs", file=sys.stderr)
     timings = {}

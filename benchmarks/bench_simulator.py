@@ -28,7 +28,7 @@ from infinisim.executor.model import Transformer
 from infinisim.executor.recording import run_policy
 from infinisim.hwprofiles.profile import load_profile
 from infinisim.sim.engine import simulate
-from infinisim.sim.workload import fetched_fraction_per_layer, from_trace, synthetic
+from infinisim.sim.workload import from_trace, speculated_fraction_per_layer, synthetic
 from infinisim.traces.spec import ModelSpec, named_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def infinigen_shares(text_path: Path, prompt_len: int) -> tuple[np.ndarray, str]
         ids, source = loaded.tokenizer.encode(bundled_text()[:40000]).ids, "pydoc_data.topics"
     _, trace = run_policy(loaded.model, [ids[:prompt_len]], "infinigen", SamplingConfig(32, stop_at_eos=False),
                           {"model": "smollm2-135m", "weights": "embedded"})
-    return fetched_fraction_per_layer(trace, PAPER_ALPHA), source
+    return speculated_fraction_per_layer(trace, PAPER_ALPHA), source
 
 
 def paper_scenario(profile_name: str, share: float) -> tuple[list[dict], float, int]:

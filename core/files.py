@@ -1,13 +1,26 @@
-"""Reading and writing the small text files users hand us or keep (profiles, sweeps, results)."""
+"""Reading the small text files users hand us, and writing every output atomically.
+
+`atomic_path` is the one way anything is written: into a temporary file beside the target, then
+renamed over it, so an interrupted write leaves the old file (or none), never half of one. It
+refuses a target that exists and is not a regular file (a folder, a device), before writing.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from infinisim.core.errors import InfinisimError
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def read_yaml(path: Path) -> Any:
@@ -22,11 +35,59 @@ def read_yaml(path: Path) -> Any:
         raise InfinisimError("not a text file", path) from None
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Temp file, then rename: an interrupted write leaves the old file (or none), never half of one."""
+def check_output_file(path: str | Path) -> Path:
+    """`path` may be written as a file: it is one already, or nothing is there."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    if path.exists() and not path.is_file():
+        raise InfinisimError("exists and is not a regular file: refusing to replace it", path)
     return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write; renamed over `path` (mode 0644 less
+    the umask, as a plain open would make it) when the block succeeds, removed when it fails."""
+    path = check_output_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        tmp.chmod(0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    """JSON as any parser reads it: NaN and infinities become null."""
+    return write_text_atomic(path, json.dumps(strict_json(data), indent=1, default=float, allow_nan=False))
+
+
+def strict_json(data: Any) -> Any:
+    """`data` with every float that JSON cannot hold (NaN, +-inf) replaced by None."""
+    if isinstance(data, float):
+        return data if data == data and abs(data) != float("inf") else None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json(v) for v in data]
+    if hasattr(data, "item") and callable(data.item) and getattr(data, "ndim", 1) == 0:  # numpy scalars
+        return strict_json(data.item())
+    return data

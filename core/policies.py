@@ -26,6 +26,7 @@ class Knob:
     default: Any
     help: str
     axis: str  # the planner's axis (a sweep file's key): several values of the knob
+    example: Any  # a valid value other than the default (docs and the registry's own tests use it)
     low: float | None = None
     low_open: bool = False  # low itself is excluded
     high: float | None = None
@@ -81,24 +82,24 @@ class Knob:
 
 
 ALPHA = Knob("alpha", float, None, "fetch the tokens whose speculated score is within alpha of the head's best "
-             "(softmax-exponent units; default 4 for OPT, 5 for the Llama family, the paper's)", "alphas",
+             "(softmax-exponent units; default 4 for OPT, 5 for the Llama family, the paper's)", "alphas", 3.0,
              low=0, low_open=True)
 PARTIAL_RATIO = Knob("partial_ratio", float, 0.3, "share of the head dimension the speculation reads (the partial "
-                     "query and key columns)", "partial_ratios", low=0, low_open=True, high=1)
-BUDGET = Knob("budget", float, 0.2, "most tokens fetched per layer: a fraction of the cached tokens (0.2 = 20%%) "
-              "or a count (> 1)", "budgets", low=0, low_open=True, whole_above_one=True)
+                     "query and key columns)", "partial_ratios", 0.2, low=0, low_open=True, high=1)
+BUDGET = Knob("budget", float, 0.2, "most tokens fetched per layer: a fraction of the cached tokens (0.2 = 20%) "
+              "or a count (> 1)", "budgets", 0.1, low=0, low_open=True, whole_above_one=True)
 DENSE_LAYERS = Knob("dense_layers", int, 1, "leading layers that fetch their whole cache instead of speculating "
-                    "(layer 0 has no previous layer to speculate from)", "dense_layers", low=1)
+                    "(layer 0 has no previous layer to speculate from)", "dense_layers", 2, low=1)
 GQA_COMBINE = Knob("gqa_combine", str, "softmax_sum", "how the query heads sharing a KV head vote for its rows",
-                   "gqa_combines", choices=("softmax_sum", "max"), timed=False)
+                   "gqa_combines", "max", choices=("softmax_sum", "max"), timed=False)
 POOL_CAPACITY = Knob("pool_capacity", int, None, "host KV pool capacity in tokens per sequence (default "
-                     "unbounded); a full pool evicts for good", "pool_capacities", low=2, optional=True)
+                     "unbounded); a full pool evicts for good", "pool_capacities", 64, low=2, optional=True)
 EVICTION = Knob("eviction", str, "counter", "which token leaves a full pool: counter (the paper's), lru or fifo",
-                "evictions", choices=("counter", "lru", "fifo"), timed=False)
+                "evictions", "lru", choices=("counter", "lru", "fifo"), timed=False)
 RECENT_RATIO = Knob("recent_ratio", float, 0.5, "share of the kept set reserved for the most recent tokens",
-                    "recent_ratios", low=0, high=1, timed=False)
+                    "recent_ratios", 0.25, low=0, high=1, timed=False)
 GROUP_SIZE = Knob("group_size", int, 64, "values per quantization group along the head dimension (capped at "
-                  "the head dimension)", "group_sizes", low=2, even=True)
+                  "the head dimension)", "group_sizes", 32, low=2, even=True)
 KNOBS: dict[str, Knob] = {k.name: k for k in (ALPHA, PARTIAL_RATIO, BUDGET, DENSE_LAYERS, GQA_COMBINE,
                                                 POOL_CAPACITY, EVICTION, RECENT_RATIO, GROUP_SIZE)}
 

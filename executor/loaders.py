@@ -20,7 +20,7 @@ from infinisim.core.errors import InfinisimError
 from infinisim.executor.kvcache import check_fits
 from infinisim.executor.model import Transformer, rope_inv_freq
 from infinisim.executor.tokenizer import tokenizer_from_file, tokenizer_from_gguf
-from infinisim.traces.spec import ModelSpec, named_model
+from infinisim.traces.spec import MODELS, ModelSpec, named_model
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMBEDDED_MODEL = "smollm2-135m"
@@ -307,10 +307,10 @@ def load_model(model: str, dtype: str = "float32", device: str | torch.device = 
         return load_gguf(path, dtype, device)
     if path.is_dir():
         return load_hf_folder(path, dtype, device)
-    try:
-        spec = named_model(model)
-    except KeyError as exc:
-        raise InfinisimError(f"{exc.args[0]} (or give a .gguf file or a Hugging Face folder)") from None
+    if model not in MODELS:
+        raise InfinisimError(f"unknown model {model!r} (named: {', '.join(MODELS)}; or give a .gguf file or a "
+                             "Hugging Face folder)", field="--model")
+    spec = named_model(model)
     if random_weights:
         tokenizer = _embedded_tokenizer()
         return LoadedModel(materialize(spec, None, dtype, device, "random"), tokenizer, "random")

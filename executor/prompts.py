@@ -23,22 +23,32 @@ def read_prompt_file(path: str | Path) -> str:
         raise InfinisimError(f"cannot read prompt ({exc.__class__.__name__}: {exc})", path) from None
 
 
-def bundled_prompts(tokenizer: Tokenizer, batch: int, length: int, vocab_size: int) -> list[list[int]]:
-    """`batch` different windows of `length` tokens from the bundled text (wrapping around if needed).
+def text_windows(tokenizer: Tokenizer, text: str, batch: int, length: int, vocab_size: int, wrap: bool = True
+                 ) -> list[list[int]] | None:
+    """`batch` consecutive windows of `length` tokens from the start of `text`; when the text is too
+    short, wrapping around (or None, with wrap=False).
 
     Ids are folded into `vocab_size` so random-weight models with smaller vocabularies can use them.
     """
     if length < 1:
         raise InfinisimError(f"prompt length must be at least 1 token, got {length}")
-    text = bundled_text()
     need = batch * length
     chars = min(len(text), need * 6 + 1000)
     ids = tokenizer.encode(text[:chars]).ids
     if len(ids) < need and chars < len(text):
         ids = tokenizer.encode(text).ids
-    while len(ids) < need:
+    if len(ids) < need and not wrap:
+        return None
+    while ids and len(ids) < need:
         ids = ids + ids
-    return [[t % vocab_size for t in ids[b * length:(b + 1) * length]] for b in range(batch)]
+    return [[t % vocab_size for t in ids[b * length:(b + 1) * length]] for b in range(batch)] if ids else None
+
+
+def bundled_prompts(tokenizer: Tokenizer, batch: int, length: int, vocab_size: int) -> list[list[int]]:
+    """`batch` different windows of `length` tokens from the bundled text (wrapping around if needed)."""
+    windows = text_windows(tokenizer, bundled_text(), batch, length, vocab_size)
+    assert windows is not None  # the bundled text is never empty
+    return windows
 
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."

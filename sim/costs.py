@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from infinisim.core.policies import partial_width
 from infinisim.hwprofiles.profile import Profile
 from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
 
@@ -26,7 +27,6 @@ ATTEND_OPS = {"llama": 15, "opt": 9}  # mask, scaled_dot_product_attention, outp
 FFN_OPS = {"llama": 14, "opt": 5}
 EMBED_OPS = {"llama": 7, "opt": 4}
 HEAD_OPS = {"llama": 21, "opt": 14}  # final norm, output projection, sampling, per-step bookkeeping
-LAYER_HOST_OPS = {"resident": 3, "full": 7, "int4": 13, "h2o": 14, "infinigen": 14, "oracle": 14}
 SPEC_OPS = {"llama": 83, "opt": 61}  # per speculating layer (uncalibrated profiles)
 SELECTED_ATTEND_OPS = 9  # concatenating the fetched rows with the newest, the per-head mask
 H2O_UPDATE_OPS = 46
@@ -129,10 +129,6 @@ class Costs:
         s = self.spec
         return Work(self.linear(s.hidden, s.vocab_size), HEAD_OPS[s.family])
 
-    def layer_host(self, policy: str) -> Work:
-        """Host work of a layer outside its timed phases (slicing stores, bookkeeping)."""
-        return Work(0.0, LAYER_HOST_OPS[policy])
-
     def device_copy(self, nbytes: float) -> float:
         """A copy within device memory. On a GPU: read and write at the streaming bandwidth; on a
         CPU-only machine the device is RAM, so it is the measured memcpy rate at that size."""
@@ -228,11 +224,6 @@ class Costs:
     def gather(self, nbytes: float) -> Work:
         """Host gather of scattered KV rows into the staging buffer."""
         return Work(nbytes / self.profile.host.gather_bandwidth if nbytes > 0 else 0.0, GATHER_OPS)
-
-
-def partial_width(ratio: float, head_dim: int) -> int:
-    """Columns of InfiniGen's partial query and key (executor.selection.partial_count, without torch)."""
-    return max(1, min(head_dim, round(ratio * head_dim)))
 
 
 def interpolate_log(sizes: list[float], values: list[float], size: float) -> float:

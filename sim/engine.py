@@ -9,6 +9,9 @@ its ops in issue order, each op once the events it waits for have happened, like
 
 On a CPU-only profile everything is one engine and the host waits for each op, as the
 executor's CPU path does: copies are memcpys, speculation runs on the compute thread.
+
+This loop is the same for every KV policy: what a policy does around a layer comes from its
+class in `sim.policies` (`Workload.kv_policy`).
 """
 
 from __future__ import annotations
@@ -135,8 +138,9 @@ class Stream:
 class Simulation:
     """One run of a workload on a profile."""
 
-    def __init__(self, workload: Workload, profile: Profile, timeline: bool = False):
-        self.w, self.profile = workload, profile
+    def __init__(self, workload: Workload, profile: Profile, memory: MemoryPlan, timeline: bool = False):
+        self.w, self.profile, self.memory = workload, profile, memory
+        self.kv = workload.kv_policy
         self.costs = Costs(profile, workload.spec, workload.dtype, workload.batch)
         self.env = CountingEnvironment()
         self.sync = profile.synchronous
@@ -209,7 +213,7 @@ class Simulation:
              ) -> Generator[simpy.Event, Any, simpy.Event | None]:
         if nbytes <= 0:
             return None
-        work = self.costs.copy(nbytes, direction, 6 if self.w.policy == "int4" else 2, self.w.host_pinned)
+        work = self.costs.copy(nbytes, direction, self.kv.copy_tensors, self.w.host_pinned)
         return (yield from self.launch(direction, [(direction, layer, work)], after))
 
     # ---------------------------------------------------------------- the run
@@ -218,8 +222,8 @@ class Simulation:
         self.env.process(self.host())
         self.env.run()
         link = self.link_busy if not self.sync else self.phase_s[..., [P["h2d"], P["d2h"]]].sum()
-        return SimResult(self.w, self.profile, self.step_s, self.phase_s, memory_plan(self.w, self.profile),
-                         float(link), self.env.scheduled, self.spans)
+        return SimResult(self.w, self.profile, self.step_s, self.phase_s, self.memory, float(link),
+                         self.env.scheduled, self.spans)
 
     def host(self) -> Generator[simpy.Event, Any, None]:
         yield from self.prefill()
@@ -233,17 +237,12 @@ class Simulation:
         w, c, head = self.w, self.costs, self.w.spec.n_layers
         start, t = self.host_t, w.prompt_len
         yield from self.launch("compute", [("embed", head, c.embed())])
-        offloaded = w.policy != "resident"
         row_bytes = (w.bytes_d2h[0, 0] if w.n_steps else 0)
         for layer in range(w.spec.n_layers):
-            parts = [("attn", layer, c.prefill_qkv(t)), ("attn", layer, c.prefill_attend(t))]
-            if w.speculating[layer]:
-                parts.append(("spec", layer, c.skew_build(t)))
-            if w.policy == "h2o":
-                parts.append(("attn", layer, c.h2o_prefill(t)))
-            parts.append(("ffn", layer, c.ffn(w.batch * t)))
+            parts = [("attn", layer, c.prefill_qkv(t)), ("attn", layer, c.prefill_attend(t)),
+                     *self.kv.prefill_parts(c, w, layer, t), ("ffn", layer, c.ffn(w.batch * t))]
             done = yield from self.launch("compute", parts)
-            if offloaded:
+            if self.kv.traits.offloaded:  # the prompt's rows go to host memory
                 yield from self.copy("d2h", layer, row_bytes * t, (done,))
         done = yield from self.launch("compute", [("head", head, c.head())])
         yield from self.wait(done)
@@ -255,31 +254,23 @@ class Simulation:
         self.pending: dict[int, simpy.Event | None] = {}
         self.slot_free: list[simpy.Event | None] = [None, None]
         yield from self.launch("compute", [("embed", n, c.embed())])
-        qkv, ffn, layer_host = c.qkv(), c.ffn(), c.layer_host(w.policy)
+        qkv, ffn, layer_host = c.qkv(), c.ffn(), Work(0.0, self.kv.host_ops)
         for layer in range(n):
             self.host_work("host", layer, layer_host)
-            if w.policy in ("infinigen", "oracle") and layer + 1 < n and w.speculating[layer + 1]:
-                yield from self.speculate_and_prefetch(s, layer + 1)
+            yield from self.kv.before_layer(self, s, layer)
             yield from self.launch("compute", [("attn", layer, qkv)])
-            waits, extra = yield from self.attend_kv(s, layer)
+            waits, extra = yield from self.kv.attend_kv(self, s, layer)
             attend = c.attend(w.attended[s, layer])
             parts = [("attn", layer, attend), *extra, ("ffn", layer, ffn)]
             yield from self.launch("compute", parts, (compute.tail, *waits))
         done = yield from self.launch("compute", [("head", n, c.head())])
         yield from self.wait(done)  # the sampled token goes back to the host
 
-    def speculate_and_prefetch(self, s: int, target: int) -> Generator[simpy.Event, Any, None]:
-        """InfiniGen at the start of layer target-1: speculate on the side stream, wait for the
-        indices, gather the rows on the host, start their copy into the slot layer target reads."""
-        w, c = self.w, self.costs
-        spec = c.speculation(w.kv_len[s, target] - 1, float(w.knobs.get("partial_ratio", 0.3)))
-        done = yield from self.launch("spec", [("spec", target, spec)], (self.streams["compute"].tail,))
-        yield from self.wait(done)  # the indices go to the host
-        yield from self.prefetch(s, target)
-
     def prefetch(self, s: int, layer: int) -> Generator[simpy.Event, Any, None]:
+        """Chosen rows of `layer`: gathered on the host into the staging buffer of its slot (once
+        that slot's previous copy has left it), then copied in; its attention waits on `pending`."""
         slot = layer % 2
-        yield from self.wait(self.slot_free[slot])  # the staging buffer's previous copy has left it
+        yield from self.wait(self.slot_free[slot])
         nbytes = float(self.w.bytes_h2d[s, layer])
         self.host_work("gather", layer, self.costs.gather(nbytes))
         copied = yield from self.copy("h2d", layer, nbytes, (self.streams["compute"].tail,
@@ -287,34 +278,11 @@ class Simulation:
         self.slot_free[slot] = copied
         self.pending[layer] = copied
 
-    def attend_kv(self, s: int, layer: int) -> Generator[simpy.Event, Any, tuple[tuple, list]]:
-        """What layer `layer` does between its projections and its attention: the copies it starts,
-        the events its attention waits for, and extra compute in its attention phase."""
-        w, c = self.w, self.costs
-        compute, d2h_tail = self.streams["compute"], self.streams["d2h"]
-        policy = w.policy
-        if policy == "resident":
-            return (), []
-        selective = (policy in ("infinigen", "oracle") and w.speculating[layer]) or policy == "h2o"
-        if selective:
-            if policy == "h2o":
-                yield from self.wait(compute.tail)  # the kept set's positions go to the host
-                yield from self.prefetch(s, layer)
-            yield from self.copy("d2h", layer, float(w.bytes_d2h[s, layer]), (compute.tail,))
-            extra = [("attn", layer, c.selected_attend_extra(float(w.bytes_h2d[s, layer])))]
-            if policy == "h2o":
-                extra.append(("attn", layer, c.h2o_update(w.attended[s, layer])))
-            return (self.pending.pop(layer, None),), extra
-        # full, int4, and the dense layers of infinigen: the whole cache, copied at the layer
-        fetched = yield from self.copy("h2d", layer, float(w.bytes_h2d[s, layer]),
-                                       (compute.tail, d2h_tail.tail))
-        yield from self.copy("d2h", layer, float(w.bytes_d2h[s, layer]), (compute.tail,))
-        extra = [("attn", layer, c.int4_dequant(w.kv_len[s, layer] - 1))] if policy == "int4" else []
-        return (fetched,), extra
 
-
-def simulate(workload: Workload, profile: Profile, timeline: bool = False) -> SimResult:
-    return Simulation(workload, profile, timeline).run()
+def simulate(workload: Workload, profile: Profile, timeline: bool = False, memory: MemoryPlan | None = None
+             ) -> SimResult:
+    """Simulate the workload's run on the profile (`memory`: its plan, when already computed)."""
+    return Simulation(workload, profile, memory or memory_plan(workload, profile), timeline).run()
 
 
 def chrome_trace(result: SimResult) -> dict[str, Any]:

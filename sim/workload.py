@@ -1,29 +1,28 @@
 """What the simulator runs: per decode step and layer, how much KV each layer moves and attends.
 
 Two sources: a trace (replay the fetch sizes the run really made) or a synthetic description
-(any named model, batch and lengths; the fetched share of a speculating policy given
+(any named model, batch and lengths; the speculated fraction of a speculating policy given
 explicitly, or re-derived from a trace's uncapped within-alpha counts for another alpha or budget).
+
+Words used throughout: the *speculated* fraction is the share of its cached tokens a speculating
+layer wants (within alpha, before the budget's cap); the *fetched* fraction is the share a
+selecting layer really fetches (after the cap); the *attended* fraction is the share of the cache
+a layer's attention runs over (every layer, the newest row included).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from infinisim.core.errors import InfinisimError
+from infinisim.core.policies import Knobs, policy
+from infinisim.sim.policies import SIM_POLICIES, SimPolicy
 from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
 from infinisim.traces.trace import Trace
-
-POLICIES = ("resident", "full", "infinigen", "oracle", "h2o", "int4")
-OFFLOADED = ("full", "infinigen", "oracle", "h2o", "int4")  # the KV cache lives in host memory
-DEFAULT_KNOBS: dict[str, dict[str, Any]] = {
-    "infinigen": {"alpha": None, "partial_ratio": 0.3, "budget": 0.2, "dense_layers": 1, "pool_capacity": None},
-    "h2o": {"budget": 0.2},
-    "int4": {"group_size": 64},
-}
 
 
 @dataclass
@@ -33,7 +32,7 @@ class Workload:
     batch: int
     prompt_len: int  # positions of the (left-padded) prompt
     policy: str
-    knobs: dict[str, Any]
+    knobs: Knobs  # the policy's, from the registry (defaults filled in)
     kv_len: np.ndarray  # [steps, layers] cache positions after each decode step
     fetched: np.ndarray  # [steps, layers] positions copied host->device per sequence
     attended: np.ndarray  # [steps, layers] positions each layer's attention ran over
@@ -55,28 +54,21 @@ class Workload:
     def host_pinned(self) -> bool:
         return True  # the executor pins host KV whenever a GPU is present
 
+    @cached_property
+    def kv_policy(self) -> SimPolicy:
+        """How the simulator runs this workload's policy."""
+        return SIM_POLICIES[self.policy](self.knobs)
 
-def selected_share(w: Workload) -> float:
-    """Mean share of its cached tokens a selecting layer fetches per decode step: what accuracy
-    depends on. 1 for policies that fetch or keep the whole cache (int4: whole but quantized)."""
-    if w.policy in ("infinigen", "oracle"):
-        layers = w.speculating
-    elif w.policy == "h2o":
-        layers = np.ones(w.spec.n_layers, dtype=bool)
-    else:
+
+def fetched_fraction(w: Workload) -> float:
+    """Mean share of its cached tokens a selecting layer fetches per decode step (after the
+    budget's cap): what accuracy depends on. 1 for policies that fetch or keep the whole cache
+    (int4: whole but quantized)."""
+    layers = w.kv_policy.selecting(w)
+    if not layers.any():
         return 1.0
     cached = (w.kv_len - 1).clip(min=1)
-    return float((w.fetched / cached)[:, layers].mean()) if layers.any() else 1.0
-
-
-def row_bytes(spec: ModelSpec, dtype: str, batch: int, policy: str, group_size: int = 64) -> int:
-    """Bytes of one position of one layer's K and V for the batch, as the policy stores them."""
-    d = spec.head_dim
-    if policy == "int4":
-        group = min(group_size, d)
-        per_head = d // 2 + 2 * (d // group) * DTYPE_BYTES[dtype]  # codes + scale + minimum per group
-        return 2 * batch * spec.n_kv_heads * per_head
-    return 2 * batch * spec.n_kv_heads * d * DTYPE_BYTES[dtype]
+    return float((w.fetched / cached)[:, layers].mean())
 
 
 def from_trace(trace: Trace) -> Workload:
@@ -90,20 +82,25 @@ def from_trace(trace: Trace) -> Workload:
     def grid(column: str) -> np.ndarray:
         return decode[column].to_numpy().reshape(-1, n_layers)
 
+    kv = policy(run["policy"])
     spec_rows = decode[decode["step"] == decode["step"].min()]
-    speculating = np.array([len(c) > 0 for c in spec_rows["alpha_counts"]]) if run["policy"] in (
-        "infinigen", "oracle") else np.zeros(n_layers, dtype=bool)
+    speculating = np.array([len(c) > 0 for c in spec_rows["alpha_counts"]]) if kv.speculating \
+        else np.zeros(n_layers, dtype=bool)
     steps = trace.steps.set_index("step")
     measured = {"step_wall_s": steps.loc[steps["phase"] == "decode", "wall_s"].to_numpy(),
                 "prefill_wall_s": float(steps.loc[steps["phase"] == "prefill", "wall_s"].sum()),
                 "layers": decode}
+    try:
+        knobs = kv.make_knobs(run.get("policy_knobs") or {})
+    except InfinisimError as exc:
+        raise InfinisimError(f"policy knobs: {exc}", field="header.run.policy_knobs") from None
     return Workload(trace.model, run["dtype"], int(run["batch"]), max(run["prompt_lens"]), run["policy"],
-                    dict(run.get("policy_knobs") or {}), grid("kv_len"), grid("tokens_fetched"),
+                    knobs, grid("kv_len"), grid("tokens_fetched"),
                     grid("tokens_attended"), grid("bytes_h2d"), grid("bytes_d2h"), speculating,
                     source="trace", measured=measured)
 
 
-def fetched_fraction_per_layer(trace: Trace, alpha: float) -> np.ndarray:
+def speculated_fraction_per_layer(trace: Trace, alpha: float) -> np.ndarray:
     """From a speculating trace: per layer, the mean share of cached tokens within `alpha` of the
     max (uncapped; alpha rounded to 1..9, the counts a trace holds). NaN for non-speculating layers."""
     a = round(alpha)
@@ -122,19 +119,25 @@ def fetched_fraction_per_layer(trace: Trace, alpha: float) -> np.ndarray:
     return out
 
 
-def mean_fetched_fraction(trace: Trace, alpha: float) -> float:
+def mean_speculated_fraction(trace: Trace, alpha: float) -> float:
     """The uncapped share within `alpha`, averaged over the trace's speculating layers: what a model
     with a different layer count (or the planner's alpha axis) takes from a trace."""
-    return float(np.nanmean(fetched_fraction_per_layer(trace, alpha)))
+    return float(np.nanmean(speculated_fraction_per_layer(trace, alpha)))
 
 
-def synthetic(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, policy: str, dtype: str = "float16",
-              knobs: dict[str, Any] | None = None, fetch_fraction: float | np.ndarray | None = None) -> Workload:
-    """A workload from a description. For infinigen, `fetch_fraction` is the uncapped share of the
-    cache each speculating layer wants (a number, or one per layer, e.g. from
-    fetched_fraction_per_layer); the budget caps it, as in the executor."""
-    if policy not in POLICIES:
-        raise InfinisimError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})", field="policy")
+def speculated_by_alpha(trace: Trace) -> tuple[float, ...]:
+    """The trace's mean speculated fraction at alpha = 1..9 (the planner's alpha axis reads it)."""
+    return tuple(mean_speculated_fraction(trace, a) for a in range(1, 10))
+
+
+def synthetic(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, policy_name: str, dtype: str = "float16",
+              knobs: dict[str, Any] | None = None, speculated_fraction: float | np.ndarray | None = None
+              ) -> Workload:
+    """A workload from a description. For a speculating policy, `speculated_fraction` is the
+    uncapped share of the cache each speculating layer wants (a number, or one per layer, e.g. from
+    speculated_fraction_per_layer); the budget caps it, as in the executor. `knobs`: the policy's
+    (None: its default; other policies' knobs are ignored)."""
+    kv = policy(policy_name)
     if dtype not in DTYPE_BYTES:
         raise InfinisimError(f"unknown dtype {dtype!r} ({', '.join(DTYPE_BYTES)})", field="dtype")
     for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len)):
@@ -143,48 +146,12 @@ def synthetic(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, policy
     if spec.family == "opt" and prompt_len + gen_len > spec.max_positions:
         raise InfinisimError(f"prompt + generation = {prompt_len + gen_len} exceeds {spec.name}'s "
                              f"{spec.max_positions} positions", field="prompt_len")
-    base = "infinigen" if policy == "oracle" else policy
-    merged = {**DEFAULT_KNOBS.get(base, {}), **{k: v for k, v in (knobs or {}).items() if v is not None}}
-    unknown = set(knobs or {}) - set(DEFAULT_KNOBS.get(base, {})) - {"alpha"}
-    if unknown:
-        raise InfinisimError(f"{policy} has no knob {sorted(unknown)[0]!r}", field="knobs")
-    n_layers = spec.n_layers
+    simulated = SIM_POLICIES[policy_name](kv.make_knobs(knobs))
     steps = np.arange(gen_len - 1)  # decode steps after the prefill's first token
-    kv_len = np.repeat((prompt_len + 1 + steps)[:, None], n_layers, axis=1)
-    cached = kv_len - 1
-    row = row_bytes(spec, dtype, batch, policy, int(merged.get("group_size", 64)))
-    speculating = np.zeros(n_layers, dtype=bool)
-    if policy == "resident":
-        fetched, attended = np.zeros_like(kv_len), kv_len.copy()
-    elif policy in ("full", "int4"):
-        fetched, attended = cached.copy(), kv_len.copy()
-    elif policy == "h2o":
-        kept = _budget(merged["budget"], prompt_len)
-        fetched = np.full_like(kv_len, kept)
-        attended = fetched + 1
-    else:
-        if fetch_fraction is None:
-            raise InfinisimError(f"{policy} needs the fetched fraction: give it, or a trace to derive it from",
-                                 field="fetch_fraction")
-        dense = int(merged["dense_layers"])
-        speculating[dense:] = True
-        stored = cached if merged["pool_capacity"] is None else np.minimum(cached, int(merged["pool_capacity"]))
-        fraction = np.broadcast_to(np.asarray(fetch_fraction, dtype=float), (n_layers,))
-        fraction = np.where(np.isnan(fraction), np.nanmean(fraction), fraction)
-        if (fraction < 0).any() or (fraction > 1).any():
-            raise InfinisimError("must be within [0, 1]", field="fetch_fraction")
-        want = np.ceil(stored * fraction[None, :]).astype(np.int64)
-        cap = np.vectorize(lambda n: _budget(merged["budget"], n))(stored)
-        fetched = np.where(speculating[None, :], np.clip(np.minimum(want, cap), 1, None), stored)
-        attended = fetched + 1
+    kv_len = np.repeat((prompt_len + 1 + steps)[:, None], spec.n_layers, axis=1)
+    fetched, attended, speculating = simulated.decode_counts(kv_len, prompt_len, speculated_fraction)
+    row = simulated.row_bytes(spec, dtype, batch)
     bytes_h2d = fetched.astype(np.int64) * row
-    bytes_d2h = np.full_like(bytes_h2d, row if policy != "resident" else 0)
-    return Workload(spec, dtype, batch, prompt_len, policy, merged, kv_len, fetched.astype(np.int64),
+    bytes_d2h = np.full_like(bytes_h2d, row if kv.offloaded else 0)
+    return Workload(spec, dtype, batch, prompt_len, policy_name, simulated.knobs, kv_len, fetched.astype(np.int64),
                     attended.astype(np.int64), bytes_h2d, bytes_d2h, speculating)
-
-
-def _budget(budget: float, n_tokens: int) -> int:
-    """The executor's cap: a fraction (<= 1) of the cached tokens, or a count."""
-    if budget <= 0:
-        raise InfinisimError(f"budget must be positive, got {budget}", field="budget")
-    return max(1, math.ceil(n_tokens * budget)) if budget <= 1 else min(int(budget), n_tokens)

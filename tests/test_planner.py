@@ -6,15 +6,16 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from infinisim.analysis import planner
-from infinisim.analysis.planner import Sweep, best_under, largest_batch, load_sweep, pareto, run_sweep
+from infinisim.analysis import sweep as planner
+from infinisim.analysis.planner import best_under, largest_batch, pareto
+from infinisim.analysis.sweep import Sweep, load_sweep, run_sweep
 from infinisim.cli import main
 from infinisim.core.errors import InfinisimError
 
 
 def small_sweep() -> Sweep:
     return Sweep(["a6000-pcie3", "l4"], ["opt-6.7b", "llama-3.1-70b"], [2, 8], [512], [6],
-                 ["resident", "full", "infinigen"], budgets=[0.1, 0.2], fetch_fraction=0.1)
+                 ["resident", "full", "infinigen"], knobs={"budget": [0.1, 0.2]}, speculated_fraction=0.1)
 
 
 def _by_key(rows: pd.DataFrame) -> pd.DataFrame:
@@ -116,7 +117,7 @@ def test_malformed_sweep_file(tmp_path, text, field, message):
 def test_plan_cli(tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("profiles: [a6000-pcie3, h100-sxm]\nmodels: [opt-6.7b]\nbatches: [1, 4, 16]\n"
-                     "prompt_lens: [512]\ngen_lens: [6]\npolicies: [full, infinigen]\nfetch_fraction: 0.1\n")
+                     "prompt_lens: [512]\ngen_lens: [6]\npolicies: [full, infinigen]\nspeculated_fraction: 0.1\n")
     out = tmp_path / "plan"
     assert main(["plan", "--sweep", str(sweep), "--target-ms", "80", "--serial", "--out", str(out)]) == 0
     text = capsys.readouterr().out

@@ -77,7 +77,7 @@ def test_plan_gets_the_accuracy_to_expect(quality_traces, tmp_path, capsys):
     out = tmp_path / "plan"
     traces = [quality_traces[k] for k in ("resident", "ig10", "ig40", "h2o")]
     assert main(["plan", "--model", "opt-6.7b", "--profile", "a6000-pcie3", "--batch", "1,4", "--prompt-len", "512",
-                 "--gen-len", "4", "--policy", "full,infinigen,int4", "--fetch-fraction", "1",
+                 "--gen-len", "4", "--policy", "full,infinigen,int4", "--speculated-fraction", "1",
                  "--budget", "0.2,0.9", "--serial", "--quality", *traces, "--out", str(out)]) == 0
     assert "expected_recall" in capsys.readouterr().out
     rows = pd.read_parquet(out / "plan.parquet")

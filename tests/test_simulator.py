@@ -17,7 +17,7 @@ from infinisim.hwprofiles.profile import Device, Host, Link, Profile, load_profi
 from infinisim.sim.costs import Costs, copy_time
 from infinisim.sim.engine import PHASES, Stream, simulate
 from infinisim.sim.memory import memory_plan
-from infinisim.sim.workload import fetched_fraction_per_layer, from_trace, synthetic
+from infinisim.sim.workload import from_trace, speculated_fraction_per_layer, synthetic
 from infinisim.traces.spec import named_model
 from infinisim.traces.trace import write_trace
 
@@ -107,7 +107,7 @@ def test_cpu_profile_serialises_everything():
     """On a CPU-only machine copies and compute share the cores: the step is their sum."""
     spec = named_model("opt-125m")
     gpu, cpu = load_profile("a6000-pcie3"), replace(load_profile("a6000-pcie3"), kind="cpu")
-    w = synthetic(spec, 4, 512, 4, "infinigen", "float16", fetch_fraction=0.1)
+    w = synthetic(spec, 4, 512, 4, "infinigen", "float16", speculated_fraction=0.1)
     on_cpu = simulate(w, cpu)
     busy = on_cpu.phase_s[1:].sum(axis=(1, 2)) - on_cpu.phase_s[1:, :, PHASES.index("wait")].sum(axis=1)
     assert np.allclose(on_cpu.decode_step_s, busy, rtol=1e-9)
@@ -118,7 +118,8 @@ def test_cpu_profile_serialises_everything():
 
 def test_deterministic():
     spec = named_model("llama-3-8b")
-    w = synthetic(spec, 8, 2048, 16, "infinigen", "bfloat16", fetch_fraction=np.linspace(0.05, 0.3, spec.n_layers))
+    w = synthetic(spec, 8, 2048, 16, "infinigen", "bfloat16",
+                  speculated_fraction=np.linspace(0.05, 0.3, spec.n_layers))
     a, b = simulate(w, load_profile("h100-sxm"), timeline=True), simulate(w, load_profile("h100-sxm"), timeline=True)
     assert np.array_equal(a.step_s, b.step_s) and np.array_equal(a.phase_s, b.phase_s) and a.spans == b.spans
 
@@ -126,7 +127,7 @@ def test_deterministic():
 def test_policies_rank_as_expected_on_the_paper_testbed():
     spec, p = named_model("opt-13b"), load_profile("a6000-pcie3")
     ms = {policy: simulate(synthetic(spec, 8, 1920, 8, policy, "float16",
-                                     fetch_fraction=0.1 if policy == "infinigen" else None), p).summary()
+                                     speculated_fraction=0.1 if policy == "infinigen" else None), p).summary()
           ["decode_ms_mean"] for policy in ("resident", "full", "int4", "h2o", "infinigen")}
     assert ms["resident"] < ms["infinigen"] < ms["full"] and ms["int4"] < ms["full"] and ms["h2o"] < ms["full"]
 
@@ -146,11 +147,11 @@ def test_does_not_fit(capsys):
 
 def test_infinigen_budget_and_alpha_from_trace(tiny_traces):
     trace = tiny_traces["infinigen"]
-    low, high = fetched_fraction_per_layer(trace, 1), fetched_fraction_per_layer(trace, 9)
+    low, high = speculated_fraction_per_layer(trace, 1), speculated_fraction_per_layer(trace, 9)
     speculating = ~np.isnan(low)
     assert speculating.sum() == trace.model.n_layers - 1 and (high[speculating] >= low[speculating]).all()
     spec = named_model("llama-3-8b")
-    w = synthetic(spec, 4, 1000, 6, "infinigen", "float16", {"budget": 0.05}, fetch_fraction=1.0)
+    w = synthetic(spec, 4, 1000, 6, "infinigen", "float16", {"budget": 0.05}, speculated_fraction=1.0)
     assert (w.fetched[:, 1:] == np.ceil(0.05 * (w.kv_len[:, 1:] - 1))).all()  # capped by the budget
     assert (w.fetched[:, 0] == w.kv_len[:, 0] - 1).all()  # the dense first layer fetches everything
 

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from infinisim.core.errors import InfinisimError
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -122,4 +124,4 @@ def named_model(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+        raise InfinisimError(f"unknown model {name!r} (known: {', '.join(MODELS)})", field="model") from None

@@ -44,16 +44,18 @@ def _mean_of_lists(column: pd.Series) -> float:
 
 
 def quality(trace: Trace) -> dict[str, float]:
-    """Accuracy side of a run: the fraction of the cache attended, the share a selecting layer
-    fetched, and (teacher-forced or --quality runs) perplexity, recall of exact attention mass and
-    top-k overlap over the selecting layers."""
+    """Accuracy side of a run: the attended fraction (share of the cache each layer's attention ran
+    over, every layer, the newest row included), the fetched fraction (share of its cached tokens
+    a selecting layer fetched, after the budget's cap; the planner's `fetched_fraction`), and
+    (teacher-forced or --quality runs) perplexity, recall of exact attention mass and top-k overlap
+    over the selecting layers."""
     decode = trace.layers[trace.layers["step"].isin(trace.decode_steps()["step"])]
     nll = pd.to_numeric(trace.steps["nll"], errors="coerce").dropna()
     selecting = decode[decode["recall"].map(len) > 0]
     return {
         "attended_fraction": float((decode["tokens_attended"] / decode["kv_len"]).mean()) if len(decode)
         else float("nan"),
-        "selected_fraction": float((selecting["tokens_fetched"] / (selecting["kv_len"] - 1).clip(lower=1)).mean())
+        "fetched_fraction": float((selecting["tokens_fetched"] / (selecting["kv_len"] - 1).clip(lower=1)).mean())
         if len(selecting) else float("nan"),
         "perplexity": float(np.exp(nll.mean())) if len(nll) else float("nan"),
         "recall": _mean_of_lists(decode["recall"]),

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from infinisim.core.errors import InfinisimError
+from infinisim.core.files import atomic_path
 from infinisim.traces.spec import ModelSpec
 
 SCHEMA_NAME = "infinisim-trace"
@@ -100,18 +99,19 @@ def write_trace(trace: Trace, path: str | Path) -> Path:
     header = trace.header()
     header["content_hash"] = _content_hash(header, table)
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(header, default=str).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        pq.write_table(table, f, compression="zstd")
     return path
+
+
+def trace_filename(trace: Trace, knobs: dict[str, Any] | None = None) -> str:
+    """The standard name of a trace: model, policy, the knobs set explicitly (so runs at different
+    settings do not overwrite each other), batch, prompt and generation lengths."""
+    run = trace.run
+    tags = "".join(f"-{k.replace('_', '')}{v:g}" if isinstance(v, int | float) else f"-{k.replace('_', '')}{v}"
+                   for k, v in sorted((knobs or {}).items()) if v is not None)
+    return (f"{trace.model.name}-{run['policy']}{tags}-b{run['batch']}-p{max(run['prompt_lens'])}"
+            f"-g{run['gen_len']}.trace.parquet")
 
 
 def encode_selection(indices: np.ndarray, keep: np.ndarray) -> list[int]:

@@ -1,29 +1,50 @@
-"""argparse value types shared by the CLI's commands."""
+"""The CLI's argument types and the flags several verbs share, each defined once: the policy and
+knob flags come from the registry (`infinisim.core.policies`), so every verb takes the same
+knobs with the same names, defaults, ranges and help."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Collection
+import math
+from collections.abc import Callable
+from typing import Any
 
 from infinisim.core.errors import InfinisimError
+from infinisim.core.policies import KNOBS, POLICIES, Knob, knob_help
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
-def int_list(text: str) -> list[int]:
-    """'4,8,12' -> [4, 8, 12], each positive."""
+def positive_float(text: str) -> float:
+    """A finite number > 0 (latency targets, throughput floors)."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive whole numbers, got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A finite number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text!r}")
+    return value
 
 
 def names(text: str) -> list[str]:
@@ -31,18 +52,102 @@ def names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in names(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+def int_list(text: str) -> list[int]:
+    """'4,8,12' -> [4, 8, 12], each positive."""
+    values = [positive(t) for t in names(text)]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers separated by commas, got {text!r}")
+    return values
 
 
-def policy_names(text: str, known: Collection[str]) -> list[str]:
-    """--policy's comma-separated names, each one the executor knows."""
+def policy_names(text: str) -> list[str]:
+    """--policy's comma-separated names, each in the registry."""
     chosen = names(text)
-    unknown = [name for name in chosen if name not in known]
+    unknown = [name for name in chosen if name not in POLICIES]
     if unknown or not chosen:
         raise InfinisimError(f"unknown policy {unknown[0] if unknown else '(none)'!r} "
-                             f"(choose from {', '.join(known)})", field="--policy")
+                             f"(choose from {', '.join(POLICIES)})", field="--policy")
     return chosen
+
+
+def knob_value(knob: Knob) -> Callable[[str], Any]:
+    """Parse one value of a knob and check it against the registry's range."""
+
+    def parse(text: str) -> Any:
+        raw: Any = text
+        if knob.kind is not str:
+            try:
+                raw = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return knob.check(raw)
+        except InfinisimError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{knob.name}: ")) from None
+
+    parse.__name__ = knob.name  # argparse names the type in its messages
+    return parse
+
+
+def knob_values(knob: Knob) -> Callable[[str], list[Any]]:
+    """Several values of a knob, separated by commas (a planner axis)."""
+    one = knob_value(knob)
+
+    def parse(text: str) -> list[Any]:
+        values = [one(t) for t in names(text)]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected values separated by commas, got {text!r}")
+        return values
+
+    parse.__name__ = knob.name
+    return parse
+
+
+def add_policy_flags(p: argparse.ArgumentParser, default: str | None, several: str) -> None:
+    """--policy and one flag per registry knob. `several`: what several policies mean for the verb."""
+    listing = "; ".join(f"{name}: {spec.summary}" for name, spec in POLICIES.items())
+    p.add_argument("--policy", default=default,
+                   help=(f"KV policy, or several separated by commas ({several}). {listing}"
+                         + (f" (default {default})" if default else "")).replace("%", "%%"))
+
+
+def add_knob_flags(p: argparse.ArgumentParser, axes: bool = False) -> None:
+    """One flag per registry knob; with `axes`, each takes several values (a planner axis)."""
+    group = p.add_argument_group("policy knobs (each applies to the policies that have it; unset: the policy's "
+                                 "default)" + ("; comma-separated values are swept" if axes else ""))
+    for knob in KNOBS.values():
+        group.add_argument(knob.flag, type=knob_values(knob) if axes else knob_value(knob),
+                           metavar=knob.name.upper() + ("S" if axes else ""),
+                           help=knob_help(knob).replace("%", "%%") + f" ({knob.describe_range()})")
+
+
+def knobs_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The knob flags set on the command line, by knob name."""
+    return {name: getattr(args, name) for name in KNOBS if getattr(args, name, None) is not None}
+
+
+def add_device_flags(p: argparse.ArgumentParser, dtype_default: str = "float32") -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the executor runs (default: cuda when present, "
+                                                             "else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default=dtype_default,
+                   help=f"the model's weights and KV cache (default {dtype_default})")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="named architecture (see `infinisim models`), a .gguf file or a Hugging Face folder "
+                        "(config.json + *.safetensors); default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights for a named architecture (timing-only runs)")
+
+
+def add_share_flags(p: argparse.ArgumentParser, axes: bool = False) -> None:
+    """Where a speculating policy's share of the cache comes from, in the simulator."""
+    share = p.add_mutually_exclusive_group()
+    share.add_argument("--speculated-fraction", type=fraction,
+                       help="speculating policies (infinigen, oracle): the share of its cached tokens each "
+                            "speculating layer wants, before the budget's cap (a real run's trace holds it "
+                            "for alpha 1..9: see --from-trace)")
+    share.add_argument("--from-trace", metavar="TRACE",
+                       help="speculating policies: take the speculated share from this infinigen trace's "
+                            "within-alpha counts, re-applied at --alpha" + (" (each value swept)" if axes else ""))

@@ -23,7 +23,7 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", nargs="+", help="traces written by `infinisim run` (quality traces add accuracy plots)")
     p.add_argument("--profile", default="a6000-pcie3",
                    help="profile the timeline excerpt replays a trace on (default a6000-pcie3; 'none' to skip)")
-    p.add_argument("--title", default="infinisim report")
+    p.add_argument("--title", default="infinisim report", help="the page's title (default: infinisim report)")
     p.add_argument("--out", default="reports/latest", help="folder for report.html, report.md, figures/ (default "
                                                            "reports/latest)")
     p.set_defaults(func=cmd_report)

@@ -1,0 +1,265 @@
+"""Sweeps through the simulator: hardware x model x batch x lengths x policy x the policy's knobs.
+
+A sweep is a product of axes (`Sweep`), expanded into `Config`s; a knob axis varies only for the
+policies that have the knob (from the registry, `infinisim.core.policies`). Each config is
+evaluated by a pure function (`evaluate`), so configs can run serially, over local processes or
+on a Dask cluster and give the same rows. Results are cached per config (keyed by a hash of the
+config and of everything else its result depends on) in an append-only JSON-lines file, so an
+interrupted or repeated sweep resumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from infinisim.core.errors import InfinisimError
+from infinisim.core.files import read_yaml
+from infinisim.core.policies import KNOBS, POLICIES, policy
+
+BASE_AXES = ("profiles", "models", "batches", "prompt_lens", "gen_lens", "policies")
+KNOB_AXES = {knob.axis: name for name, knob in KNOBS.items()}  # sweep-file key -> knob
+
+
+@dataclass(frozen=True)
+class Config:
+    profile: str
+    model: str
+    batch: int
+    prompt_len: int
+    gen_len: int
+    policy: str
+    knobs: tuple[tuple[str, Any], ...] = ()  # (name, value) of the policy's knobs set; the rest at defaults
+    dtype: str = "float16"
+    speculated_fraction: float | None = None  # speculating policies: the uncapped share each layer wants
+    speculated_by_alpha: tuple[float, ...] | None = None  # ... or that share per alpha 1..9 (from a trace)
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Sweep:
+    profiles: list[str]
+    models: list[str]
+    batches: list[int]
+    prompt_lens: list[int]
+    gen_lens: list[int]
+    policies: list[str]
+    knobs: dict[str, list[Any]] = field(default_factory=dict)  # knob name -> values (absent: the default)
+    dtype: str = "float16"
+    speculated_fraction: float | None = None
+    speculated_by_alpha: tuple[float, ...] | None = None
+
+    def configs(self) -> list[Config]:
+        """The product of the axes; knobs only vary for the policies that have them."""
+        out: dict[str, Config] = {}
+        for profile, model, batch, prompt, gen, name in itertools.product(
+                self.profiles, self.models, self.batches, self.prompt_lens, self.gen_lens, self.policies):
+            kv = policy(name)
+            axes = [[(knob, v) for v in values] for knob, values in sorted(self.knobs.items())
+                    if knob in kv.knob_names]
+            for combo in itertools.product(*axes):
+                c = Config(profile, model, batch, prompt, gen, name, tuple(combo), self.dtype,
+                           self.speculated_fraction if kv.speculating else None,
+                           self.speculated_by_alpha if kv.speculating else None)
+                out.setdefault(c.key(), c)
+        return list(out.values())
+
+    def needs_share(self) -> list[str]:
+        """Speculating policies of the sweep that have no share to simulate with."""
+        if self.speculated_fraction is not None or self.speculated_by_alpha is not None:
+            return []
+        return [name for name in self.policies if POLICIES.get(name) and POLICIES[name].speculating]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """A YAML sweep file: the axes as lists (or single values), dtype, speculated_fraction."""
+    path = Path(path)
+    if not path.is_file():
+        raise InfinisimError("no such sweep file" if not path.exists() else "not a file", path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise InfinisimError("a sweep file must be a YAML mapping of axes", path)
+    known = (*BASE_AXES, *KNOB_AXES, "dtype", "speculated_fraction")
+    for key in data:
+        if key not in known:
+            raise InfinisimError(f"unknown key (known: {', '.join(sorted(known))})", path, str(key))
+    for key in BASE_AXES:
+        if key not in data:
+            raise InfinisimError("missing axis", path, key)
+    values: dict[str, Any] = {"knobs": {}}
+    for key, raw in data.items():
+        if key in BASE_AXES or key in KNOB_AXES:
+            items = raw if isinstance(raw, list) else [raw]
+            if not items:
+                raise InfinisimError("must list at least one value", path, key)
+            if key in KNOB_AXES:
+                values["knobs"][KNOB_AXES[key]] = [_knob_value(KNOB_AXES[key], item, path, key) for item in items]
+            else:
+                values[key] = [_axis_value(key, item, path) for item in items]
+        elif key == "speculated_fraction":
+            if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw <= 1:
+                raise InfinisimError(f"must be a number in (0, 1], got {raw!r}", path, key)
+            values[key] = float(raw)
+        else:  # dtype
+            if raw not in ("float16", "bfloat16", "float32"):
+                raise InfinisimError(f"must be float16, bfloat16 or float32, got {raw!r}", path, key)
+            values[key] = raw
+    return Sweep(**values)
+
+
+def _axis_value(axis: str, item: Any, path: Path) -> Any:
+    if axis in ("profiles", "models", "policies"):
+        if not isinstance(item, str) or not item:
+            raise InfinisimError(f"expected a name, got {item!r}", path, axis)
+        return item
+    if isinstance(item, bool) or not isinstance(item, int | float) or item <= 0:
+        raise InfinisimError(f"expected a positive number, got {item!r}", path, axis)
+    if item != int(item):
+        raise InfinisimError(f"expected a whole number, got {item!r}", path, axis)
+    return int(item)
+
+
+def _knob_value(knob: str, item: Any, path: Path, axis: str) -> Any:
+    try:
+        return KNOBS[knob].check(item)
+    except InfinisimError as exc:
+        raise InfinisimError(str(exc).removeprefix(f"{knob}: "), path, axis) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _profile(name: str) -> Any:
+    from infinisim.hwprofiles.profile import load_profile
+
+    return load_profile(name)  # parsed once per process, not once per config
+
+
+def knob_columns(config: Config, alpha: float | None) -> dict[str, Any]:
+    """Every registry knob as a column: the value in force for the config's policy, None where
+    the policy has no such knob. Alpha shows where it was given or chose the share (a per-alpha
+    trace): with a plain speculated fraction it has no effect."""
+    kv = policy(config.policy)
+    values = kv.make_knobs(dict(config.knobs)).to_dict()
+    if alpha is not None:
+        values["alpha"] = alpha
+    return {name: values.get(name) for name in KNOBS}
+
+
+def evaluate(config: Config) -> dict[str, Any]:
+    """Simulate one config (or say why it does not fit). Pure: the same config, the same row."""
+    from infinisim.sim.run import simulate_if_fits
+    from infinisim.sim.workload import synthetic
+    from infinisim.traces.spec import named_model
+
+    row: dict[str, Any] = {"key": config.key(), **{k: v for k, v in asdict(config).items()
+                                                    if k not in ("knobs", "speculated_by_alpha")}}
+    alpha = None
+    try:
+        kv = policy(config.policy)
+        row.update(knob_columns(config, None))
+        profile, spec = _profile(config.profile), named_model(config.model)
+        knobs = kv.make_knobs(dict(config.knobs))
+        share = config.speculated_fraction
+        if kv.speculating and config.speculated_by_alpha is not None:
+            alpha = knobs.alpha_for(spec.family)
+            share = config.speculated_by_alpha[min(9, max(1, round(alpha))) - 1]
+        row.update(knob_columns(config, alpha))
+        w = synthetic(spec, config.batch, config.prompt_len, config.gen_len, config.policy, config.dtype,
+                      knobs.to_dict(), share)
+    except InfinisimError as exc:
+        return {**row, "fits": False, "does_not_fit": f"invalid: {exc}"}
+    outcome = simulate_if_fits(w, profile)
+    s = outcome.summary()
+    row.update(device_gb=s["device_peak_gb"], host_gb=s["host_peak_gb"], fetched_fraction=s["fetched_fraction"])
+    if not outcome.fits:
+        return {**row, "fits": False, "does_not_fit": s["does_not_fit"]}
+    return {**row, "fits": True, "does_not_fit": "", "prefill_s": s["prefill_s"],
+            "decode_ms": s["decode_ms_mean"], "total_s": s["total_s"], "tokens_per_s": s["tokens_per_s"],
+            "link_utilisation": s["link_utilisation"],
+            **{f"{name}_ms": ms for name, ms in s["decode_phase_ms"].items()}}
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interruption: that config runs again
+                done[row["key"]] = row
+    return done
+
+
+def run_sweep(configs: list[Config], cache: str | Path | None = None, workers: int | None = None,
+              scheduler: str | None = None, serial: bool = False,
+              on_result: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+    """Evaluate every config not in the cache, serially, over local processes (default) or on a Dask
+    cluster (`scheduler`: "tcp://host:port", or "local" for a LocalCluster), appending each row to
+    the cache as it arrives. Returns all rows in config order."""
+    cache_path = Path(cache) if cache else None
+    done = _read_cache(cache_path) if cache_path else {}
+    todo = [c for c in configs if c.key() not in done]
+    total, finished = len(configs), len(configs) - len(todo)
+    sink = None
+    if cache_path:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cut = cache_path.exists() and cache_path.stat().st_size and not cache_path.read_bytes().endswith(b"\n")
+        sink = cache_path.open("a", encoding="utf-8")
+        if cut:
+            sink.write("\n")  # close a line an interruption cut short, so the next row starts clean
+    try:
+        for row in _results(todo, workers, scheduler, serial):
+            done[row["key"]] = row
+            if sink:
+                sink.write(json.dumps(row, default=float) + "\n")
+                sink.flush()
+            finished += 1
+            if on_result:
+                on_result(finished, total)
+    finally:
+        if sink:
+            sink.close()
+    return pd.DataFrame([done[c.key()] for c in configs])
+
+
+def _results(todo: list[Config], workers: int | None, scheduler: str | None, serial: bool
+             ) -> Iterator[dict[str, Any]]:
+    if not todo:
+        return
+    if serial:
+        yield from map(evaluate, todo)
+    elif scheduler:
+        yield from _dask(todo, scheduler)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        n = workers or os.cpu_count() or 1
+        with ProcessPoolExecutor(n) as pool:
+            yield from pool.map(evaluate, todo, chunksize=max(1, min(64, len(todo) // (4 * n))))
+
+
+def _dask(todo: list[Config], scheduler: str) -> Iterator[dict[str, Any]]:
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None) if scheduler == "local" else None
+    try:
+        with Client(cluster if cluster else scheduler) as client:
+            futures = client.map(evaluate, todo, pure=False)
+            for future in as_completed(futures):
+                yield future.result()
+    finally:
+        if cluster:
+            cluster.close()

@@ -1,0 +1,90 @@
+"""An executor session: the device, the loaded model, the prompts, runs through policies, traces
+written under one naming scheme. What `run`, `validate` and `reproduce paper` have in common."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.generate import Generation, SamplingConfig, StepRecord
+from infinisim.executor.kvcache import TIMING_ONLY, Measurement
+from infinisim.executor.loaders import LoadedModel, load_model
+from infinisim.executor.prompts import bundled_text, text_windows
+from infinisim.executor.recording import run_policy
+from infinisim.traces.trace import Trace, trace_filename, write_trace
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The device asked for, or CUDA when present, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InfinisimError("no CUDA device is available", field="--device")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@dataclass
+class Prompts:
+    tokens: list[list[int]]  # per sequence
+    forced: list[list[int]] | None  # teacher forcing: per sequence, the tokens that follow
+    source: str  # where the text came from, for the trace
+
+    @property
+    def longest(self) -> int:
+        return max(map(len, self.tokens))
+
+
+class Session:
+    """One model loaded once; prompts drawn with its tokenizer; runs written as traces."""
+
+    def __init__(self, model: str, dtype: str = "float32", device: str | None = None, random_weights: bool = False,
+                 log: Callable[[str], None] = lambda _: None):
+        self.device = pick_device(device)
+        log(f"loading {model}{' (random weights)' if random_weights else ''} on {self.device.type} in {dtype} ...")
+        self.loaded: LoadedModel = load_model(model, dtype, self.device, random_weights)
+        self.name, self.spec, self.tokenizer = model, self.loaded.model.spec, self.loaded.tokenizer
+
+    def prompts(self, batch: int, prompt_len: int | None = None, text: str | None = None, forced_len: int = 0,
+                source: str = "text", field: str = "--prompt") -> Prompts:
+        """`batch` prompts, each followed by `forced_len` tokens to teacher-force. With `text` and no
+        `prompt_len`: all of the text (its last `forced_len` tokens forced); with `prompt_len`: windows of
+        prompt_len + forced_len tokens from `text` (default: Python's bundled docs), a different one per
+        sequence."""
+        if self.tokenizer is None:
+            raise InfinisimError("this model has no tokenizer to make a prompt with: give a model with a "
+                                 "tokenizer.json, or a named model with --random-weights", field=field)
+        if prompt_len is None:
+            if text is None:
+                raise InfinisimError("give a prompt text or a prompt length", field=field)
+            ids = [t % self.spec.vocab_size for t in self.tokenizer.encode(text).ids]
+            if len(ids) <= forced_len:
+                raise InfinisimError(f"the text has {len(ids)} tokens: --quality needs more than --gen-len "
+                                     f"({forced_len})" if forced_len else "the prompt has no tokens", field=field)
+            windows = [ids] * batch
+        else:
+            windows = text_windows(self.tokenizer, bundled_text() if text is None else text, batch,
+                                   prompt_len + forced_len, self.spec.vocab_size, wrap=text is None)
+            if windows is None:
+                raise InfinisimError(f"the text is shorter than {batch} x {prompt_len + forced_len} tokens "
+                                     "(prompt + forced)", field=field)
+            source = "pydoc_data" if text is None else source
+        split = [len(w) - forced_len for w in windows]
+        return Prompts([w[:n] for w, n in zip(windows, split, strict=True)],
+                       [w[n:] for w, n in zip(windows, split, strict=True)] if forced_len else None, source)
+
+    def run(self, policy: str, prompts: Prompts, sampling: SamplingConfig, knobs: dict[str, object] | None = None,
+            measure: Measurement = TIMING_ONLY, command: str = "",
+            on_step: Callable[[StepRecord], None] | None = None) -> tuple[Generation, Trace]:
+        """Decode the prompts through one policy; the trace is described, not yet written."""
+        if prompts.forced is not None:
+            measure = Measurement(prompts.forced, measure.quality, measure.record_selection, measure.keep_logits)
+        run_info = {"model": self.name, "weights": self.loaded.source, "prompt_source": prompts.source,
+                    "command": command}
+        return run_policy(self.loaded.model, prompts.tokens, policy, sampling, run_info, on_step, knobs, measure)
+
+    def write(self, trace: Trace, out: str | Path, file: str | Path | None = None,
+              knobs: dict[str, object] | None = None) -> Path:
+        """The trace as `file`, or in folder `out` under its standard name (which names the knobs given)."""
+        return write_trace(trace, file or Path(out) / trace_filename(trace, knobs))

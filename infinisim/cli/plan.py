@@ -1,0 +1,131 @@
+"""`infinisim plan`: which hardware, batch and policy settings meet a target."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from infinisim.cli.args import (
+    DTYPES,
+    add_knob_flags,
+    add_policy_flags,
+    add_share_flags,
+    int_list,
+    knobs_given,
+    names,
+    policy_names,
+    positive,
+    positive_float,
+)
+from infinisim.cli.output import EPILOG, print_json
+from infinisim.core.errors import InfinisimError
+
+DEFAULT_POLICIES = "full,int4,h2o,infinigen"
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="what-if sweep: which hardware, batch and budget meet a target", epilog=EPILOG,
+                       description="Simulate every combination of the given axes (or a YAML sweep file), flag "
+                                   "configs that do not fit in memory, and report the Pareto front of latency vs "
+                                   "throughput per hardware, the best config per hardware under a latency target, "
+                                   "and the largest batch that meets it. Runs over local processes (default), "
+                                   "serially, or on a Dask cluster; results are cached per config, so an "
+                                   "interrupted or repeated sweep resumes.")
+    p.add_argument("--sweep", help="YAML sweep file (axes: profiles, models, batches, prompt_lens, gen_lens, "
+                                   "policies; optional knob axes budgets, alphas, partial_ratios, ... (see "
+                                   "docs/SIMULATOR.md), dtype, speculated_fraction); flags given here override it")
+    p.add_argument("--model", type=names, help="named models, comma-separated (required without --sweep)")
+    p.add_argument("--profile", type=names, help="profiles, comma-separated (default: all shipped)")
+    p.add_argument("--batch", type=int_list, help="batch sizes (default 1,2,4,8,16,32)")
+    p.add_argument("--prompt-len", type=int_list, help="prompt lengths (default 2048)")
+    p.add_argument("--gen-len", type=int_list, help="generated tokens (default 128)")
+    add_policy_flags(p, None, f"each swept; default {DEFAULT_POLICIES}")
+    p.add_argument("--dtype", choices=DTYPES, help="weights and KV cache (default float16)")
+    add_knob_flags(p, axes=True)
+    add_share_flags(p, axes=True)
+    p.add_argument("--quality", nargs="+", metavar="TRACE",
+                   help="quality traces (`infinisim run --quality`) of the policies planned: the table gets the "
+                        "recall, top-k overlap and perplexity ratio to expect at each config's fetched fraction, "
+                        "interpolated between the measured ones (blank outside them)")
+    p.add_argument("--target-ms", type=positive_float, help="per-token (decode step) latency target in ms")
+    p.add_argument("--min-throughput", type=positive_float, help="throughput floor in tokens/s")
+    p.add_argument("--out", default="plans/latest", help="folder for plan.csv, plan.parquet, cache (default "
+                                                         "plans/latest)")
+    p.add_argument("--cache", help="results cache (JSON lines; default OUT/cache.jsonl)")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--workers", type=positive, help="local processes (default: one per core)")
+    run.add_argument("--serial", action="store_true", help="one config after another in this process")
+    run.add_argument("--scheduler", help="Dask scheduler address tcp://HOST:PORT ('local' starts a LocalCluster)")
+    p.add_argument("--json", action="store_true", help="print the best configs as JSON instead of a summary")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from infinisim.analysis.planner import make_plan
+    from infinisim.analysis.sweep import Sweep, load_sweep
+    from infinisim.hwprofiles.profile import builtin_profiles
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InfinisimError("exists and is not a folder", args.out, "--out")
+    if args.sweep:
+        sweep = load_sweep(args.sweep)
+    elif not args.model:
+        raise InfinisimError("give --model (or a --sweep file)", field="--model")
+    else:
+        sweep = Sweep(args.profile or list(builtin_profiles()), args.model, args.batch or [1, 2, 4, 8, 16, 32],
+                      args.prompt_len or [2048], args.gen_len or [128],
+                      policy_names(args.policy or DEFAULT_POLICIES))
+    if args.policy:
+        sweep.policies = policy_names(args.policy)
+    sweep.knobs.update(knobs_given(args))
+    sweep.dtype = args.dtype or sweep.dtype
+    if args.speculated_fraction is not None:
+        sweep.speculated_fraction = args.speculated_fraction
+    if args.from_trace:
+        from infinisim.sim.workload import speculated_by_alpha
+        from infinisim.traces.trace import read_trace
+
+        sweep.speculated_by_alpha = speculated_by_alpha(read_trace(args.from_trace))
+    n = len(sweep.configs())
+    sizes = ", ".join(f"{len(getattr(sweep, a))} {a}" for a in ("profiles", "models", "batches", "policies"))
+    print(f"{n} configs ({sizes}, ...)", file=sys.stderr)
+    with tqdm(total=n, desc="plan", unit="config", file=sys.stderr, disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.n = done
+            bar.refresh()
+
+        plan = make_plan(sweep, args.out, cache=args.cache, workers=args.workers, scheduler=args.scheduler,
+                         serial=args.serial, quality=args.quality, target_ms=args.target_ms,
+                         min_throughput=args.min_throughput, command=args.command_line, progress=progress)
+    best = plan.best()
+    if args.json:
+        print_json(best.to_dict(orient="records"))
+        return 0
+    fit, rows = plan.fit, plan.rows
+    print(f"{len(rows)} configs: {len(fit)} fit, {len(rows) - len(fit)} do not")
+    if len(fit) < len(rows):
+        print("  why: " + ", ".join(f"{name} ({k})" for name, k in plan.why_not().items())
+              + "  (details in the table's does_not_fit column)")
+    target = f"decode <= {args.target_ms:g} ms/step" if args.target_ms else "no latency target"
+    if args.min_throughput:
+        target += f", >= {args.min_throughput:g} tok/s"
+    print(f"\nbest per hardware ({target}):")
+    cols = ["profile", "model", "policy", "batch", "prompt_len", "budget", "decode_ms", "tokens_per_s", "device_gb"]
+    if args.quality:
+        cols += ["fetched_fraction", "expected_recall", "expected_ppl_ratio"]
+    print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}") if not best.empty else "  none")
+    if args.target_ms:
+        biggest = plan.largest_batch()
+        print(f"\nlargest batch meeting {args.target_ms:g} ms/step:")
+        print(biggest[["profile", "model", "policy", "prompt_len", "batch", "decode_ms", "tokens_per_s"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3g}") if not biggest.empty else "  none")
+    front = plan.front()
+    print(f"\nPareto front (latency vs throughput): {len(front)} configs over {front['profile'].nunique()} profiles")
+    if args.quality:
+        print("\n(expected_recall / expected_ppl_ratio: measured on the --quality traces' model and prompt at the same "
+              "fetched fraction; blank where no trace brackets it)")
+    print(f"\nwrote {plan.files[0]} and {plan.files[1]}")
+    return 0

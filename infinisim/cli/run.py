@@ -1,0 +1,162 @@
+"""`infinisim run` (the live executor) and `infinisim models`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from infinisim.cli.args import (
+    add_device_flags,
+    add_knob_flags,
+    add_model_flags,
+    add_policy_flags,
+    knobs_given,
+    policy_names,
+    positive,
+)
+from infinisim.cli.output import EPILOG, maybe, print_json, size
+from infinisim.core.errors import InfinisimError
+from infinisim.core.files import check_output_file
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="live executor run: decode a batch through KV policies, write one trace per policy",
+        description="Run the real executor: prefill and decode a batch through each KV policy, time every "
+                    "phase of every layer of every step, write one trace per policy and print a summary.",
+        epilog=EPILOG)
+    add_model_flags(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (every sequence of the batch gets it)")
+    src.add_argument("--prompt-file", help="file whose text is the prompt")
+    src.add_argument("--prompt-len", type=positive,
+                     help="prompt of N tokens drawn from Python's bundled documentation text, a different "
+                          "window per sequence (default when no prompt is given: 2048)")
+    p.add_argument("--batch", type=positive, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--gen-len", type=positive, default=32, help="new tokens per sequence (default 32)")
+    add_policy_flags(p, "resident", "run one after another on the same model and prompts")
+    add_knob_flags(p)
+    add_device_flags(p)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                            "whose probability reaches this (default 1: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default 0)")
+    p.add_argument("--ignore-eos", action="store_true", help="always decode --gen-len tokens (timing runs)")
+    p.add_argument("--quality", action="store_true",
+                   help="measure accuracy: decode teacher-forced on the text that follows the prompt (the last "
+                        "--gen-len tokens of --prompt/--prompt-file text), report perplexity, and for selecting "
+                        "policies the recall of exact attention mass and the top-k overlap (computes dense "
+                        "attention alongside: slower)")
+    p.add_argument("--record-selection", action="store_true",
+                   help="write the token positions each selecting layer fetched, per sequence and KV head, into "
+                        "the trace (column `selected`, gap-coded; larger traces)")
+    p.add_argument("--threads", type=positive, help="CPU threads for torch (default: torch's choice)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--trace", help="trace file to write (one policy only)")
+    out.add_argument("--out", default="runs", help="folder for the traces, named by model, policy, the knobs set, "
+                                                   "batch and lengths (default runs/)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    policies = policy_names(args.policy)
+    if args.trace and len(policies) > 1:
+        raise InfinisimError("--trace names one file; with several policies use --out", field="--trace")
+    if args.trace:
+        check_output_file(args.trace)
+    elif Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InfinisimError("exists and is not a folder", args.out, "--out")
+    import torch
+    from tqdm import tqdm
+
+    from infinisim.executor.generate import SamplingConfig
+    from infinisim.executor.kvcache import Measurement
+    from infinisim.executor.prompts import read_prompt_file
+    from infinisim.executor.session import Session
+    from infinisim.traces.summary import summarize
+
+    sampling = SamplingConfig(args.gen_len, args.temperature, args.top_p, args.seed, not args.ignore_eos)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    session = Session(args.model, args.dtype, args.device, args.random_weights,
+                      log=lambda line: print(line, file=sys.stderr))
+    text = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file) if args.prompt_file \
+        else None
+    prompts = session.prompts(args.batch, None if text is not None else args.prompt_len or 2048, text,
+                              args.gen_len if args.quality else 0, "file" if args.prompt_file else "text",
+                              field="--prompt-file" if args.prompt_file else "--prompt")
+    knobs = knobs_given(args)
+    summaries, texts = [], {}
+    for name in policies:
+        print(f"[{name}] decoding {args.batch} x {prompts.longest} prompt tokens, up to {sampling.max_new_tokens} "
+              f"new tokens each ...", file=sys.stderr, flush=True)
+        with tqdm(total=sampling.max_new_tokens, desc=name, unit="tok", file=sys.stderr, disable=None,
+                  leave=False) as bar:
+            try:
+                gen, trace = session.run(name, prompts, sampling, knobs,
+                                         Measurement(quality=args.quality, record_selection=args.record_selection),
+                                         args.command_line, on_step=lambda record: bar.update(1))
+            except KeyboardInterrupt:
+                print(f"\ninterrupted: no trace written for {name}", file=sys.stderr)
+                return 130
+        path = session.write(trace, args.out, args.trace, knobs)
+        summaries.append({**summarize(trace), "trace": str(path)})
+        if session.tokenizer is not None and not args.quality:
+            texts[name] = session.tokenizer.decode(gen.new_tokens[0])
+    if args.json:
+        print_json({"summaries": summaries, "first_sequence_text": texts})
+    else:
+        print_summaries(summaries, texts)
+    return 0
+
+
+def print_summaries(summaries: list[dict], texts: dict[str, str]) -> None:
+    for s in summaries:
+        if s["policy"] in texts:
+            print(f"[{s['policy']}] first sequence: {texts[s['policy']]!r}")
+    if texts:
+        print()
+    header = f"{'policy':<10} {'prefill s':>9} {'decode ms/tok':>13} {'p50':>7} {'p99':>7} {'tok/s':>8} " \
+             f"{'H2D/step':>10} {'D2H/step':>10}"
+    print(header)
+    print("-" * len(header))
+    for s in summaries:
+        print(f"{s['policy']:<10} {s['prefill_s']:>9.3f} {s['decode_ms_mean']:>13.2f} {s['decode_ms_p50']:>7.2f} "
+              f"{s['decode_ms_p99']:>7.2f} {s['decode_tokens_per_s']:>8.1f} "
+              f"{size(s['bytes_h2d_per_decode_step']):>10} {size(s['bytes_d2h_per_decode_step']):>10}")
+    if any(s["perplexity"] == s["perplexity"] for s in summaries):  # a teacher-forced (--quality) run
+        print()
+        header = f"{'policy':<10} {'fetched':>8} {'attended':>9} {'recall':>7} {'top-k':>7} {'perplexity':>10}"
+        print(header)
+        print("-" * len(header))
+        for s in summaries:
+            print(f"{s['policy']:<10} {maybe(s['fetched_fraction'], '.1%'):>8} {s['attended_fraction']:>9.1%} "
+                  f"{maybe(s['recall']):>7} {maybe(s['topk_overlap']):>7} {s['perplexity']:>10.3f}")
+        print("(fetched: share of its cached tokens a selecting layer fetched, after the budget's cap: the planner's "
+              "fetched_fraction; attended: share of the cache each layer's attention ran over, every layer, the "
+              "newest row included; recall: share of exact attention mass on the attended rows; top-k: overlap of "
+              "the fetched rows with the exact top rows; - where a policy selects nothing)")
+    print()
+    for s in summaries:
+        print(f"trace ({s['policy']}): {s['trace']}  [moved H2D {size(s['bytes_h2d_total'])}, "
+              f"D2H {size(s['bytes_d2h_total'])}]")
+
+
+def add_models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the named architectures", epilog=EPILOG,
+                       description="List the named architectures (usable with --random-weights, and by the "
+                                   "simulator), with sizes.")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from infinisim.traces.spec import MODELS
+
+    print(f"{'name':<15} {'family':<6} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>4} {'params':>8} "
+          f"{'KV/token fp16':>13}")
+    for spec in MODELS.values():
+        print(f"{spec.name:<15} {spec.family:<6} {spec.n_layers:>6} {spec.hidden:>6} {spec.n_heads:>5} "
+              f"{spec.n_kv_heads:>4} {spec.param_count() / 1e9:>7.2f}B {size(spec.kv_bytes_per_token('float16')):>13}")
+    return 0

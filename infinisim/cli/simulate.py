@@ -1,0 +1,137 @@
+"""`infinisim replay` (a traced run on a hardware profile) and `infinisim simulate` (a described one)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from infinisim.cli.args import (
+    DTYPES,
+    add_knob_flags,
+    add_policy_flags,
+    add_share_flags,
+    int_list,
+    knobs_given,
+    policy_names,
+    positive,
+)
+from infinisim.cli.output import EPILOG, print_json
+from infinisim.core.errors import InfinisimError
+from infinisim.core.files import check_output_file, write_json
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeline", help="write a Chrome/Perfetto timeline JSON here (one per config when several)")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+
+def add_replay_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="simulate a trace's run on a hardware profile", epilog=EPILOG,
+                       description="Replay the fetch sizes a traced run really made (same model, batch, lengths, "
+                                   "policy) on a hardware profile: per-step predicted time with a breakdown, "
+                                   "throughput, memory peaks, link use.")
+    p.add_argument("trace", nargs="+", help="trace file(s) written by `infinisim run`")
+    p.add_argument("--profile", required=True, help="a shipped profile's name (`infinisim profiles list`) or a YAML")
+    _add_output_flags(p)
+    p.set_defaults(func=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from infinisim.hwprofiles.profile import load_profile
+    from infinisim.sim.workload import from_trace
+    from infinisim.traces.trace import read_trace
+
+    _check_outputs(args)
+    profile = load_profile(args.profile)
+    return _simulate_and_print([from_trace(read_trace(path)) for path in args.trace], profile, args)
+
+
+def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate a described workload on a hardware profile", epilog=EPILOG,
+                       description="Simulate any named model at any batch and lengths under a KV policy. For a "
+                                   "speculating policy (infinigen, oracle), the speculated share comes from "
+                                   "--speculated-fraction or is re-derived from a trace's within-alpha counts "
+                                   "(--from-trace) at --alpha.")
+    p.add_argument("--model", required=True, help="named architecture (`infinisim models`)")
+    p.add_argument("--profile", required=True, help="a shipped profile's name or a YAML file")
+    p.add_argument("--batch", type=int_list, default=[1], help="batch size, or several: 4,8,12 (default 1)")
+    p.add_argument("--prompt-len", type=int_list, default=[2048], help="prompt tokens, or several (default 2048)")
+    p.add_argument("--gen-len", type=positive, default=128, help="generated tokens per sequence (default 128)")
+    add_policy_flags(p, "full", "each simulated")
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="weights and KV cache (default float16)")
+    add_knob_flags(p)
+    add_share_flags(p)
+    _add_output_flags(p)
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from infinisim.core.policies import POLICIES
+    from infinisim.hwprofiles.profile import load_profile
+    from infinisim.sim.run import speculated_from_trace
+    from infinisim.sim.workload import synthetic
+    from infinisim.traces.spec import named_model
+    from infinisim.traces.trace import read_trace
+
+    _check_outputs(args)
+    policies, spec = policy_names(args.policy), named_model(args.model)
+    profile = load_profile(args.profile)
+    speculated: Any = args.speculated_fraction
+    if args.from_trace:
+        speculated = speculated_from_trace(read_trace(args.from_trace), args.alpha, spec)
+    needing = [name for name in policies if POLICIES[name].speculating and speculated is None]
+    if needing:
+        raise InfinisimError(f"{needing[0]} needs --speculated-fraction or --from-trace (a trace's within-alpha "
+                             "counts)", field="--speculated-fraction")
+    knobs = knobs_given(args)
+    workloads = [synthetic(spec, batch, prompt_len, args.gen_len, name, args.dtype, knobs, speculated)
+                 for name in policies for prompt_len in args.prompt_len for batch in args.batch]
+    return _simulate_and_print(workloads, profile, args)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    for path in (args.out, args.timeline):
+        if path:
+            check_output_file(path)
+
+
+def _simulate_and_print(workloads: list[Any], profile: Any, args: argparse.Namespace) -> int:
+    from infinisim.sim.run import simulate_all, write_timelines
+
+    def progress(done: int, total: int) -> None:
+        if total > 3:
+            print(f"[{done}/{total}] simulated", file=sys.stderr, flush=True)
+
+    outcomes = simulate_all(workloads, profile, bool(args.timeline), progress)
+    results = [o.summary() for o in outcomes]
+    if args.timeline:
+        for path in write_timelines(outcomes, args.timeline):
+            print(f"timeline: {path}  (open in ui.perfetto.dev or chrome://tracing)", file=sys.stderr)
+    if args.out:
+        print(f"wrote {write_json(results, args.out)}", file=sys.stderr)
+    if args.json:
+        print_json(results)
+    else:
+        print_results(results)
+    return 0 if any(r["fits"] for r in results) else 1
+
+
+def print_results(results: list[dict[str, Any]]) -> None:
+    print(f"{'policy':<10} {'batch':>5} {'prompt':>6} {'prefill s':>9} {'ms/step':>9} {'total s':>8} {'tok/s':>8} "
+          f"{'compute':>8} {'spec':>7} {'gather':>7} {'copy':>7} {'wait':>7} {'link':>5} {'dev GB':>7} "
+          f"{'host GB':>7}")
+    for r in results:
+        head = f"{r['policy']:<10} {r['batch']:>5} {r['prompt_len']:>6}"
+        if not r["fits"]:
+            print(f"{head}  does not fit: {r['does_not_fit']}")
+            continue
+        ph = r["decode_phase_ms"]
+        compute = ph["attn"] + ph["ffn"] + ph["embed"] + ph["head"]
+        print(f"{head} {r['prefill_s']:>9.3f} {r['decode_ms_mean']:>9.2f} {r['total_s']:>8.2f} "
+              f"{r['tokens_per_s']:>8.1f} {compute:>8.2f} {ph['spec']:>7.2f} {ph['gather']:>7.2f} "
+              f"{ph['h2d'] + ph['d2h']:>7.2f} {ph['wait']:>7.2f} {r['link_utilisation']:>5.0%} "
+              f"{r['device_peak_gb']:>7.2f} {r['host_peak_gb']:>7.2f}")
+    print("(ms per decode step; compute = attention + FFN + embed + head; copy = H2D + D2H busy time; wait = "
+          "compute stalled on copies; link = share of the run the link was busy)")

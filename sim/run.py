@@ -1,0 +1,86 @@
+"""The simulator's front door: simulate a workload on a profile, or say why it does not fit.
+
+Every verb (replay, simulate, plan, reproduce) goes through `simulate_if_fits`, so "does not
+fit" is decided once, from one memory plan, and reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infinisim.core.files import write_json
+from infinisim.hwprofiles.profile import Profile
+from infinisim.sim.engine import SimResult, chrome_trace, simulate
+from infinisim.sim.memory import MemoryPlan, memory_plan
+from infinisim.sim.workload import Workload, fetched_fraction, speculated_fraction_per_layer
+from infinisim.traces.spec import ModelSpec
+from infinisim.traces.trace import Trace
+
+
+@dataclass
+class Outcome:
+    workload: Workload
+    profile: Profile
+    memory: MemoryPlan
+    result: SimResult | None  # None when it does not fit
+
+    @property
+    def fits(self) -> bool:
+        return self.result is not None
+
+    def summary(self) -> dict[str, Any]:
+        """One row: the simulated totals and phase breakdown, or why it does not fit."""
+        w = self.workload
+        shared = {"knobs": w.knobs.to_dict(), "fetched_fraction": fetched_fraction(w)}
+        if self.result is not None:
+            return {**self.result.summary(), **shared, "does_not_fit": "",
+                    "decode_step_ms": (self.result.decode_step_s * 1e3).round(4).tolist()}
+        return {"policy": w.policy, "profile": self.profile.name, "model": w.spec.name, "batch": w.batch,
+                "prompt_len": w.prompt_len, "fits": False, "does_not_fit": self.memory.problem,
+                "device_peak_gb": self.memory.device_bytes / 1e9, "host_peak_gb": self.memory.host_bytes / 1e9,
+                **shared}
+
+
+def simulate_if_fits(workload: Workload, profile: Profile, timeline: bool = False) -> Outcome:
+    memory = memory_plan(workload, profile)
+    result = simulate(workload, profile, timeline, memory) if memory.problem is None else None
+    return Outcome(workload, profile, memory, result)
+
+
+def speculated_from_trace(trace: Trace, alpha: float | None, spec: ModelSpec) -> float | np.ndarray:
+    """A speculating trace's uncapped share at `alpha` (default: the alpha it ran with): per layer
+    for the same model; the mean over its speculating layers for another one."""
+    if alpha is None:
+        alpha = trace.run.get("policy_knobs", {}).get("alpha") or 5.0
+    per_layer = speculated_fraction_per_layer(trace, alpha)
+    if len(per_layer) != spec.n_layers:
+        return float(np.nanmean(per_layer))
+    return per_layer
+
+
+def simulate_all(workloads: list[Workload], profile: Profile, timeline: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+    outcomes = []
+    for i, w in enumerate(workloads):
+        outcomes.append(simulate_if_fits(w, profile, timeline))
+        if progress:
+            progress(i + 1, len(workloads))
+    return outcomes
+
+
+def write_timelines(outcomes: list[Outcome], path: str | Path) -> list[Path]:
+    """Chrome/Perfetto timelines of the configs that ran: `path`, or one file per config beside it."""
+    path, written = Path(path), []
+    for o in outcomes:
+        if o.result is None:
+            continue
+        w = o.workload
+        target = path if len(outcomes) == 1 else path.with_name(
+            f"{path.stem}-{w.policy}-b{w.batch}-p{w.prompt_len}{path.suffix}")
+        written.append(write_json(chrome_trace(o.result), target))
+    return written
