@@ -20,9 +20,11 @@ import numpy as np
 import pandas as pd
 
 from infinisim.analysis import figures
+from infinisim.analysis.accuracy import EXACT
 from infinisim.analysis.figures import Figure
 from infinisim.core.errors import InfinisimError
 from infinisim.core.files import write_bytes_atomic, write_text_atomic
+from infinisim.core.policies import POLICIES
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45} h1{font-size:1.6em} h2{font-size:1.25em;margin-top:2em;
@@ -53,6 +55,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
+BASELINE = "full"  # speedups are over FlexGen's whole-cache fetch, as the paper reports them
 BREAKDOWN_TEXT = ("Busy time per phase, summed over layers, mean per decode step. Upper bar: the compute stream "
                   "(computing, then waiting for copies); lower bar: the work that can run beside it (speculation, the "
                   "host gather, transfers). The black tick is the step's wall time: on a GPU the bars overlap, on a "
@@ -135,7 +138,7 @@ def speedups(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Per group of `by`, each policy's best (lowest total time over its knobs) speedup over `full`."""
     fit = rows[rows["fits"]]
     best = fit.loc[fit.groupby([*by, "policy"], dropna=False)["total_s"].idxmin()]
-    full = best[best["policy"] == "full"].set_index(list(by))["total_s"]
+    full = best[best["policy"] == BASELINE].set_index(list(by))["total_s"]
     best = best[best.set_index(list(by)).index.isin(full.index)].copy()
     best["speedup"] = full.loc[best.set_index(list(by)).index].to_numpy() / best["total_s"].to_numpy()
     return best
@@ -162,7 +165,7 @@ def plan_sections(rows: pd.DataFrame, ran: str, target_ms: float | None = None) 
     batches = sorted(fit["batch"].unique())
     reference["batch"] = batches[len(batches) // 2]  # a middle batch: batch 1 rarely tells the story
     for axis, label in (("batch", "batch size"), ("prompt_len", "prompt length"), ("model", "model")):
-        if fit[axis].nunique() < 2 or "full" not in set(fit["policy"]):
+        if fit[axis].nunique() < 2 or BASELINE not in set(fit["policy"]):
             continue
         held = [a for a in ("profile", "model", "batch", "prompt_len", "gen_len") if a != axis]
         same = fit
@@ -242,7 +245,7 @@ def trace_sections(paths: Sequence[str | Path], profile: str | None) -> list[Sec
         points = points_from(quality)
         sections.append(accuracy_section(points, "trace-accuracy", ran))
         sections += knob_sections(points, ran)
-    offloaded = [(p, t) for p, t in traces if t.run["policy"] != "resident"]
+    offloaded = [(p, t) for p, t in traces if POLICIES[t.run["policy"]].offloaded]
     if profile and offloaded:
         from infinisim.hwprofiles.profile import load_profile
         from infinisim.sim.workload import from_trace
@@ -291,7 +294,7 @@ def knob_sections(points: pd.DataFrame, ran: str) -> list[Section]:
 
 
 def accuracy_section(points: pd.DataFrame, name: str, ran: str) -> Section:
-    selecting = points[~points["policy"].isin(("resident", "full"))]
+    selecting = points[~points["policy"].isin(EXACT)]
     ys = [("recall", "recall of exact attention mass")]
     if points["perplexity_ratio"].notna().any():
         ys.append(("perplexity_ratio", "perplexity / dense perplexity"))

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from infinisim.core.errors import InfinisimError
-from infinisim.core.files import read_yaml
+from infinisim.core.files import check_mapping, read_yaml
 from infinisim.core.policies import KNOBS, POLICIES, policy
 
 BASE_AXES = ("profiles", "models", "batches", "prompt_lens", "gen_lens", "policies")
@@ -87,16 +87,9 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise InfinisimError("no such sweep file" if not path.exists() else "not a file", path)
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise InfinisimError("a sweep file must be a YAML mapping of axes", path)
-    known = (*BASE_AXES, *KNOB_AXES, "dtype", "speculated_fraction")
-    for key in data:
-        if key not in known:
-            raise InfinisimError(f"unknown key (known: {', '.join(sorted(known))})", path, str(key))
-    for key in BASE_AXES:
-        if key not in data:
-            raise InfinisimError("missing axis", path, key)
+    known = tuple(sorted((*BASE_AXES, *KNOB_AXES, "dtype", "speculated_fraction")))
+    data = check_mapping(read_yaml(path), path, known, BASE_AXES, "a sweep file must be a YAML mapping of axes",
+                         "missing axis")
     values: dict[str, Any] = {"knobs": {}}
     for key, raw in data.items():
         if key in BASE_AXES or key in KNOB_AXES:

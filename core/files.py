@@ -35,6 +35,21 @@ def read_yaml(path: Path) -> Any:
         raise InfinisimError("not a text file", path) from None
 
 
+def check_mapping(data: Any, path: Path, known: tuple[str, ...], required: tuple[str, ...], not_mapping: str,
+                  missing: str = "missing field") -> dict[str, Any]:
+    """`data` is a mapping with no key outside `known` and every key of `required`, or one line
+    naming the file and the key at fault."""
+    if not isinstance(data, dict):
+        raise InfinisimError(not_mapping, path)
+    for key in data:
+        if key not in known:
+            raise InfinisimError(f"unknown key (known: {', '.join(known)})", path, str(key))
+    for key in required:
+        if key not in data:
+            raise InfinisimError(missing, path, key)
+    return data
+
+
 def check_output_file(path: str | Path) -> Path:
     """`path` may be written as a file: it is one already, or nothing is there."""
     path = Path(path)

@@ -1,1 +1,2 @@
-"""Hardware profiles (YAML), their loader/validator, and calibration. Arrives with the simulator issue."""
+"""Hardware profiles: the shipped YAML files (data/) and their loader/validator. Data only:
+`infinisim calibrate` (executor/calibrate.py) measures this machine and writes one."""

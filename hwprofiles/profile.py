@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from infinisim.core.errors import InfinisimError
-from infinisim.core.files import read_yaml, write_text_atomic
+from infinisim.core.files import check_mapping, read_yaml, write_text_atomic
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data"
 
@@ -255,14 +255,7 @@ TOP_KEYS = ("name", "kind", "description", "sources", "device", "link", "host")
 
 
 def profile_from_dict(data: Any, path: Path) -> Profile:
-    if not isinstance(data, dict):
-        raise InfinisimError("a profile must be a YAML mapping", path)
-    for key in data:
-        if key not in TOP_KEYS:
-            raise InfinisimError(f"unknown key (known: {', '.join(TOP_KEYS)})", path, str(key))
-    for key in TOP_KEYS:
-        if key not in data:
-            raise InfinisimError("missing field", path, key)
+    check_mapping(data, path, TOP_KEYS, TOP_KEYS, "a profile must be a YAML mapping")
     if not isinstance(data["name"], str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", data["name"]):
         raise InfinisimError("must be a name of letters, digits, '.', '_' or '-'", path, "name")
     if data["kind"] not in ("gpu", "cpu"):

@@ -97,11 +97,13 @@ class SimPolicy:
         extra = [("attn", layer, sim.costs.selected_attend_extra(float(w.bytes_h2d[s, layer])))]
         return (sim.pending.pop(layer, None),), extra
 
-    def selective_memory(self, w: Workload) -> tuple[dict[str, float], dict[str, float]]:
-        """The two device fetch slots and the host gather staging, sized for the most rows a layer fetches."""
+    def selective_memory(self, w: Workload, own: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+        """An offloaded policy's parts, the two device fetch slots and the host gather staging (sized
+        for the most rows a layer fetches), and the policy's `own` device parts."""
+        device, host = SimPolicy.memory_parts(self, w)
         layer_kv = 2.0 * w.batch * w.spec.n_kv_heads * w.capacity * w.spec.head_dim * DTYPE_BYTES[w.dtype]
         slot = layer_kv * min(w.capacity, self.knobs.max_fetch(w.capacity)) / w.capacity
-        return {"fetch slots (two layers)": 2 * slot}, {"gather staging": 2 * slot}
+        return {**device, "fetch slots (two layers)": 2 * slot, **own}, {**host, "gather staging": 2 * slot}
 
 
 def _whole(kv_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,6 +112,8 @@ def _whole(kv_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class Resident(SimPolicy):
+    """The cache on the device: nothing moves."""
+
     name = "resident"
     host_ops = 3
 
@@ -127,6 +131,8 @@ class Resident(SimPolicy):
 
 
 class Full(SimPolicy):
+    """Each layer's whole cache copied in at the layer; the new row written back."""
+
     name = "full"
     host_ops = 7
 
@@ -139,6 +145,8 @@ class Full(SimPolicy):
 
 
 class Int4(SimPolicy):
+    """As full, with 4-bit rows (fewer bytes, six tensors per copy) dequantized before attention."""
+
     name = "int4"
     host_ops = 13
     copy_tensors = 6  # codes, scales and minimums of K and V
@@ -153,6 +161,9 @@ class Int4(SimPolicy):
 
 
 class H2O(SimPolicy):
+    """Every layer fetches its kept set, whose positions the host reads after the previous layer;
+    attention also accumulates scores and re-chooses the set."""
+
     name = "h2o"
     host_ops = 14
     knobs: H2OKnobs
@@ -166,10 +177,8 @@ class H2O(SimPolicy):
         return np.ones(w.spec.n_layers, dtype=bool)
 
     def memory_parts(self, w: Workload) -> tuple[dict[str, float], dict[str, float]]:
-        device, host = super().memory_parts(w)
-        slots, staging = self.selective_memory(w)
         scores = float(w.spec.n_layers * w.batch * w.spec.n_kv_heads * w.capacity * 4)
-        return {**device, **slots, "accumulated scores": scores}, {**host, **staging}
+        return self.selective_memory(w, {"accumulated scores": scores})
 
     def prefill_parts(self, c: Costs, w: Workload, layer: int, n_tokens: int) -> Parts:
         return [("attn", layer, c.h2o_prefill(n_tokens))]
@@ -182,6 +191,9 @@ class H2O(SimPolicy):
 
 
 class InfiniGen(SimPolicy):
+    """Speculating layers prefetch their chosen rows one layer ahead; the leading dense layers fetch
+    their whole cache at the layer."""
+
     name = "infinigen"
     host_ops = 14
     knobs: InfiniGenKnobs
@@ -211,12 +223,9 @@ class InfiniGen(SimPolicy):
         return w.speculating
 
     def memory_parts(self, w: Workload) -> tuple[dict[str, float], dict[str, float]]:
-        device, host = super().memory_parts(w)
-        slots, staging = self.selective_memory(w)
-        s, e = w.spec, DTYPE_BYTES[w.dtype]
-        r = partial_width(self.knobs.partial_ratio, s.head_dim)
-        partial = float(s.n_layers * w.batch * s.n_kv_heads * w.capacity * r * e)
-        return {**device, **slots, "partial key cache": partial}, {**host, **staging}
+        s, r = w.spec, partial_width(self.knobs.partial_ratio, w.spec.head_dim)
+        return self.selective_memory(w, {"partial key cache": float(s.n_layers * w.batch * s.n_kv_heads * w.capacity
+                                                                    * r * DTYPE_BYTES[w.dtype])})
 
     def prefill_parts(self, c: Costs, w: Workload, layer: int, n_tokens: int) -> Parts:
         return [("spec", layer, c.skew_build(n_tokens))] if w.speculating[layer] else []

@@ -1,1 +1,1 @@
-"""The trace contract between executor and simulator: model specs, schema, writer, reader."""
+"""The trace contract between executor and simulator: model specs, schema, writer, reader, summary."""

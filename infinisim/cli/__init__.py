@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from infinisim import __version__
-from infinisim.cli.output import EPILOG
+from infinisim.cli.flags import EPILOG
 from infinisim.cli.plan import add_plan_parser
 from infinisim.cli.profiles import add_calibrate_parser, add_profiles_parser
 from infinisim.cli.report import add_report_parser, add_reproduce_parser

@@ -7,8 +7,6 @@ from typing import Any
 
 from infinisim.core.files import strict_json
 
-EPILOG = "Docs: README.md and docs/ in the source tree. Errors exit with status 1, usage errors with 2."
-
 
 def size(n: float) -> str:
     """Bytes with a decimal unit: '1.5 MB'."""

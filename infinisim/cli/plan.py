@@ -6,62 +6,49 @@ import argparse
 import sys
 from pathlib import Path
 
-from infinisim.cli.args import (
-    DTYPES,
-    add_knob_flags,
-    add_policy_flags,
-    add_share_flags,
-    int_list,
-    knobs_given,
-    names,
-    policy_names,
-    positive,
-    positive_float,
-)
-from infinisim.cli.output import EPILOG, print_json
+from infinisim.cli import flags
+from infinisim.cli.output import print_json
 from infinisim.core.errors import InfinisimError
 
 DEFAULT_POLICIES = "full,int4,h2o,infinigen"
 
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="what-if sweep: which hardware, batch and budget meet a target", epilog=EPILOG,
-                       description="Simulate every combination of the given axes (or a YAML sweep file), flag "
-                                   "configs that do not fit in memory, and report the Pareto front of latency vs "
-                                   "throughput per hardware, the best config per hardware under a latency target, "
-                                   "and the largest batch that meets it. Runs over local processes (default), "
-                                   "serially, or on a Dask cluster; results are cached per config, so an "
-                                   "interrupted or repeated sweep resumes.")
+    p = flags.verb(sub, "plan", cmd_plan, "what-if sweep: which hardware, batch and budget meet a target")
     p.add_argument("--sweep", help="YAML sweep file (axes: profiles, models, batches, prompt_lens, gen_lens, "
                                    "policies; optional knob axes budgets, alphas, partial_ratios, ... (see "
                                    "docs/SIMULATOR.md), dtype, speculated_fraction); flags given here override it")
-    p.add_argument("--model", type=names, help="named models, comma-separated (required without --sweep)")
-    p.add_argument("--profile", type=names, help="profiles, comma-separated (default: all shipped)")
-    p.add_argument("--batch", type=int_list, help="batch sizes (default 1,2,4,8,16,32)")
-    p.add_argument("--prompt-len", type=int_list, help="prompt lengths (default 2048)")
-    p.add_argument("--gen-len", type=int_list, help="generated tokens (default 128)")
-    add_policy_flags(p, None, f"each swept; default {DEFAULT_POLICIES}")
-    p.add_argument("--dtype", choices=DTYPES, help="weights and KV cache (default float16)")
-    add_knob_flags(p, axes=True)
-    add_share_flags(p, axes=True)
+    p.add_argument("--model", type=flags.names, help="named models, comma-separated (required without --sweep)")
+    p.add_argument("--profile", type=flags.names, help="profiles, comma-separated (default: all shipped)")
+    p.add_argument("--batch", type=flags.int_list, help="batch sizes (default 1,2,4,8,16,32)")
+    p.add_argument("--prompt-len", type=flags.int_list, help="prompt lengths (default 2048)")
+    p.add_argument("--gen-len", type=flags.int_list, help="generated tokens (default 128)")
+    flags.add_policy_flags(p, None, f"each swept; default {DEFAULT_POLICIES}")
+    p.add_argument("--dtype", choices=flags.DTYPES, help="weights and KV cache (default float16)")
+    flags.add_knob_flags(p, axes=True)
+    flags.add_share_flags(p, axes=True)
     p.add_argument("--quality", nargs="+", metavar="TRACE",
                    help="quality traces (`infinisim run --quality`) of the policies planned: the table gets the "
                         "recall, top-k overlap and perplexity ratio to expect at each config's fetched fraction, "
                         "interpolated between the measured ones (blank outside them)")
-    p.add_argument("--target-ms", type=positive_float, help="per-token (decode step) latency target in ms")
-    p.add_argument("--min-throughput", type=positive_float, help="throughput floor in tokens/s")
+    p.add_argument("--target-ms", type=flags.positive_float, help="per-token (decode step) latency target in ms")
+    p.add_argument("--min-throughput", type=flags.positive_float, help="throughput floor in tokens/s")
     p.add_argument("--out", default="plans/latest", help="folder for plan.csv, plan.parquet, cache (default "
                                                          "plans/latest)")
     p.add_argument("--cache", help="results cache (JSON lines; default OUT/cache.jsonl)")
     run = p.add_mutually_exclusive_group()
-    run.add_argument("--workers", type=positive, help="local processes (default: one per core)")
+    run.add_argument("--workers", type=flags.positive, help="local processes (default: one per core)")
     run.add_argument("--serial", action="store_true", help="one config after another in this process")
     run.add_argument("--scheduler", help="Dask scheduler address tcp://HOST:PORT ('local' starts a LocalCluster)")
     p.add_argument("--json", action="store_true", help="print the best configs as JSON instead of a summary")
-    p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """Simulate every combination of the given axes (or a YAML sweep file), flag configs that do not
+    fit in memory, and report the Pareto front of latency vs throughput per hardware, the best config
+    per hardware under a latency target, and the largest batch that meets it. Runs over local
+    processes (default), serially, or on a Dask cluster; results are cached per config, so an
+    interrupted or repeated sweep resumes."""
     from tqdm import tqdm
 
     from infinisim.analysis.planner import make_plan
@@ -77,10 +64,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         sweep = Sweep(args.profile or list(builtin_profiles()), args.model, args.batch or [1, 2, 4, 8, 16, 32],
                       args.prompt_len or [2048], args.gen_len or [128],
-                      policy_names(args.policy or DEFAULT_POLICIES))
+                      flags.policy_names(args.policy or DEFAULT_POLICIES))
     if args.policy:
-        sweep.policies = policy_names(args.policy)
-    sweep.knobs.update(knobs_given(args))
+        sweep.policies = flags.policy_names(args.policy)
+    sweep.knobs.update(flags.knobs_given(args))
     sweep.dtype = args.dtype or sweep.dtype
     if args.speculated_fraction is not None:
         sweep.speculated_fraction = args.speculated_fraction

@@ -5,22 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infinisim.cli.args import DTYPES
-from infinisim.cli.output import EPILOG
+from infinisim.cli import flags
 from infinisim.core.files import check_output_file
 
 
 def add_profiles_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profiles", help="list or show hardware profiles", epilog=EPILOG,
-                       description="The shipped hardware profiles (hwprofiles/data/*.yaml), or one profile in full.")
+    p = flags.verb(sub, "profiles", cmd_profiles, "list or show hardware profiles")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     verbs.add_parser("list", help="one line per shipped profile")
     show = verbs.add_parser("show", help="one profile, validated, in base units")
     show.add_argument("profile", help="a shipped profile's name or a YAML file")
-    p.set_defaults(func=cmd_profiles)
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
+    """The shipped hardware profiles (hwprofiles/data/*.yaml), or one profile in full."""
     import yaml
 
     from infinisim.hwprofiles.profile import builtin_profiles, load_profile
@@ -43,20 +41,19 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="measure this machine and write a hardware profile", epilog=EPILOG,
-                       description="Measure copies over a sweep of sizes, gathers of scattered KV rows, matmul and "
-                                   "attention kernels over decoding's shapes, and the per-op launch overhead; write "
-                                   "them as a profile YAML usable with replay, simulate and validate. Needs torch.")
+    p = flags.verb(sub, "calibrate", cmd_calibrate, "measure this machine and write a hardware profile")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
+    p.add_argument("--dtype", choices=flags.DTYPES, default="float32",
                    help="dtype of the streaming and attention measurements (default float32)")
     p.add_argument("--quick", action="store_true", help="a few seconds, smaller shapes (for tests and smoke runs)")
     p.add_argument("--name", help="profile name (default calibrated-HOSTNAME)")
     p.add_argument("--out", default="profiles/calibrated.yaml", help="YAML to write (default profiles/calibrated.yaml)")
-    p.set_defaults(func=cmd_calibrate)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure copies over a sweep of sizes, gathers of scattered KV rows, matmul and attention
+    kernels over decoding's shapes, and the per-op launch overhead; write them as a profile YAML
+    usable with replay, simulate and validate. Needs torch."""
     import time
 
     from infinisim.executor.calibrate import calibrate

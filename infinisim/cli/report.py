@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infinisim.cli.args import positive
+from infinisim.cli import flags
 from infinisim.core.errors import InfinisimError
 
 EPILOG = "Docs: docs/REPORTS.md. Errors exit with status 1, usage errors with 2."
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="plots and a self-contained HTML + Markdown page from results", epilog=EPILOG,
-                       description="Build one self-contained HTML page (images embedded, nothing fetched) and a "
-                                   "Markdown twin from a plan folder (Pareto plot, speedup vs batch / prompt / "
-                                   "model, simulated breakdown), a validation folder (predicted vs measured per "
-                                   "step) and traces (measured breakdown, accuracy vs fetched fraction for quality "
-                                   "traces, a simulated timeline excerpt). Give at least one.")
+    p = flags.verb(sub, "report", cmd_report, "plots and a self-contained HTML + Markdown page from results", EPILOG)
     p.add_argument("--plan", help="folder written by `infinisim plan --out`")
     p.add_argument("--validation", help="folder (or validation.json) written by `infinisim validate --out`")
     p.add_argument("--trace", nargs="+", help="traces written by `infinisim run` (quality traces add accuracy plots)")
@@ -26,10 +21,13 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--title", default="infinisim report", help="the page's title (default: infinisim report)")
     p.add_argument("--out", default="reports/latest", help="folder for report.html, report.md, figures/ (default "
                                                            "reports/latest)")
-    p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Build one self-contained HTML page (images embedded, nothing fetched) and a Markdown twin from
+    a plan folder (Pareto plot, speedup vs batch / prompt / model, simulated breakdown), a validation
+    folder (predicted vs measured per step) and traces (measured breakdown, accuracy vs fetched
+    fraction for quality traces, a simulated timeline excerpt). Give at least one."""
     from infinisim.analysis.report import report_sections, write_report
 
     if not (args.plan or args.validation or args.trace):
@@ -47,30 +45,27 @@ def add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
                        description="Reproduce a published experiment and write it as a report with the "
                                    "published claims beside ours.")
     which = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
-    paper = which.add_parser("paper", help="InfiniGen (OSDI 2024): speed sweeps on the A6000/PCIe 3 profile, "
-                                           "accuracy trends on SmolLM2",
-                             description="The paper's speed experiments (OPT-13B, prompt 1920, generation 128: batch "
-                                         "4..20; prompt 384..1920 at batch 8; OPT-6.7B/13B/30B at batch 4; alpha "
-                                         "1..9; partial ratio 0.1..1.0) through the simulator on a hardware profile, "
-                                         "with InfiniGen's fetched share measured by the executor on SmolLM2, and "
-                                         "the accuracy trends (recall, perplexity vs fetched fraction; alpha; "
-                                         "partial ratio) measured by the executor on SmolLM2. Writes traces, "
-                                         "tables and one report. 7-8 minutes on 2 CPU cores (--quick: ~1).",
-                             epilog=EPILOG)
+    paper = flags.verb(which, "paper", cmd_reproduce, "InfiniGen (OSDI 2024): speed sweeps on the A6000/PCIe 3 "
+                                                      "profile, accuracy trends on SmolLM2", EPILOG)
     paper.add_argument("--profile", default="a6000-pcie3", help="hardware profile (default: the paper's testbed)")
     paper.add_argument("--text", help="text the executor reads (default: Python's bundled docs; the paper used "
                                       "PG-19, e.g. ../shared/data/pg19_firstbook.txt)")
-    paper.add_argument("--prompt-len", type=positive, default=1920,
+    paper.add_argument("--prompt-len", type=flags.positive, default=1920,
                        help="tokens of prompt for the SmolLM2 runs (default 1920, the paper's)")
-    paper.add_argument("--steps", type=positive, default=24, help="teacher-forced decode steps per SmolLM2 run "
+    paper.add_argument("--steps", type=flags.positive, default=24, help="teacher-forced decode steps per SmolLM2 run "
                                                              "(default 24)")
     paper.add_argument("--quick", action="store_true", help="fewer, shorter executor runs (a smoke test)")
     paper.add_argument("--out", default="reports/paper", help="folder for the report, traces and tables "
                                                               "(default reports/paper)")
-    paper.set_defaults(func=cmd_reproduce)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    """The paper's speed experiments (OPT-13B, prompt 1920, generation 128: batch 4..20; prompt
+    384..1920 at batch 8; OPT-6.7B/13B/30B at batch 4; alpha 1..9; partial ratio 0.1..1.0) through
+    the simulator on a hardware profile, with InfiniGen's speculated share measured by the executor
+    on SmolLM2, and the accuracy trends (recall, perplexity vs fetched fraction; alpha; partial
+    ratio) measured by the executor on SmolLM2. Writes traces, tables and one report. 7-8 minutes on
+    2 CPU cores (--quick: ~1)."""
     from infinisim.analysis.paper import PaperSettings, reproduce_paper
     from infinisim.analysis.report import write_report
 

@@ -6,38 +6,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from infinisim.cli.args import (
-    add_device_flags,
-    add_knob_flags,
-    add_model_flags,
-    add_policy_flags,
-    knobs_given,
-    policy_names,
-    positive,
-)
-from infinisim.cli.output import EPILOG, maybe, print_json, size
+from infinisim.cli import flags
+from infinisim.cli.output import maybe, print_json, size
 from infinisim.core.errors import InfinisimError
 from infinisim.core.files import check_output_file
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run", help="live executor run: decode a batch through KV policies, write one trace per policy",
-        description="Run the real executor: prefill and decode a batch through each KV policy, time every "
-                    "phase of every layer of every step, write one trace per policy and print a summary.",
-        epilog=EPILOG)
-    add_model_flags(p)
+    p = flags.verb(sub, "run", cmd_run, "live executor run: decode a batch through KV policies, write one trace per "
+                                        "policy")
+    flags.add_model_flags(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (every sequence of the batch gets it)")
     src.add_argument("--prompt-file", help="file whose text is the prompt")
-    src.add_argument("--prompt-len", type=positive,
+    src.add_argument("--prompt-len", type=flags.positive,
                      help="prompt of N tokens drawn from Python's bundled documentation text, a different "
                           "window per sequence (default when no prompt is given: 2048)")
-    p.add_argument("--batch", type=positive, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--gen-len", type=positive, default=32, help="new tokens per sequence (default 32)")
-    add_policy_flags(p, "resident", "run one after another on the same model and prompts")
-    add_knob_flags(p)
-    add_device_flags(p)
+    p.add_argument("--batch", type=flags.positive, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--gen-len", type=flags.positive, default=32, help="new tokens per sequence (default 32)")
+    flags.add_policy_flags(p, "resident", "run one after another on the same model and prompts")
+    flags.add_knob_flags(p)
+    flags.add_device_flags(p)
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
                                                             "whose probability reaches this (default 1: all)")
@@ -51,17 +40,18 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--record-selection", action="store_true",
                    help="write the token positions each selecting layer fetched, per sequence and KV head, into "
                         "the trace (column `selected`, gap-coded; larger traces)")
-    p.add_argument("--threads", type=positive, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=flags.positive, help="CPU threads for torch (default: torch's choice)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--trace", help="trace file to write (one policy only)")
     out.add_argument("--out", default="runs", help="folder for the traces, named by model, policy, the knobs set, "
                                                    "batch and lengths (default runs/)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
-    p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    policies = policy_names(args.policy)
+    """Run the real executor: prefill and decode a batch through each KV policy, time every phase of
+    every layer of every step, write one trace per policy and print a summary."""
+    policies = flags.policy_names(args.policy)
     if args.trace and len(policies) > 1:
         raise InfinisimError("--trace names one file; with several policies use --out", field="--trace")
     if args.trace:
@@ -87,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompts = session.prompts(args.batch, None if text is not None else args.prompt_len or 2048, text,
                               args.gen_len if args.quality else 0, "file" if args.prompt_file else "text",
                               field="--prompt-file" if args.prompt_file else "--prompt")
-    knobs = knobs_given(args)
+    knobs = flags.knobs_given(args)
     summaries, texts = [], {}
     for name in policies:
         print(f"[{name}] decoding {args.batch} x {prompts.longest} prompt tokens, up to {sampling.max_new_tokens} "
@@ -145,13 +135,11 @@ def print_summaries(summaries: list[dict], texts: dict[str, str]) -> None:
 
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the named architectures", epilog=EPILOG,
-                       description="List the named architectures (usable with --random-weights, and by the "
-                                   "simulator), with sizes.")
-    p.set_defaults(func=cmd_models)
+    flags.verb(sub, "models", cmd_models, "list the named architectures")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """List the named architectures (usable with --random-weights, and by the simulator), with sizes."""
     from infinisim.traces.spec import MODELS
 
     print(f"{'name':<15} {'family':<6} {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>4} {'params':>8} "

@@ -6,17 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from infinisim.cli.args import (
-    DTYPES,
-    add_knob_flags,
-    add_policy_flags,
-    add_share_flags,
-    int_list,
-    knobs_given,
-    policy_names,
-    positive,
-)
-from infinisim.cli.output import EPILOG, print_json
+from infinisim.cli import flags
+from infinisim.cli.output import print_json
 from infinisim.core.errors import InfinisimError
 from infinisim.core.files import check_output_file, write_json
 
@@ -28,17 +19,15 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_replay_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("replay", help="simulate a trace's run on a hardware profile", epilog=EPILOG,
-                       description="Replay the fetch sizes a traced run really made (same model, batch, lengths, "
-                                   "policy) on a hardware profile: per-step predicted time with a breakdown, "
-                                   "throughput, memory peaks, link use.")
+    p = flags.verb(sub, "replay", cmd_replay, "simulate a trace's run on a hardware profile")
     p.add_argument("trace", nargs="+", help="trace file(s) written by `infinisim run`")
     p.add_argument("--profile", required=True, help="a shipped profile's name (`infinisim profiles list`) or a YAML")
     _add_output_flags(p)
-    p.set_defaults(func=cmd_replay)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay the fetch sizes a traced run really made (same model, batch, lengths, policy) on a
+    hardware profile: per-step predicted time with a breakdown, throughput, memory peaks, link use."""
     from infinisim.hwprofiles.profile import load_profile
     from infinisim.sim.workload import from_trace
     from infinisim.traces.trace import read_trace
@@ -49,25 +38,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="simulate a described workload on a hardware profile", epilog=EPILOG,
-                       description="Simulate any named model at any batch and lengths under a KV policy. For a "
-                                   "speculating policy (infinigen, oracle), the speculated share comes from "
-                                   "--speculated-fraction or is re-derived from a trace's within-alpha counts "
-                                   "(--from-trace) at --alpha.")
+    p = flags.verb(sub, "simulate", cmd_simulate, "simulate a described workload on a hardware profile")
     p.add_argument("--model", required=True, help="named architecture (`infinisim models`)")
     p.add_argument("--profile", required=True, help="a shipped profile's name or a YAML file")
-    p.add_argument("--batch", type=int_list, default=[1], help="batch size, or several: 4,8,12 (default 1)")
-    p.add_argument("--prompt-len", type=int_list, default=[2048], help="prompt tokens, or several (default 2048)")
-    p.add_argument("--gen-len", type=positive, default=128, help="generated tokens per sequence (default 128)")
-    add_policy_flags(p, "full", "each simulated")
-    p.add_argument("--dtype", choices=DTYPES, default="float16", help="weights and KV cache (default float16)")
-    add_knob_flags(p)
-    add_share_flags(p)
+    p.add_argument("--batch", type=flags.int_list, default=[1], help="batch size, or several: 4,8,12 (default 1)")
+    p.add_argument("--prompt-len", type=flags.int_list, default=[2048], help="prompt tokens, or several (default 2048)")
+    p.add_argument("--gen-len", type=flags.positive, default=128, help="generated tokens per sequence (default 128)")
+    flags.add_policy_flags(p, "full", "each simulated")
+    p.add_argument("--dtype", choices=flags.DTYPES, default="float16", help="weights and KV cache (default float16)")
+    flags.add_knob_flags(p)
+    flags.add_share_flags(p)
     _add_output_flags(p)
-    p.set_defaults(func=cmd_simulate)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """Simulate any named model at any batch and lengths under a KV policy. For a speculating policy
+    (infinigen, oracle), the speculated share comes from --speculated-fraction or is re-derived from a
+    trace's within-alpha counts (--from-trace) at --alpha."""
     from infinisim.core.policies import POLICIES
     from infinisim.hwprofiles.profile import load_profile
     from infinisim.sim.run import speculated_from_trace
@@ -76,7 +63,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from infinisim.traces.trace import read_trace
 
     _check_outputs(args)
-    policies, spec = policy_names(args.policy), named_model(args.model)
+    policies, spec = flags.policy_names(args.policy), named_model(args.model)
     profile = load_profile(args.profile)
     speculated: Any = args.speculated_fraction
     if args.from_trace:
@@ -85,7 +72,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if needing:
         raise InfinisimError(f"{needing[0]} needs --speculated-fraction or --from-trace (a trace's within-alpha "
                              "counts)", field="--speculated-fraction")
-    knobs = knobs_given(args)
+    knobs = flags.knobs_given(args)
     workloads = [synthetic(spec, batch, prompt_len, args.gen_len, name, args.dtype, knobs, speculated)
                  for name in policies for prompt_len in args.prompt_len for batch in args.batch]
     return _simulate_and_print(workloads, profile, args)

@@ -5,53 +5,44 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infinisim.cli.args import (
-    add_device_flags,
-    add_knob_flags,
-    add_model_flags,
-    add_policy_flags,
-    knobs_given,
-    policy_names,
-    positive,
-)
-from infinisim.cli.output import EPILOG, print_json
+from infinisim.cli import flags
+from infinisim.cli.output import print_json
 from infinisim.core.errors import InfinisimError
 
 
 def add_validate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="run (or take traces), replay, report predicted vs measured", epilog=EPILOG,
-                       description="Cross-validate the simulator on this machine: calibrate (or take --profile), "
-                                   "run the executor for each policy (or take --trace files), replay each run, and "
-                                   "report predicted vs measured per step (MAPE, p50/p90), per phase, end to end, "
-                                   "the worst layer; writes a JSON and a plot of predicted vs measured per step.")
+    p = flags.verb(sub, "validate", cmd_validate, "run (or take traces), replay, report predicted vs measured")
     p.add_argument("--trace", nargs="+", help="existing traces to validate against (skips the run)")
     p.add_argument("--profile", help="profile to replay on (default: calibrate this machine first)")
-    add_policy_flags(p, "resident,full,infinigen", "each run and replayed")
-    p.add_argument("--batch", type=positive, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--prompt-len", type=positive, default=1024,
+    flags.add_policy_flags(p, "resident,full,infinigen", "each run and replayed")
+    p.add_argument("--batch", type=flags.positive, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--prompt-len", type=flags.positive, default=1024,
                    help="prompt tokens from Python's bundled documentation text (default 1024)")
-    p.add_argument("--gen-len", type=positive, default=32, help="new tokens per sequence (default 32)")
-    add_model_flags(p)
-    add_device_flags(p)
-    add_knob_flags(p)
+    p.add_argument("--gen-len", type=flags.positive, default=32, help="new tokens per sequence (default 32)")
+    flags.add_model_flags(p)
+    flags.add_device_flags(p)
+    flags.add_knob_flags(p)
     p.add_argument("--out", default="validation", help="folder for profile, traces, JSON and plot (default "
                                                        "validation/)")
     p.add_argument("--quick-calibration", action="store_true", help="calibrate with --quick (less accurate)")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    p.set_defaults(func=cmd_validate)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Cross-validate the simulator on this machine: calibrate (or take --profile), run the executor
+    for each policy (or take --trace files), replay each run, and report predicted vs measured per
+    step (MAPE, p50/p90), per phase, end to end, the worst layer; writes a JSON and a plot of
+    predicted vs measured per step."""
     from pathlib import Path
 
     from infinisim.analysis.validation import validate
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise InfinisimError("exists and is not a folder", args.out, "--out")
-    data = validate(args.out, traces=args.trace, profile=args.profile, policies=policy_names(args.policy),
+    data = validate(args.out, traces=args.trace, profile=args.profile, policies=flags.policy_names(args.policy),
                     batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, model=args.model,
                     random_weights=args.random_weights, device=args.device, dtype=args.dtype,
-                    quick_calibration=args.quick_calibration, knobs=knobs_given(args), command=args.command_line,
+                    quick_calibration=args.quick_calibration, knobs=flags.knobs_given(args), command=args.command_line,
                     log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print_json({"comparisons": data["comparisons"], "relative": data["relative"]})

@@ -13,6 +13,16 @@ from infinisim.core.errors import InfinisimError
 from infinisim.core.policies import KNOBS, POLICIES, Knob, knob_help
 
 DTYPES = ("float32", "bfloat16", "float16")
+EPILOG = "Docs: README.md and docs/ in the source tree. Errors exit with status 1, usage errors with 2."
+
+
+def verb(sub: argparse._SubParsersAction, name: str, command: Callable[[argparse.Namespace], int], summary: str,
+         epilog: str = EPILOG) -> argparse.ArgumentParser:
+    """A verb's parser: `summary` in the verb list, the command's docstring as its description."""
+    p = sub.add_parser(name, help=summary, description=" ".join((command.__doc__ or summary).split()),
+                       epilog=epilog)
+    p.set_defaults(func=command)
+    return p
 
 
 def positive(text: str) -> int:
@@ -25,26 +35,24 @@ def positive(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (latency targets, throughput floors)."""
+def _number(text: str, rule: str, ok: Callable[[float], bool]) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    if not ok(value):  # NaN fails every rule
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (latency targets, throughput floors)."""
+    return _number(text, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
 
 
 def fraction(text: str) -> float:
-    """A finite number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text!r}")
-    return value
+    """A number in [0, 1]."""
+    return _number(text, "within [0, 1]", lambda v: 0 <= v <= 1)
 
 
 def names(text: str) -> list[str]:
