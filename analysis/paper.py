@@ -52,8 +52,8 @@ class QualityRuns:
 
         self.session = Session("smollm2-135m")
         text = read_prompt_file(settings.text) if settings.text else None
-        self.prompts = self.session.prompts(1, settings.prompt_len, text, settings.steps, settings.text or "",
-                                            field="--text")
+        self.prompts = self.session.prompts(1, settings.prompt_len, text, settings.steps, forced=True,
+                                            source=settings.text or "", field="--prompt-file")
         self.settings, self.out, self.log = settings, out / "traces", log
         self.source = self.prompts.source
         self.done: dict[str, str] = {}  # trace name -> path

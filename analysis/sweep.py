@@ -14,7 +14,9 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from infinisim.core.policies import KNOBS, POLICIES, policy
 
 BASE_AXES = ("profiles", "models", "batches", "prompt_lens", "gen_lens", "policies")
 KNOB_AXES = {knob.axis: name for name, knob in KNOBS.items()}  # sweep-file key -> knob
+MAX_CONFIGS = 1_000_000  # a larger sweep is refused before it is expanded (memory, and days of simulating)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Config:
     dtype: str = "float16"
     speculated_fraction: float | None = None  # speculating policies: the uncapped share each layer wants
     speculated_by_alpha: tuple[float, ...] | None = None  # ... or that share per alpha 1..9 (from a trace)
+    fingerprint: str = ""  # of everything else the result depends on: profile contents, model spec, code
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
@@ -60,8 +64,19 @@ class Sweep:
     speculated_fraction: float | None = None
     speculated_by_alpha: tuple[float, ...] | None = None
 
+    def size(self) -> int:
+        """How many configs the sweep expands to, at most (before duplicates collapse)."""
+        base = len(self.profiles) * len(self.models) * len(self.batches) * len(self.prompt_lens) * len(self.gen_lens)
+        return base * sum(math.prod(len(v) for k, v in self.knobs.items() if k in policy(name).knob_names)
+                          for name in self.policies)
+
     def configs(self) -> list[Config]:
-        """The product of the axes; knobs only vary for the policies that have them."""
+        """The product of the axes; knobs only vary for the policies that have them. Every profile
+        and model is loaded first: a bad name fails here, in one line, before any simulation."""
+        if self.size() > MAX_CONFIGS:
+            raise InfinisimError(f"the sweep has {self.size():,} configs, more than {MAX_CONFIGS:,}: split it",
+                                 field="sweep")
+        prints = {(p, m): fingerprint(p, m) for p in self.profiles for m in self.models}
         out: dict[str, Config] = {}
         for profile, model, batch, prompt, gen, name in itertools.product(
                 self.profiles, self.models, self.batches, self.prompt_lens, self.gen_lens, self.policies):
@@ -71,7 +86,7 @@ class Sweep:
             for combo in itertools.product(*axes):
                 c = Config(profile, model, batch, prompt, gen, name, tuple(combo), self.dtype,
                            self.speculated_fraction if kv.speculating else None,
-                           self.speculated_by_alpha if kv.speculating else None)
+                           self.speculated_by_alpha if kv.speculating else None, prints[profile, model])
                 out.setdefault(c.key(), c)
         return list(out.values())
 
@@ -85,11 +100,9 @@ class Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     """A YAML sweep file: the axes as lists (or single values), dtype, speculated_fraction."""
     path = Path(path)
-    if not path.is_file():
-        raise InfinisimError("no such sweep file" if not path.exists() else "not a file", path)
     known = tuple(sorted((*BASE_AXES, *KNOB_AXES, "dtype", "speculated_fraction")))
-    data = check_mapping(read_yaml(path), path, known, BASE_AXES, "a sweep file must be a YAML mapping of axes",
-                         "missing axis")
+    data = check_mapping(read_yaml(path, "sweep file"), path, known, BASE_AXES,
+                         "a sweep file must be a YAML mapping of axes", "missing axis")
     values: dict[str, Any] = {"knobs": {}}
     for key, raw in data.items():
         if key in BASE_AXES or key in KNOB_AXES:
@@ -137,6 +150,25 @@ def _profile(name: str) -> Any:
     return load_profile(name)  # parsed once per process, not once per config
 
 
+@functools.lru_cache(maxsize=1)
+def _code() -> str:
+    """The simulator's code and the policy registry: a cached row is stale once either changes."""
+    import infinisim.core.policies
+    import infinisim.sim
+
+    files = [*sorted(Path(infinisim.sim.__file__).parent.glob("*.py")), Path(infinisim.core.policies.__file__)]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
+def fingerprint(profile: str, model: str) -> str:
+    """A hash of what a config's result depends on besides the config: the profile's contents (not its
+    name or path), the model's spec and the simulator's code."""
+    from infinisim.traces.spec import named_model
+
+    parts = [_profile(profile).to_dict(), named_model(model).to_dict(), _code()]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def knob_columns(config: Config, alpha: float | None) -> dict[str, Any]:
     """Every registry knob as a column: the value in force for the config's policy, None where
     the policy has no such knob. Alpha shows where it was given or chose the share (a per-alpha
@@ -155,7 +187,7 @@ def evaluate(config: Config) -> dict[str, Any]:
     from infinisim.traces.spec import named_model
 
     row: dict[str, Any] = {"key": config.key(), **{k: v for k, v in asdict(config).items()
-                                                    if k not in ("knobs", "speculated_by_alpha")}}
+                                                    if k not in ("knobs", "speculated_by_alpha", "fingerprint")}}
     alpha = None
     try:
         kv = policy(config.policy)
@@ -166,7 +198,7 @@ def evaluate(config: Config) -> dict[str, Any]:
         if kv.speculating and config.speculated_by_alpha is not None:
             alpha = knobs.alpha_for(spec.family)
             share = config.speculated_by_alpha[min(9, max(1, round(alpha))) - 1]
-        row.update(knob_columns(config, alpha))
+        row.update(knob_columns(config, alpha), profile=profile.name)
         w = synthetic(spec, config.batch, config.prompt_len, config.gen_len, config.policy, config.dtype,
                       knobs.to_dict(), share)
     except InfinisimError as exc:
@@ -239,8 +271,18 @@ def _results(todo: list[Config], workers: int | None, scheduler: str | None, ser
         from concurrent.futures import ProcessPoolExecutor
 
         n = workers or os.cpu_count() or 1
-        with ProcessPoolExecutor(n) as pool:
+        with ProcessPoolExecutor(n, initializer=_die_with_parent) as pool:
             yield from pool.map(evaluate, todo, chunksize=max(1, min(64, len(todo) // (4 * n))))
+
+
+def _die_with_parent() -> None:
+    """A worker process is killed when the planner dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _dask(todo: list[Config], scheduler: str) -> Iterator[dict[str, Any]]:
@@ -249,7 +291,12 @@ def _dask(todo: list[Config], scheduler: str) -> Iterator[dict[str, Any]]:
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                            dashboard_address=None) if scheduler == "local" else None
     try:
-        with Client(cluster if cluster else scheduler) as client:
+        try:
+            client = Client(cluster if cluster else scheduler, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise InfinisimError(f"cannot reach the Dask scheduler ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:120]})", field="--scheduler") from None
+        with client:
             futures = client.map(evaluate, todo, pure=False)
             for future in as_completed(futures):
                 yield future.result()

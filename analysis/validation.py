@@ -139,7 +139,7 @@ def _run(out: Path, policies: Sequence[str], batch: int, prompt_len: int, gen_le
     from infinisim.executor.session import Session
 
     session = Session(model, dtype, device, random_weights, log)
-    prompts = session.prompts(batch, prompt_len)
+    prompts = session.prompts(batch, prompt_len, gen_len=gen_len)
     traces = []
     for name in policies:
         log(f"[{name}] running {batch} x {prompt_len} tokens, {gen_len} new ...")

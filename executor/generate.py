@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,8 +27,10 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise InfinisimError(f"generation length must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise InfinisimError("temperature must be >= 0 and top-p in (0, 1]")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InfinisimError(f"must be a finite number >= 0, got {self.temperature}", field="--temperature")
+        if not 0 < self.top_p <= 1:  # NaN fails too
+            raise InfinisimError(f"must be in (0, 1], got {self.top_p}", field="--top-p")
 
 
 @dataclass

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from infinisim.core.errors import InfinisimError
+from infinisim.core.files import read_text
 from infinisim.executor.kvcache import check_fits
 from infinisim.executor.model import Transformer, rope_inv_freq
 from infinisim.executor.tokenizer import tokenizer_from_file, tokenizer_from_gguf
@@ -46,10 +49,12 @@ def embedded_gguf_path() -> Path:
 
 
 def materialize(spec: ModelSpec, state: dict[str, Tensor] | None, dtype: str, device: torch.device,
-                source: str, file_names: dict[str, str] | None = None) -> Transformer:
+                source: str, file_names: dict[str, str] | None = None,
+                name_in_file: Callable[[str], str] = str) -> Transformer:
     """Our Transformer on `device` with `state` (our names), or random weights when state is None.
 
-    `file_names` maps our tensor names to the names in the user's file, for error messages.
+    `file_names` maps our tensor names to the names in the user's file, and `name_in_file` says
+    what the file would call a tensor it lacks, so errors name tensors as the file does.
     """
     file_names = file_names or {}
     check_fits(f"{spec.name} weights in {dtype}", spec.weight_bytes(dtype), device)
@@ -72,7 +77,7 @@ def materialize(spec: ModelSpec, state: dict[str, Tensor] | None, dtype: str, de
             state.pop("output.weight", None)
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            what = f"missing tensor {missing[0]}" if missing else \
+            what = f"missing tensor {name_in_file(missing[0])}" if missing else \
                 f"unexpected tensor {file_names.get(unexpected[0], unexpected[0])}"
             raise InfinisimError(f"weights do not match the architecture ({what})", source)
         own = model.state_dict()
@@ -98,6 +103,17 @@ _GGUF_NAMES = {
     "ffn_gate.weight": "feed_forward.w1.weight", "ffn_up.weight": "feed_forward.w3.weight",
     "ffn_down.weight": "feed_forward.w2.weight",
 }
+
+
+def _gguf_file_name(ours: str) -> str:
+    """The name a GGUF file gives our tensor `ours` (for naming a tensor it lacks)."""
+    fixed = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "output.weight": "output.weight"}
+    if ours in fixed:
+        return fixed[ours]
+    _, layer, rest = ours.split(".", 2)
+    inverse = {v: k for k, v in _GGUF_NAMES.items()}
+    return f"blk.{layer}.{inverse.get(rest, rest)}"
 
 
 def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -172,15 +188,20 @@ def load_gguf(path: Path, dtype: str, device: torch.device, name: str | None = N
             ours = f"layers.{layer}.{_GGUF_NAMES[rest]}"
         else:
             raise InfinisimError("unknown tensor", path, name)
-        w = gguf.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        w = w.reshape([int(d) for d in reversed(t.shape)])
+        try:
+            w = gguf.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            w = w.reshape([int(d) for d in reversed(t.shape)])
+        except (ValueError, IndexError, TypeError, NotImplementedError) as exc:
+            raise InfinisimError(f"tensor data is truncated or unreadable ({type(exc).__name__})", path, name) \
+                from None
         if name.endswith(("attn_q.weight", "attn_q.bias")):
             w = _unpermute_rotary(w, n_heads)
         elif name.endswith(("attn_k.weight", "attn_k.bias")):
             w = _unpermute_rotary(w, n_kv_heads)
         state[ours] = torch.from_numpy(np.array(w, dtype=np.float32))  # copy: GGUF data is a read-only mmap
         file_names[ours] = name
-    return LoadedModel(materialize(spec, state, dtype, device, str(path), file_names), tokenizer, str(path))
+    return LoadedModel(materialize(spec, state, dtype, device, str(path), file_names, _gguf_file_name), tokenizer,
+                       str(path))
 
 
 # ---------------------------------------------------------------- Hugging Face folders
@@ -198,43 +219,140 @@ _HF_OPT_NAMES = {
 }
 
 
-def spec_from_hf_config(cfg: dict, path: Path) -> ModelSpec:
-    def need(key: str) -> object:
-        if key not in cfg:
-            raise InfinisimError("missing field", path, key)
-        return cfg[key]
-
-    kind = cfg.get("model_type")
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+def spec_from_hf_config(cfg: object, path: Path) -> ModelSpec:
+    """A ModelSpec from an HF config.json, refusing (one line: file and field) every value the
+    forward pass does not implement, so a model is never run silently wrong."""
+    if not isinstance(cfg, dict):
+        raise InfinisimError("config.json must be a JSON object", path)
+    read = _ConfigReader(cfg, path)
+    kind = read.text("model_type")
     name = path.parent.name.lower()
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(read.ids("eos_token_id")) if eos is not None else ()
+    bos = read.whole("bos_token_id", None, low=0)
     if kind == "opt":
-        if not cfg.get("do_layer_norm_before", True):
-            raise InfinisimError("post-layer-norm OPT (opt-350m) is not supported", path, "do_layer_norm_before")
-        if cfg.get("word_embed_proj_dim", cfg.get("hidden_size")) != cfg.get("hidden_size"):
-            raise InfinisimError("a projected embedding (opt-350m) is not supported", path, "word_embed_proj_dim")
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        return ModelSpec(name, "opt", int(need("num_hidden_layers")), hidden, heads, heads, hidden // heads,
-                         int(need("ffn_dim")), int(need("vocab_size")),
-                         max_positions=int(need("max_position_embeddings")),
-                         activation=cfg.get("activation_function", "relu"),
-                         tie_embeddings=cfg.get("tie_word_embeddings", True),
-                         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids)
+        read.refuse("do_layer_norm_before", lambda v: v is False, "post-layer-norm OPT (opt-350m)")
+        read.refuse("word_embed_proj_dim", lambda v: v != cfg.get("hidden_size"), "a projected embedding (opt-350m)")
+        read.refuse("enable_bias", lambda v: v is False, "OPT without biases")
+        read.refuse("layer_norm_elementwise_affine", lambda v: v is False, "layer norms without weights")
+        read.refuse("_remove_final_layer_norm", lambda v: v is True, "OPT without its final layer norm")
+        hidden, heads = read.whole("hidden_size"), read.whole("num_attention_heads")
+        activation = read.text("activation_function", "relu")
+        if activation not in ("relu", "gelu"):
+            raise InfinisimError(f"activation {activation!r} is not implemented (relu, gelu)", path,
+                                 "activation_function")
+        return read.spec(name, "opt", read.whole("num_hidden_layers"), hidden, heads, heads, hidden // heads,
+                         read.whole("ffn_dim"), read.whole("vocab_size"),
+                         max_positions=read.whole("max_position_embeddings"), activation=activation,
+                         tie_embeddings=read.flag("tie_word_embeddings", True), bos_token_id=bos,
+                         eos_token_ids=eos_ids)
     if kind not in ("llama", "mistral", "qwen2"):
         raise InfinisimError(f"{kind!r} is not supported (llama, mistral, qwen2, opt)", path, "model_type")
-    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    read.refuse("hidden_act", lambda v: v != "silu", "an activation other than silu")
+    read.refuse("mlp_bias", lambda v: v is True, "biases in the MLP")
+    read.refuse("partial_rotary_factor", lambda v: v != 1, "rotary embeddings on part of the head")
+    if kind != "qwen2":  # Llama's attention_bias also puts a bias on the output projection
+        read.refuse("attention_bias", lambda v: v is True, "attention biases (with an output bias)")
+    window = read.whole("sliding_window", None)
+    if kind == "qwen2" and not read.flag("use_sliding_window", False):
+        window = None
+    hidden, heads = read.whole("hidden_size"), read.whole("num_attention_heads")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise InfinisimError(f"must be an object, got {rope!r}", path, "rope_scaling")
     rope_type = rope.get("rope_type", rope.get("type"))
-    return ModelSpec(
-        name, "llama", int(need("num_hidden_layers")), hidden, heads,
-        int(cfg.get("num_key_value_heads") or heads), int(cfg.get("head_dim") or hidden // heads),
-        int(need("intermediate_size")), int(need("vocab_size")),
-        max_positions=int(cfg.get("max_position_embeddings", 4096)), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_base=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+    if rope_type not in (None, "default", "linear", "llama3"):
+        raise InfinisimError(f"rope scaling {rope_type!r} is not implemented (default, linear, llama3)", path,
+                             "rope_scaling")
+    return read.spec(
+        name, "llama", read.whole("num_hidden_layers"), hidden, heads, read.whole("num_key_value_heads", heads),
+        read.whole("head_dim", hidden // heads), read.whole("intermediate_size"), read.whole("vocab_size"),
+        max_positions=read.whole("max_position_embeddings", 4096), norm_eps=read.number("rms_norm_eps", 1e-6),
+        rope_base=read.number("rope_theta", rope.get("rope_theta", 10000.0)),
         rope_scaling=None if rope_type in (None, "default") else dict(rope),
-        qkv_bias=bool(cfg.get("attention_bias", kind == "qwen2")), activation=cfg.get("hidden_act", "silu"),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids)
+        qkv_bias=read.flag("attention_bias", kind == "qwen2"), tie_embeddings=read.flag("tie_word_embeddings", False),
+        bos_token_id=bos, eos_token_ids=eos_ids, sliding_window=window)
+
+
+_REQUIRED = object()
+
+
+class _ConfigReader:
+    """Typed reads of config.json fields: each bad value is one line naming the file and field."""
+
+    def __init__(self, cfg: dict, path: Path):
+        self.cfg, self.path = cfg, path
+
+    def _get(self, key: str, default: object) -> object:
+        if key not in self.cfg or self.cfg[key] is None:
+            if default is _REQUIRED:
+                raise InfinisimError("missing field" if key not in self.cfg else "missing value (null)", self.path,
+                                     key)
+            return default
+        return self.cfg[key]
+
+    def whole(self, key: str, default: object = _REQUIRED, low: int = 1) -> int:
+        value = self._get(key, default)
+        if value is None:
+            return value  # an optional field left out
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise InfinisimError(f"must be a whole number, got {value!r}", self.path, key)
+        if value < low:
+            raise InfinisimError(f"must be at least {low}, got {value!r}", self.path, key)
+        return int(value)
+
+    def number(self, key: str, default: float) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise InfinisimError(f"must be a positive number, got {value!r}", self.path, key)
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise InfinisimError(f"must be true or false, got {value!r}", self.path, key)
+        return value
+
+    def text(self, key: str, default: object = _REQUIRED) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise InfinisimError(f"must be a string, got {value!r}", self.path, key)
+        return value
+
+    def ids(self, key: str) -> list[int]:
+        value = self.cfg[key]
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise InfinisimError(f"must be a token id or a list of them, got {value!r}", self.path, key)
+        return values
+
+    def refuse(self, key: str, unsupported: Callable[[object], bool], what: str) -> None:
+        if key in self.cfg and self.cfg[key] is not None and unsupported(self.cfg[key]):
+            raise InfinisimError(f"{what} is not implemented ({key} = {self.cfg[key]!r})", self.path, key)
+
+    def spec(self, *args: object, **kwargs: object) -> ModelSpec:
+        try:
+            return ModelSpec(*args, **kwargs)
+        except ValueError as exc:  # query heads not a multiple of KV heads, or fewer dims than heads
+            message = str(exc).split(": ", 1)[-1]
+            raise InfinisimError(message, self.path, "num_key_value_heads" if "KV heads" in message
+                                 else "hidden_size") from None
+
+
+def _hf_file_name(ours: str, family: str) -> str:
+    """The name an HF checkpoint gives our tensor `ours` (for naming a tensor it lacks)."""
+    prefix = "model.decoder." if family == "opt" else "model."
+    table = {v: k for k, v in (_HF_OPT_NAMES if family == "opt" else _HF_LLAMA_NAMES).items()}
+    fixed = {"tok_embeddings.weight": "embed_tokens.weight", "pos_embeddings.weight": "embed_positions.weight",
+             "norm.weight": "final_layer_norm.weight" if family == "opt" else "norm.weight",
+             "norm.bias": "final_layer_norm.bias"}
+    if ours == "output.weight":
+        return "lm_head.weight"
+    if ours in fixed:
+        return prefix + fixed[ours]
+    _, layer, rest = ours.split(".", 2)
+    module, _, kind = rest.rpartition(".")
+    return f"{prefix}layers.{layer}.{table.get(module, module)}.{kind}"
 
 
 def _hf_name(name: str, family: str) -> str | None:
@@ -264,10 +382,10 @@ def load_hf_folder(folder: Path, dtype: str, device: torch.device) -> LoadedMode
     from safetensors.torch import load_file
 
     config_path = folder / "config.json"
+    if not config_path.exists():
+        raise InfinisimError("no config.json: not a Hugging Face model folder", folder)
     try:
-        cfg = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise InfinisimError("no config.json: not a Hugging Face model folder", folder) from None
+        cfg = json.loads(read_text(config_path, "config.json"))
     except json.JSONDecodeError as exc:
         raise InfinisimError(f"malformed JSON ({exc})", config_path) from None
     spec = spec_from_hf_config(cfg, config_path)
@@ -290,7 +408,8 @@ def load_hf_folder(folder: Path, dtype: str, device: torch.device) -> LoadedMode
         spec = replace(spec, tie_embeddings=True)
     tok_file = folder / "tokenizer.json"
     tokenizer = tokenizer_from_file(tok_file) if tok_file.exists() else None
-    return LoadedModel(materialize(spec, state, dtype, device, str(folder), file_names), tokenizer, str(folder))
+    return LoadedModel(materialize(spec, state, dtype, device, str(folder), file_names,
+                                   lambda ours: _hf_file_name(ours, spec.family)), tokenizer, str(folder))
 
 
 def load_model(model: str, dtype: str = "float32", device: str | torch.device = "cpu",

@@ -7,6 +7,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from infinisim.core.errors import InfinisimError
+from infinisim.core.files import read_text
 
 
 def bundled_text() -> str:
@@ -17,10 +18,7 @@ def bundled_text() -> str:
 
 
 def read_prompt_file(path: str | Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InfinisimError(f"cannot read prompt ({exc.__class__.__name__}: {exc})", path) from None
+    return read_text(path, "prompt file")
 
 
 def text_windows(tokenizer: Tokenizer, text: str, batch: int, length: int, vocab_size: int, wrap: bool = True

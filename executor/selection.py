@@ -23,8 +23,12 @@ def skew_matrix(q: Tensor, k: Tensor) -> Tensor:
     vectors, ordered by (singular value of Q) x (norm of K along that vector). Since A A^T = I,
     (Q A)(K A)^T = Q K^T: skewing never changes attention, only which columns carry it.
     """
-    _, s_q, vh = torch.linalg.svd(q.double(), full_matrices=False)
+    d = q.shape[-1]
+    short = q.shape[0] < d  # fewer query rows than dimensions (a short prompt): complete the basis
+    _, s_q, vh = torch.linalg.svd(q.double(), full_matrices=short)
     a = vh.transpose(0, 1)  # [d, d], columns are right singular vectors
+    if short:  # directions Q never uses have singular value 0: they go last
+        s_q = torch.cat([s_q, s_q.new_zeros(d - len(s_q))])
     k_strength = (k.double() @ a).norm(dim=0)
     order = torch.argsort(s_q * k_strength, descending=True)
     return a[:, order].to(q.dtype)

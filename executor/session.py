@@ -11,10 +11,11 @@ import torch
 
 from infinisim.core.errors import InfinisimError
 from infinisim.executor.generate import Generation, SamplingConfig, StepRecord
-from infinisim.executor.kvcache import TIMING_ONLY, Measurement
+from infinisim.executor.kvcache import TIMING_ONLY, Measurement, check_fits
 from infinisim.executor.loaders import LoadedModel, load_model
 from infinisim.executor.prompts import bundled_text, text_windows
 from infinisim.executor.recording import run_policy
+from infinisim.traces.spec import ModelSpec
 from infinisim.traces.trace import Trace, trace_filename, write_trace
 
 
@@ -36,6 +37,22 @@ class Prompts:
         return max(map(len, self.tokens))
 
 
+def check_shape(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, dtype: str, device: torch.device
+                ) -> None:
+    """Refuse, before any prompt is drawn or cache allocated, a run the model cannot hold (beyond its
+    positions) or the machine cannot (its KV cache alone is larger than the memory available)."""
+    capacity = prompt_len + gen_len
+    if capacity > spec.max_positions:
+        raise InfinisimError(f"prompt + generation = {capacity} positions is beyond {spec.name}'s "
+                             f"{spec.max_positions}", field="--prompt-len")
+    if spec.sliding_window is not None and capacity > spec.sliding_window:
+        raise InfinisimError(f"{spec.name} attends within a sliding window of {spec.sliding_window} positions, which "
+                             f"the forward pass does not implement: keep prompt + generation within it "
+                             f"({capacity} asked)", field="--prompt-len")
+    check_fits(f"a KV cache of {batch} x {capacity} positions", batch * capacity * spec.kv_bytes_per_token(dtype),
+               device)
+
+
 class Session:
     """One model loaded once; prompts drawn with its tokenizer; runs written as traces."""
 
@@ -45,16 +62,21 @@ class Session:
         log(f"loading {model}{' (random weights)' if random_weights else ''} on {self.device.type} in {dtype} ...")
         self.loaded: LoadedModel = load_model(model, dtype, self.device, random_weights)
         self.name, self.spec, self.tokenizer = model, self.loaded.model.spec, self.loaded.tokenizer
+        self.dtype = dtype
 
-    def prompts(self, batch: int, prompt_len: int | None = None, text: str | None = None, forced_len: int = 0,
-                source: str = "text", field: str = "--prompt") -> Prompts:
-        """`batch` prompts, each followed by `forced_len` tokens to teacher-force. With `text` and no
-        `prompt_len`: all of the text (its last `forced_len` tokens forced); with `prompt_len`: windows of
-        prompt_len + forced_len tokens from `text` (default: Python's bundled docs), a different one per
-        sequence."""
+    def check(self, batch: int, prompt_len: int, gen_len: int) -> None:
+        check_shape(self.spec, batch, prompt_len, gen_len, self.dtype, self.device)
+
+    def prompts(self, batch: int, prompt_len: int | None = None, text: str | None = None, gen_len: int = 0,
+                forced: bool = False, source: str = "text", field: str = "--prompt") -> Prompts:
+        """`batch` prompts for a run of `gen_len` new tokens, each followed by those tokens to
+        teacher-force when `forced`. With `text` and no `prompt_len`: all of the text (the last
+        gen_len tokens forced); with `prompt_len`: windows of prompt_len (+ gen_len forced) tokens
+        from `text` (default: Python's bundled docs), a different one per sequence."""
         if self.tokenizer is None:
             raise InfinisimError("this model has no tokenizer to make a prompt with: give a model with a "
                                  "tokenizer.json, or a named model with --random-weights", field=field)
+        forced_len = gen_len if forced else 0
         if prompt_len is None:
             if text is None:
                 raise InfinisimError("give a prompt text or a prompt length", field=field)
@@ -62,8 +84,10 @@ class Session:
             if len(ids) <= forced_len:
                 raise InfinisimError(f"the text has {len(ids)} tokens: --quality needs more than --gen-len "
                                      f"({forced_len})" if forced_len else "the prompt has no tokens", field=field)
+            self.check(batch, len(ids) - forced_len, gen_len)
             windows = [ids] * batch
         else:
+            self.check(batch, prompt_len, gen_len)
             windows = text_windows(self.tokenizer, bundled_text() if text is None else text, batch,
                                    prompt_len + forced_len, self.spec.vocab_size, wrap=text is None)
             if windows is None:

@@ -282,7 +282,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
         path = shipped[str(name_or_path)]
     if not path.exists():
         raise InfinisimError(f"no such profile (shipped: {', '.join(shipped)}; or give a YAML file)", name_or_path)
-    return profile_from_dict(read_yaml(path), path)
+    return profile_from_dict(read_yaml(path, "profile file"), path)
 
 
 def write_profile(profile: Profile, path: str | Path) -> Path:

@@ -67,7 +67,7 @@ def test_hf_folder_errors_name_file_and_field(tiny_llama_folder):
         load_model(str(folder))
 
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
-    with pytest.raises(InfinisimError, match=r"missing tensor layers\.2"):
+    with pytest.raises(InfinisimError, match=r"missing tensor model\.layers\.2"):
         load_model(str(folder))
 
     weights.unlink()

@@ -175,7 +175,7 @@ def test_report_errors(tmp_path, capsys):
 @pytest.mark.slow
 def test_reproduce_paper_quick(tmp_path, capsys):
     out = tmp_path / "paper"
-    assert main(["reproduce", "paper", "--quick", "--prompt-len", "192", "--steps", "4", "--out", str(out)]) == 0
+    assert main(["reproduce", "paper", "--quick", "--prompt-len", "192", "--gen-len", "4", "--out", str(out)]) == 0
     capsys.readouterr()
     speed = pd.read_csv(out / "paper-speed.csv")
     batch = speed[(speed.model == "opt-13b") & (speed.prompt_len == 1920) & (speed.policy != "infinigen")]

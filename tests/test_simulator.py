@@ -214,7 +214,7 @@ def test_costs_scale_as_rooflines():
 def test_validate_runs_calibrates_replays_and_plots(tmp_path, capsys):
     out = tmp_path / "v"
     assert main(["validate", "--model", "smollm2-135m", "--random-weights", "--prompt-len", "48", "--gen-len", "4",
-                 "--batch", "2", "--policy", "resident,full,infinigen", "--quick-calibration", "--out", str(out)]) == 0
+                 "--batch", "2", "--policy", "resident,full,infinigen", "--quick", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "infinigen" in table and "decode time ratio" in table
     report = json.loads((out / "validation.json").read_text())

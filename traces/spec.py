@@ -34,13 +34,18 @@ class ModelSpec:
     activation: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    sliding_window: int | None = None  # attends only the last N positions (Mistral v0.1): not implemented
 
     def __post_init__(self) -> None:
         if self.family not in ("llama", "opt"):
             raise ValueError(f"model {self.name}: family must be 'llama' or 'opt', got {self.family!r}")
+        for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "vocab_size",
+                     "max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model {self.name}: {name} must be at least 1, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model {self.name}: n_heads {self.n_heads} is not a multiple of "
-                             f"n_kv_heads {self.n_kv_heads}")
+            raise ValueError(f"model {self.name}: {self.n_heads} query heads are not a multiple of "
+                             f"{self.n_kv_heads} KV heads")
 
     def param_count(self) -> int:
         d, hd = self.hidden, self.head_dim
@@ -71,6 +76,8 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
+        if self.sliding_window is None:  # traces of models without a window read as before
+            del out["sliding_window"]
         return out
 
     @classmethod

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
+import time
 from typing import Any
 
 from infinisim.core.files import strict_json
@@ -25,3 +28,49 @@ def maybe(x: float, spec: str = ".3f") -> str:
 def print_json(data: Any) -> None:
     """Strict JSON on stdout: NaN and infinities as null."""
     print(json.dumps(strict_json(data), indent=1, default=float, allow_nan=False))
+
+
+class Progress:
+    """How far a long wait has come, on stderr, on a terminal or not: a line rewritten in place each
+    second on a terminal; otherwise a line every `period` seconds, so a piped log shows the run is
+    alive (also while nothing advances: `waiting` says what it waits for, e.g. a long prefill)."""
+
+    def __init__(self, label: str, total: int, unit: str, waiting: str = "", period: float = 10.0):
+        self.label, self.total, self.unit, self.waiting = label, total, unit, waiting
+        self.done, self.tty = 0, sys.stderr.isatty()
+        self.period = 1.0 if self.tty else period
+        self.start = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc[0] is None:
+            self._show(final=True)
+        elif self.tty:
+            print(file=sys.stderr)
+
+    def update(self, done: int | None = None) -> None:
+        self.done = self.done + 1 if done is None else done
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        if self.done == 0 and self.waiting:
+            return f"{self.label}: {self.waiting} ({elapsed:.0f} s)"
+        rate = f", {self.done / elapsed:.1f} {self.unit}/s" if elapsed > 0 and self.done else ""
+        return f"{self.label}: {self.done}/{self.total} {self.unit} ({elapsed:.0f} s{rate})"
+
+    def _show(self, final: bool = False) -> None:
+        if self.tty:
+            print(f"\r\033[K{self.line()}", end="\n" if final else "", file=sys.stderr, flush=True)
+        else:
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.period):
+            self._show()

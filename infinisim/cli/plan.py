@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from infinisim.cli import flags
-from infinisim.cli.output import print_json
+from infinisim.cli.output import Progress, print_json
 from infinisim.core.errors import InfinisimError
+from infinisim.core.files import check_output_dir
 
 DEFAULT_POLICIES = "full,int4,h2o,infinigen"
 
@@ -49,14 +49,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     per hardware under a latency target, and the largest batch that meets it. Runs over local
     processes (default), serially, or on a Dask cluster; results are cached per config, so an
     interrupted or repeated sweep resumes."""
-    from tqdm import tqdm
-
     from infinisim.analysis.planner import make_plan
     from infinisim.analysis.sweep import Sweep, load_sweep
     from infinisim.hwprofiles.profile import builtin_profiles
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise InfinisimError("exists and is not a folder", args.out, "--out")
+    check_output_dir(args.out, "--out")
     if args.sweep:
         sweep = load_sweep(args.sweep)
     elif not args.model:
@@ -79,14 +76,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     n = len(sweep.configs())
     sizes = ", ".join(f"{len(getattr(sweep, a))} {a}" for a in ("profiles", "models", "batches", "policies"))
     print(f"{n} configs ({sizes}, ...)", file=sys.stderr)
-    with tqdm(total=n, desc="plan", unit="config", file=sys.stderr, disable=None) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.n = done
-            bar.refresh()
-
+    with Progress("plan", n, "configs") as bar:
         plan = make_plan(sweep, args.out, cache=args.cache, workers=args.workers, scheduler=args.scheduler,
                          serial=args.serial, quality=args.quality, target_ms=args.target_ms,
-                         min_throughput=args.min_throughput, command=args.command_line, progress=progress)
+                         min_throughput=args.min_throughput, command=args.command_line,
+                         progress=lambda done, total: bar.update(done))
     best = plan.best()
     if args.json:
         print_json(best.to_dict(orient="records"))

@@ -7,6 +7,7 @@ import sys
 
 from infinisim.cli import flags
 from infinisim.core.errors import InfinisimError
+from infinisim.core.files import check_output_dir, read_text
 
 EPILOG = "Docs: docs/REPORTS.md. Errors exit with status 1, usage errors with 2."
 
@@ -32,6 +33,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not (args.plan or args.validation or args.trace):
         raise InfinisimError("give --plan, --validation or --trace (or several)", field="report")
+    check_output_dir(args.out, "--out")
     profile = None if args.profile == "none" else args.profile
     sections = report_sections(args.plan, args.validation, args.trace, profile)
     intro = f"Made by `{args.command_line}`. Every figure names the command that produced its data."
@@ -48,12 +50,12 @@ def add_reproduce_parser(sub: argparse._SubParsersAction) -> None:
     paper = flags.verb(which, "paper", cmd_reproduce, "InfiniGen (OSDI 2024): speed sweeps on the A6000/PCIe 3 "
                                                       "profile, accuracy trends on SmolLM2", EPILOG)
     paper.add_argument("--profile", default="a6000-pcie3", help="hardware profile (default: the paper's testbed)")
-    paper.add_argument("--text", help="text the executor reads (default: Python's bundled docs; the paper used "
-                                      "PG-19, e.g. ../shared/data/pg19_firstbook.txt)")
+    paper.add_argument("--prompt-file", help="text the executor reads (default: Python's bundled docs; the paper "
+                                             "used PG-19, e.g. ../shared/data/pg19_firstbook.txt)")
     paper.add_argument("--prompt-len", type=flags.positive, default=1920,
                        help="tokens of prompt for the SmolLM2 runs (default 1920, the paper's)")
-    paper.add_argument("--steps", type=flags.positive, default=24, help="teacher-forced decode steps per SmolLM2 run "
-                                                             "(default 24)")
+    paper.add_argument("--gen-len", type=flags.positive, default=24,
+                       help="teacher-forced decode steps per SmolLM2 run (default 24)")
     paper.add_argument("--quick", action="store_true", help="fewer, shorter executor runs (a smoke test)")
     paper.add_argument("--out", default="reports/paper", help="folder for the report, traces and tables "
                                                               "(default reports/paper)")
@@ -69,7 +71,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from infinisim.analysis.paper import PaperSettings, reproduce_paper
     from infinisim.analysis.report import write_report
 
-    settings = PaperSettings(args.profile, args.text, args.prompt_len, args.steps, args.quick)
+    check_output_dir(args.out, "--out")
+    if args.prompt_file:
+        read_text(args.prompt_file, "prompt file")  # before minutes of measuring
+    settings = PaperSettings(args.profile, args.prompt_file, args.prompt_len, args.gen_len, args.quick)
     sections, intro = reproduce_paper(settings, args.out, lambda line: print(line, file=sys.stderr, flush=True))
     intro = f"Made by `{args.command_line}`. " + intro
     page, md = write_report(sections, args.out, "InfiniGen (OSDI 2024), reproduced with infinisim", intro)

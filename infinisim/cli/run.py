@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from infinisim.cli import flags
-from infinisim.cli.output import maybe, print_json, size
+from infinisim.cli.output import Progress, maybe, print_json, size
 from infinisim.core.errors import InfinisimError
-from infinisim.core.files import check_output_file
+from infinisim.core.files import check_output_dir, check_output_file, read_text
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,39 +54,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.trace and len(policies) > 1:
         raise InfinisimError("--trace names one file; with several policies use --out", field="--trace")
     if args.trace:
-        check_output_file(args.trace)
-    elif Path(args.out).exists() and not Path(args.out).is_dir():
-        raise InfinisimError("exists and is not a folder", args.out, "--out")
+        check_output_file(args.trace, "--trace")
+    else:
+        check_output_dir(args.out, "--out")
+    text = args.prompt if args.prompt is not None else read_text(args.prompt_file, "prompt file") \
+        if args.prompt_file else None
     import torch
-    from tqdm import tqdm
 
     from infinisim.executor.generate import SamplingConfig
     from infinisim.executor.kvcache import Measurement
-    from infinisim.executor.prompts import read_prompt_file
-    from infinisim.executor.session import Session
+    from infinisim.executor.session import Session, check_shape, pick_device
+    from infinisim.traces.spec import MODELS
     from infinisim.traces.summary import summarize
 
     sampling = SamplingConfig(args.gen_len, args.temperature, args.top_p, args.seed, not args.ignore_eos)
+    prompt_len = None if text is not None else args.prompt_len or 2048
+    if prompt_len and args.model in MODELS:  # before minutes of loading
+        check_shape(MODELS[args.model], args.batch, prompt_len, args.gen_len, args.dtype, pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     session = Session(args.model, args.dtype, args.device, args.random_weights,
                       log=lambda line: print(line, file=sys.stderr))
-    text = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file) if args.prompt_file \
-        else None
-    prompts = session.prompts(args.batch, None if text is not None else args.prompt_len or 2048, text,
-                              args.gen_len if args.quality else 0, "file" if args.prompt_file else "text",
+    prompts = session.prompts(args.batch, prompt_len, text, args.gen_len, args.quality,
+                              "file" if args.prompt_file else "text",
                               field="--prompt-file" if args.prompt_file else "--prompt")
     knobs = flags.knobs_given(args)
     summaries, texts = [], {}
     for name in policies:
-        print(f"[{name}] decoding {args.batch} x {prompts.longest} prompt tokens, up to {sampling.max_new_tokens} "
-              f"new tokens each ...", file=sys.stderr, flush=True)
-        with tqdm(total=sampling.max_new_tokens, desc=name, unit="tok", file=sys.stderr, disable=None,
-                  leave=False) as bar:
+        steps = sampling.max_new_tokens
+        print(f"[{name}] decoding {args.batch} x {prompts.longest} prompt tokens, up to {steps} new tokens each ...",
+              file=sys.stderr, flush=True)
+        with Progress(f"[{name}]", steps, "tokens", "prefill") as bar:
             try:
                 gen, trace = session.run(name, prompts, sampling, knobs,
                                          Measurement(quality=args.quality, record_selection=args.record_selection),
-                                         args.command_line, on_step=lambda record: bar.update(1))
+                                         args.command_line, on_step=lambda record: bar.update())
             except KeyboardInterrupt:
                 print(f"\ninterrupted: no trace written for {name}", file=sys.stderr)
                 return 130

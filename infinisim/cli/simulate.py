@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from infinisim.cli import flags
-from infinisim.cli.output import print_json
+from infinisim.cli.output import Progress, print_json
 from infinisim.core.errors import InfinisimError
-from infinisim.core.files import check_output_file, write_json
+from infinisim.core.files import check_output_dir, check_output_file, write_json
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeline", help="write a Chrome/Perfetto timeline JSON here (one per config when several)")
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="folder to write the results into, as simulation.json")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
 
 
@@ -79,25 +80,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    for path in (args.out, args.timeline):
-        if path:
-            check_output_file(path)
+    if args.out:
+        check_output_dir(args.out, "--out")
+    if args.timeline:
+        check_output_file(args.timeline, "--timeline")
 
 
 def _simulate_and_print(workloads: list[Any], profile: Any, args: argparse.Namespace) -> int:
     from infinisim.sim.run import simulate_all, write_timelines
 
-    def progress(done: int, total: int) -> None:
-        if total > 3:
-            print(f"[{done}/{total}] simulated", file=sys.stderr, flush=True)
-
-    outcomes = simulate_all(workloads, profile, bool(args.timeline), progress)
+    with Progress("simulate", len(workloads), "configs") as bar:
+        outcomes = simulate_all(workloads, profile, bool(args.timeline), lambda done, total: bar.update(done))
     results = [o.summary() for o in outcomes]
     if args.timeline:
         for path in write_timelines(outcomes, args.timeline):
             print(f"timeline: {path}  (open in ui.perfetto.dev or chrome://tracing)", file=sys.stderr)
     if args.out:
-        print(f"wrote {write_json(results, args.out)}", file=sys.stderr)
+        print(f"wrote {write_json(results, Path(args.out) / 'simulation.json')}", file=sys.stderr)
     if args.json:
         print_json(results)
     else:

@@ -7,7 +7,7 @@ import sys
 
 from infinisim.cli import flags
 from infinisim.cli.output import print_json
-from infinisim.core.errors import InfinisimError
+from infinisim.core.files import check_output_dir
 
 
 def add_validate_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,8 @@ def add_validate_parser(sub: argparse._SubParsersAction) -> None:
     flags.add_knob_flags(p)
     p.add_argument("--out", default="validation", help="folder for profile, traces, JSON and plot (default "
                                                        "validation/)")
-    p.add_argument("--quick-calibration", action="store_true", help="calibrate with --quick (less accurate)")
+    p.add_argument("--quick", action="store_true", help="calibrate as `infinisim calibrate --quick` does (seconds, "
+                                                       "less accurate)")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
 
@@ -37,12 +38,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from infinisim.analysis.validation import validate
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise InfinisimError("exists and is not a folder", args.out, "--out")
+    check_output_dir(args.out, "--out")
     data = validate(args.out, traces=args.trace, profile=args.profile, policies=flags.policy_names(args.policy),
                     batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, model=args.model,
                     random_weights=args.random_weights, device=args.device, dtype=args.dtype,
-                    quick_calibration=args.quick_calibration, knobs=flags.knobs_given(args), command=args.command_line,
+                    quick_calibration=args.quick, knobs=flags.knobs_given(args), command=args.command_line,
                     log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print_json({"comparisons": data["comparisons"], "relative": data["relative"]})
