@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 
 # decode-step phases grouped the way a reader asks about them
-GROUPS = {"compute": ("embed", "attn", "ffn", "head", "host"), "speculation": ("spec",), "gather": ("gather",),
-          "transfer": ("h2d", "d2h"), "wait": ("wait",)}
-COLOURS = {"compute": "#4c72b0", "speculation": "#dd8452", "gather": "#937860", "transfer": "#55a868",
-           "wait": "#c44e52"}
+GROUPS = {"compute": ("embed", "attn", "ffn", "head"), "host": ("host",), "speculation": ("spec",),
+          "gather": ("gather",), "transfer": ("h2d", "d2h"), "wait": ("wait",)}
+COLOURS = {"compute": "#4c72b0", "host": "#b5b5b5", "speculation": "#dd8452", "gather": "#937860",
+           "transfer": "#55a868", "wait": "#c44e52"}
 POLICY_COLOURS = {"resident": "#7f7f7f", "full": "#1f77b4", "int4": "#9467bd", "h2o": "#d62728",
                   "infinigen": "#2ca02c", "oracle": "#bcbd22"}
 SPARE_COLOURS = ("#17becf", "#8c564b", "#e377c2", "#ff7f0e")  # policies without a colour of their own
@@ -49,7 +49,7 @@ def _pyplot() -> Any:
 def _png(fig: Any) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", pad_inches=0.15)  # nothing cut at the edges
     _pyplot().close(fig)
     return buffer.getvalue()
 
@@ -61,12 +61,16 @@ def grouped_phases(phase_ms: dict[str, float]) -> dict[str, float]:
 
 def breakdown(labels: Sequence[str], phase_ms: Sequence[dict[str, float]], step_ms: Sequence[float], name: str,
               title: str, ran: str) -> Figure:
-    """Per run, two bars: the compute stream (compute, then waiting for copies), and the work that can
-    overlap it (speculation, gather, transfer); the step's wall time is marked. On a GPU the second
-    bar runs beside the first; on a CPU everything is serial and the two add up."""
+    """Per run, two bars: the compute stream (computing, waiting for copies, starved while the host
+    issues work: together the step), and the work beside it (speculation, gather, transfer); the
+    step's wall time is marked. On a GPU the second bar runs beside the first; on a CPU everything
+    is serial and the two add up. Runs far slower than the rest are cut at 4x the median step (their
+    value written at the cut), so one slow run does not squeeze the others."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 * len(labels) + 1.6))
-    rows = (("compute", "wait"), ("speculation", "gather", "transfer"))
+    fig, ax = plt.subplots(figsize=(8.5, 0.9 * len(labels) + 1.9))
+    rows = (("compute", "wait", "host"), ("speculation", "gather", "transfer"))
+    limit = 4 * float(np.median(step_ms)) if len(step_ms) > 1 else None
+    limit = limit if limit is not None and max(step_ms) > limit else None
     for i, phases in enumerate(phase_ms):
         grouped = grouped_phases(phases)
         for r, groups in enumerate(rows):
@@ -75,12 +79,17 @@ def breakdown(labels: Sequence[str], phase_ms: Sequence[dict[str, float]], step_
                 ax.barh(i + 0.38 * r, grouped[group], left=left, height=0.34, color=COLOURS[group],
                         label=group if i == 0 else None)
                 left += grouped[group]
+        if limit is not None and step_ms[i] > limit:
+            ax.text(limit, i + 0.19, f" {step_ms[i]:.0f} ms >", va="center", ha="right", fontsize=8,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     y = np.arange(len(labels))
     ax.scatter(step_ms, y + 0.19, marker="|", s=500, color="black", zorder=3, label="step time")
+    if limit is not None:
+        ax.set_xlim(0, limit)
     ax.set_yticks(y + 0.19, labels)
     ax.invert_yaxis()
-    ax.set_xlabel("ms per decode step (upper bar: compute stream; lower: copies and speculation)")
-    ax.legend(fontsize=8, ncol=6, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.set_xlabel("ms per decode step (upper bar: the compute stream; lower: speculation, gather, copies)")
+    ax.legend(fontsize=8, ncol=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.set_title(title, fontsize=10, pad=24)
     return Figure(name, title, ran, _png(fig))
 

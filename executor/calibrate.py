@@ -27,8 +27,14 @@ SWEEP_SIZES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 QUICK_SWEEP_SIZES = (4 << 10, 256 << 10, 4 << 20)
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], None], int], float]:
-    """Median seconds per call of fn, over `repeats` timed calls after one warm-up."""
+UNSTABLE = 0.3  # a measurement whose repeats spread more than this (IQR / median) is flagged
+PLAUSIBLE_LAUNCH = (2e-7, 5e-5)  # seconds per dispatched op outside this: the machine was busy, or is odd
+PLAUSIBLE_STREAM = 1e9  # weight streaming below 1 GB/s: the machine was busy
+
+
+def _timer(device: torch.device, spreads: list[float]) -> Callable[[Callable[[], None], int], float]:
+    """Median seconds per call of fn, over `repeats` timed calls after one warm-up; each call's
+    spread (interquartile range / median) goes into `spreads`."""
 
     def measure(fn: Callable[[], None], repeats: int) -> float:
         fn()
@@ -42,7 +48,9 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None], int], float]:
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
         times.sort()
-        return times[len(times) // 2]
+        median = times[len(times) // 2]
+        spreads.append((times[(3 * len(times)) // 4] - times[len(times) // 4]) / max(median, 1e-12))
+        return median
 
     return measure
 
@@ -159,7 +167,29 @@ def _prefill_attention(measure: Measure, dt: torch.dtype, dev: torch.device, rep
     return 4.0 * b * heads * length * length * d / seconds
 
 
-def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[int, int, int]) -> float:
+def _implausible(spreads: list[float], per_score: float, launch: float, streams: list[tuple[float, float, float]]
+                 ) -> list[str]:
+    """What looks wrong with the measurements (each is also a reason to calibrate again, on a quiet machine)."""
+    out = []
+    unstable = sum(s > UNSTABLE for s in spreads)
+    if unstable:
+        out.append(f"{unstable} of {len(spreads)} measurements varied by more than {UNSTABLE:.0%} between repeats "
+                   f"(worst {max(spreads):.0%}): the machine may be busy")
+    if per_score <= 0:
+        out.append("InfiniGen's count-and-choose was not slower on the large case than the tiny one (noise): "
+                   "taking the large case's time per score, an upper bound")
+    if not PLAUSIBLE_LAUNCH[0] <= launch <= PLAUSIBLE_LAUNCH[1]:
+        out.append(f"{launch * 1e6:.1f} us per dispatched op is outside the plausible "
+                   f"{PLAUSIBLE_LAUNCH[0] * 1e6:g}-{PLAUSIBLE_LAUNCH[1] * 1e6:g} us")
+    slow = [(int(m), int(k), bw) for m, k, bw in streams if bw < PLAUSIBLE_STREAM]
+    if slow:
+        out.append(f"weight streaming of {slow[0][0]} rows x inner {slow[0][1]} at {slow[0][2] / 1e9:.2f} GB/s is "
+                   "implausibly slow")
+    return out
+
+
+def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[int, int, int]
+               ) -> tuple[float, float]:
     """InfiniGen's count-and-choose (executor.selection.choose_rows, the policy's own code): its cost
     per speculated score, from a tiny and a large case (the simulator extrapolates the measured
     speculation sweep with it)."""
@@ -174,7 +204,7 @@ def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[i
     small = (1, 8, 64)
     fixed, big = seconds(*small), seconds(*large)
     n_small, n_large = small[0] * small[1] * small[2], large[0] * large[1] * large[2]
-    return max(big - fixed, 0.0) / (n_large - n_small)
+    return (big - fixed) / (n_large - n_small), big / n_large  # (per score, an upper bound)
 
 
 def _skew(measure: Measure, dev: torch.device, repeats: int, rows: int) -> float:
@@ -250,7 +280,8 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     dt = getattr(torch, dtype)
-    measure = _timer(dev)
+    spreads: list[float] = []
+    measure = _timer(dev, spreads)
     repeats = 3 if quick else 9
     working_set = (32 if quick else 256) << 20
 
@@ -275,7 +306,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
                for t in ((128, 512) if quick else (256, 1024, 4096))]
     log("prompt attention with a causal mask: " + ", ".join(f"{int(t)} tokens {f / 1e12:.3f}" for t, f in prefill)
         + " TFLOP/s")
-    selection_per_score = _selection(measure, dev, repeats, (2, 8, 1024) if quick else (8, 32, 4096))
+    selection_per_score, selection_bound = _selection(measure, dev, repeats, (2, 8, 1024) if quick else (8, 32, 4096))
     log(f"InfiniGen count-and-choose: {selection_per_score * 1e9:.2f} ns per speculated score")
     skew_row = _skew(measure, dev, repeats, 1024 if quick else 8192)
     log(f"skew build: {skew_row * 1e9:.1f} ns per query row")
@@ -284,6 +315,11 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     speculation = _speculation(dev, dt, ((1, 64), (1, 512)) if quick else ((1, 64), (1, 1024), (4, 2048)))
     log("InfiniGen speculation per layer: " + ", ".join(f"{int(n)} scores {t * 1e3:.3f} ms" for n, t in speculation))
 
+    warnings = _implausible(spreads, selection_per_score, launch, streams)
+    if selection_per_score <= 0:  # the large case was no slower than the tiny one: noise; take the upper bound
+        selection_per_score = selection_bound
+    for warning in warnings:
+        log(f"warning: {warning}")
     if cuda:
         props = torch.cuda.get_device_properties(dev)
         dev_name, memory = props.name, float(props.total_memory)
@@ -306,6 +342,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         name=name or f"calibrated-{platform.node() or 'host'}", kind="gpu" if cuda else "cpu",
         description=(f"Measured by `infinisim calibrate` ({'quick, ' if quick else ''}{dtype}, torch "
                      f"{torch.__version__}, {torch.get_num_threads()} threads) on {platform.node()}. Efficiencies "
-                     "are folded into the measured rates (1.0); attention's is relative to the streaming rate."),
+                     "are folded into the measured rates (1.0); attention's is relative to the streaming rate."
+                     + "".join(f" Warning: {w}." for w in warnings)),
         sources=(f"infinisim calibrate on {platform.node()}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",),
         device=device_part, link=link, host=host)

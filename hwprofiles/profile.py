@@ -51,6 +51,22 @@ def parse_quantity(value: Any, dimension: str) -> float:
     raise ValueError(f"unit {unit!r} is not a {dimension} unit (use {units}, with K/M/G/T or Ki/Mi/Gi prefixes)")
 
 
+_PREFIXES = (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
+_BASE_UNITS = {"bytes": "B", "bandwidth": "B/s", "flops": "FLOP/s"}
+_TIME_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9))
+
+
+def format_quantity(value: float, dimension: str) -> str | float:
+    """12.5e9, "bandwidth" -> '12.5 GB/s': what parse_quantity reads back (6 significant digits)."""
+    if dimension == "number":
+        return int(value) if float(value).is_integer() else value
+    if dimension == "time":
+        unit, scale = next(((u, f) for u, f in _TIME_UNITS if abs(value) >= f), _TIME_UNITS[-1])
+        return f"{value / scale:.6g} {unit}"
+    prefix, scale = next(((p, f) for p, f in _PREFIXES if abs(value) >= f), ("", 1.0))
+    return f"{value / scale:.6g} {prefix}{_BASE_UNITS[dimension]}"
+
+
 def _q(dimension: str, low: float = 0.0, high: float = math.inf, doc: str = "", optional: bool = False) -> Any:
     meta = {"dimension": dimension, "range": (low, high), "doc": doc}
     return field(default=None, metadata=meta) if optional else field(metadata=meta)
@@ -131,25 +147,31 @@ class Profile:
         return peak * self.device.matmul_efficiency
 
     def to_dict(self) -> dict[str, Any]:
-        """The YAML form, base units as plain numbers (what `calibrate` writes)."""
+        """The YAML form, quantities with their units (as the shipped profiles are written)."""
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "description": self.description,
                                "sources": list(self.sources)}
         for part in ("device", "link", "host"):
             obj = getattr(self, part)
-            section = {f.name: getattr(obj, f.name) for f in fields(obj)}
-            if part == "link":
-                section["sweep"] = [{"bytes": s, "h2d": h, "d2h": d} for s, h, d in self.link.sweep]
-            if part == "device":
-                section["matmul_sweep"] = [{"size": s, "float32": a, "bfloat16": b} for s, a, b in
-                                           self.device.matmul_sweep]
-                section["prefill_attention_sweep"] = [{"tokens": t, "flops": f} for t, f in
-                                                      self.device.prefill_attention_sweep]
-                section["speculation_sweep"] = [{"scores": n, "seconds": t} for n, t in
-                                                self.device.speculation_sweep]
-                section["stream_sweep"] = [{"rows": s, "inner": a, "bandwidth": b} for s, a, b in
-                                           self.device.stream_sweep]
+            section: dict[str, Any] = {}
+            for f in fields(obj):
+                value, dimension = getattr(obj, f.name), f.metadata.get("dimension")
+                if f.name in SWEEPS:
+                    keys, dims = SWEEPS[f.name]
+                    value = [{k: format_quantity(v, d) for k, v, d in zip(keys, point, dims, strict=True)}
+                             for point in value]
+                elif dimension is not None and value is not None:
+                    value = format_quantity(value, dimension)
+                section[f.name] = value
             out[part] = {k: v for k, v in section.items() if v not in (None, [])}
         return out
+
+
+# the measured tables: their keys and each key's dimension
+SWEEPS = {"sweep": (("bytes", "h2d", "d2h"), ("bytes", "bandwidth", "bandwidth")),
+          "matmul_sweep": (("size", "float32", "bfloat16"), ("number", "flops", "flops")),
+          "prefill_attention_sweep": (("tokens", "flops"), ("number", "flops")),
+          "speculation_sweep": (("scores", "seconds"), ("number", "time")),
+          "stream_sweep": (("rows", "inner", "bandwidth"), ("number", "number", "bandwidth"))}
 
 
 def _section(cls: type, data: Any, path: Path, where: str) -> Any:
@@ -166,21 +188,12 @@ def _section(cls: type, data: Any, path: Path, where: str) -> Any:
                 continue
             raise InfinisimError("missing field", path, f"{where}.{name}")
         raw, dimension = data[name], f.metadata.get("dimension")
-        if name == "sweep":
-            values[name] = _sweep(raw, path, f"{where}.sweep", ("bytes", "h2d", "d2h"), ("bytes", "bandwidth"))
-            continue
-        if name == "speculation_sweep":
-            values[name] = _sweep(raw, path, f"{where}.{name}", ("scores", "seconds"), ("number", "time"))
-            continue
-        if name == "prefill_attention_sweep":
-            values[name] = _sweep(raw, path, f"{where}.{name}", ("tokens", "flops"), ("number", "flops"))
-            continue
         if name == "stream_sweep":
             values[name] = _grid(raw, path, f"{where}.stream_sweep")
             continue
-        if name == "matmul_sweep":
-            values[name] = _sweep(raw, path, f"{where}.matmul_sweep", ("size", "float32", "bfloat16"),
-                                  ("number", "flops"))
+        if name in SWEEPS:
+            keys, dims = SWEEPS[name]
+            values[name] = _sweep(raw, path, f"{where}.{name}", keys, (dims[0], dims[1]))
             continue
         if dimension is None:
             expected = bool if name == "duplex" else str

@@ -29,7 +29,9 @@ from infinisim.sim.costs import Costs, Work
 from infinisim.sim.memory import MemoryPlan, memory_plan
 from infinisim.sim.workload import Workload
 
-PHASES = ("embed", "attn", "ffn", "spec", "gather", "h2d", "d2h", "wait", "head", "host")
+PHASES = ("embed", "attn", "ffn", "spec", "gather", "h2d", "d2h", "wait", "head", "bookkeeping")
+COMPUTE = ("embed", "attn", "ffn", "head")  # the compute stream's own work
+BESIDE = ("spec", "gather", "h2d", "d2h")  # work that overlaps the compute stream on a GPU
 P = {name: i for i, name in enumerate(PHASES)}
 
 
@@ -65,6 +67,9 @@ class SimResult:
     def summary(self) -> dict[str, Any]:
         decode = self.decode_step_s
         per_phase = self.phase_s[1:].sum(axis=1).mean(axis=0) if len(decode) else np.zeros(len(PHASES))
+        phase_ms = {name: float(per_phase[i] * 1e3) for i, name in enumerate(PHASES)}
+        step_ms = float(decode.mean() * 1e3) if len(decode) else 0.0
+        phase_ms["host"] = host_bound_ms(step_ms, phase_ms, self.profile.synchronous)
         return {
             "policy": self.workload.policy, "profile": self.profile.name, "model": self.workload.spec.name,
             "batch": self.workload.batch, "prompt_len": self.workload.prompt_len,
@@ -72,11 +77,20 @@ class SimResult:
             "decode_ms_mean": float(decode.mean() * 1e3) if len(decode) else float("nan"),
             "total_s": self.total_s,
             "tokens_per_s": float(self.workload.batch * (len(decode) + 1) / self.total_s),
-            "decode_phase_ms": {name: float(per_phase[i] * 1e3) for i, name in enumerate(PHASES)},
+            "decode_phase_ms": phase_ms,
             "link_utilisation": float(self.link_busy_s / self.total_s),
             "device_peak_gb": self.memory.device_bytes / 1e9, "host_peak_gb": self.memory.host_bytes / 1e9,
             "fits": self.memory.problem is None, "events": self.events,
         }
+
+
+def host_bound_ms(step_ms: float, phase_ms: dict[str, float], serial: bool) -> float:
+    """The part of a decode step the compute stream spent neither computing nor waiting for copies:
+    starved while the host issued work (launches, gathers, synchronisations). With it, compute +
+    wait + host is the step; on a serial (CPU-only) machine the work beside the compute stream is
+    in turn, so compute + wait + host + speculation + gather + copies is the step."""
+    busy = sum(phase_ms.get(p, 0.0) for p in (*COMPUTE, "wait", *(BESIDE if serial else ())))
+    return max(0.0, step_ms - busy)
 
 
 Account = Callable[[str, list[tuple[str, int, float]], float, float], None]
@@ -256,7 +270,7 @@ class Simulation:
         yield from self.launch("compute", [("embed", n, c.embed())])
         qkv, ffn, layer_host = c.qkv(), c.ffn(), Work(0.0, self.kv.host_ops)
         for layer in range(n):
-            self.host_work("host", layer, layer_host)
+            self.host_work("bookkeeping", layer, layer_host)
             yield from self.kv.before_layer(self, s, layer)
             yield from self.launch("compute", [("attn", layer, qkv)])
             waits, extra = yield from self.kv.attend_kv(self, s, layer)

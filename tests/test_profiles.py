@@ -80,7 +80,8 @@ def test_profiles_cli_lists_and_shows(capsys):
     assert all(name in listing for name in SHIPPED)
     assert main(["profiles", "show", "h100-sxm"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert shown["device"]["memory_bandwidth"] == 3350e9 and shown["sources"]
+    assert parse_quantity(shown["device"]["memory_bandwidth"], "bandwidth") == 3350e9 and shown["sources"]
+    assert shown["device"]["memory_bandwidth"] == "3.35 TB/s"  # with its unit, as the shipped file writes it
 
 
 def test_quick_calibration_writes_a_loadable_profile(tmp_path, capsys):

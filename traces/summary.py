@@ -7,6 +7,8 @@ import pandas as pd
 
 from infinisim.traces.trace import Trace
 
+LAYER_PHASES = ("attn", "ffn", "h2d", "d2h", "wait", "spec", "gather")
+
 
 def summarize(trace: Trace) -> dict[str, float | int | str]:
     decode = trace.decode_steps()
@@ -15,6 +17,13 @@ def summarize(trace: Trace) -> dict[str, float | int | str]:
     decode_rows = trace.layers[trace.layers["step"].isin(decode["step"])]
     prefill = trace.steps[trace.steps["phase"] == "prefill"]["wall_s"].sum()
     n = max(len(decode), 1)
+    phases = {f"decode_{p}_ms": float(decode_rows[f"{p}_s"].sum() / n * 1e3) for p in LAYER_PHASES}
+    phases.update({f"decode_{p}_ms": float(decode[f"{p}_s"].sum() / n * 1e3) for p in ("embed", "head")})
+    compute = sum(phases[f"decode_{p}_ms"] for p in ("embed", "attn", "ffn", "head", "wait"))
+    beside = sum(phases[f"decode_{p}_ms"] for p in ("spec", "gather", "h2d", "d2h"))
+    step_ms = float(wall.mean() * 1e3) if len(wall) else 0.0
+    serial = trace.run.get("device") != "cuda"  # CPU runs do everything in turn
+    phases["decode_host_ms"] = max(0.0, step_ms - compute - (beside if serial else 0.0))
     return {
         "policy": trace.run["policy"],
         "prefill_s": float(prefill),
@@ -27,13 +36,8 @@ def summarize(trace: Trace) -> dict[str, float | int | str]:
         "bytes_d2h_total": int(trace.layers["bytes_d2h"].sum()),
         "bytes_h2d_per_decode_step": float(decode_rows["bytes_h2d"].sum() / n),
         "bytes_d2h_per_decode_step": float(decode_rows["bytes_d2h"].sum() / n),
-        "decode_attn_ms": float(decode_rows["attn_s"].sum() / n * 1e3),
-        "decode_ffn_ms": float(decode_rows["ffn_s"].sum() / n * 1e3),
-        "decode_h2d_ms": float(decode_rows["h2d_s"].sum() / n * 1e3),
-        "decode_d2h_ms": float(decode_rows["d2h_s"].sum() / n * 1e3),
-        "decode_wait_ms": float(decode_rows["wait_s"].sum() / n * 1e3),
-        "decode_spec_ms": float(decode_rows["spec_s"].sum() / n * 1e3),
-        "decode_gather_ms": float(decode_rows["gather_s"].sum() / n * 1e3),
+        **phases,
+        "evicted_total": int(trace.steps["evicted"].fillna(0).sum()),
         **quality(trace),
     }
 

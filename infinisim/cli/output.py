@@ -37,7 +37,7 @@ class Progress:
 
     def __init__(self, label: str, total: int, unit: str, waiting: str = "", period: float = 10.0):
         self.label, self.total, self.unit, self.waiting = label, total, unit, waiting
-        self.done, self.tty = 0, sys.stderr.isatty()
+        self.done, self.tty, self.shown = 0, sys.stderr.isatty(), False
         self.period = 1.0 if self.tty else period
         self.start = time.perf_counter()
         self._stop = threading.Event()
@@ -50,9 +50,9 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        if exc[0] is None:
+        if exc[0] is None and (self.shown or time.perf_counter() - self.start > 2):
             self._show(final=True)
-        elif self.tty:
+        elif self.tty and self.shown:
             print(file=sys.stderr)
 
     def update(self, done: int | None = None) -> None:
@@ -66,6 +66,7 @@ class Progress:
         return f"{self.label}: {self.done}/{self.total} {self.unit} ({elapsed:.0f} s{rate})"
 
     def _show(self, final: bool = False) -> None:
+        self.shown = True
         if self.tty:
             print(f"\r\033[K{self.line()}", end="\n" if final else "", file=sys.stderr, flush=True)
         else:

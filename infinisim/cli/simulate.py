@@ -106,7 +106,7 @@ def _simulate_and_print(workloads: list[Any], profile: Any, args: argparse.Names
 
 def print_results(results: list[dict[str, Any]]) -> None:
     print(f"{'policy':<10} {'batch':>5} {'prompt':>6} {'prefill s':>9} {'ms/step':>9} {'total s':>8} {'tok/s':>8} "
-          f"{'compute':>8} {'spec':>7} {'gather':>7} {'copy':>7} {'wait':>7} {'link':>5} {'dev GB':>7} "
+          f"{'compute':>8} {'wait':>7} {'host':>7} {'spec':>7} {'gather':>7} {'copy':>7} {'link':>5} {'dev GB':>7} "
           f"{'host GB':>7}")
     for r in results:
         head = f"{r['policy']:<10} {r['batch']:>5} {r['prompt_len']:>6}"
@@ -116,8 +116,10 @@ def print_results(results: list[dict[str, Any]]) -> None:
         ph = r["decode_phase_ms"]
         compute = ph["attn"] + ph["ffn"] + ph["embed"] + ph["head"]
         print(f"{head} {r['prefill_s']:>9.3f} {r['decode_ms_mean']:>9.2f} {r['total_s']:>8.2f} "
-              f"{r['tokens_per_s']:>8.1f} {compute:>8.2f} {ph['spec']:>7.2f} {ph['gather']:>7.2f} "
-              f"{ph['h2d'] + ph['d2h']:>7.2f} {ph['wait']:>7.2f} {r['link_utilisation']:>5.0%} "
+              f"{r['tokens_per_s']:>8.1f} {compute:>8.2f} {ph['wait']:>7.2f} {ph['host']:>7.2f} {ph['spec']:>7.2f} "
+              f"{ph['gather']:>7.2f} {ph['h2d'] + ph['d2h']:>7.2f} {r['link_utilisation']:>5.0%} "
               f"{r['device_peak_gb']:>7.2f} {r['host_peak_gb']:>7.2f}")
-    print("(ms per decode step; compute = attention + FFN + embed + head; copy = H2D + D2H busy time; wait = "
-          "compute stalled on copies; link = share of the run the link was busy)")
+    print("(ms per decode step. The compute stream's step is compute (attention, FFN, embed, head) + wait (stalled "
+          "on copies) + host (starved while the host issues work: launches, gathers, synchronisations). spec, "
+          "gather and copy (H2D + D2H busy time) run beside it on a GPU, and in turn on a CPU-only profile, where "
+          "all the columns add up to the step. link: share of the run the link was busy)")
