@@ -23,7 +23,7 @@ from infinisim.analysis import figures
 from infinisim.analysis.accuracy import EXACT
 from infinisim.analysis.figures import Figure
 from infinisim.core.errors import InfinisimError
-from infinisim.core.files import write_bytes_atomic, write_text_atomic
+from infinisim.core.files import read_text, write_bytes_atomic, write_text_atomic
 from infinisim.core.policies import POLICIES
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;
@@ -321,6 +321,16 @@ def timeline_section(workload: Any, profile: Any, ran: str) -> Section:
                                     ran))
 
 
+def _json(path: Path, what: str) -> Any:
+    try:
+        data = json.loads(read_text(path, what))
+    except json.JSONDecodeError as exc:
+        raise InfinisimError(f"not a {what} (malformed JSON: {exc})", path) from None
+    if not isinstance(data, dict):
+        raise InfinisimError(f"not a {what} (not a JSON object)", path)
+    return data
+
+
 def report_sections(plan: str | None, validation: str | None, traces: Iterable[str] | None,
                     profile: str | None) -> list[Section]:
     """The sections `infinisim report` can build from what it is given."""
@@ -330,20 +340,24 @@ def report_sections(plan: str | None, validation: str | None, traces: Iterable[s
         table = folder / "plan.parquet"
         if not table.exists():
             raise InfinisimError("no plan.parquet here (write one with `infinisim plan --out`)", folder)
-        meta_path = folder / "plan.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        sections += plan_sections(pd.read_parquet(table), meta.get("command", f"infinisim plan --out {folder}"),
-                                  meta.get("target_ms"))
+        meta = _json(folder / "plan.json", "plan.json") if (folder / "plan.json").exists() else {}
+        try:
+            rows = pd.read_parquet(table)
+        except Exception as exc:  # pyarrow raises several types for truncated or foreign files
+            raise InfinisimError(f"not a readable plan table ({type(exc).__name__}: truncated or not Parquet)",
+                                 table) from None
+        if not {"fits", "profile", "policy"} <= set(rows.columns):
+            raise InfinisimError("not a plan table (no fits/profile/policy columns)", table)
+        sections += plan_sections(rows, meta.get("command", f"infinisim plan --out {folder}"), meta.get("target_ms"))
     if validation:
         path = Path(validation)
         path = path / "validation.json" if path.is_dir() else path
         if not path.exists():
             raise InfinisimError("no validation.json (write one with `infinisim validate --out`)", path)
         try:
-            data = json.loads(path.read_text())
-            sections += validation_sections(data, str(path))
-        except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
-            raise InfinisimError(f"not a validation result ({exc})", path) from None
+            sections += validation_sections(_json(path, "validation result"), str(path))
+        except (KeyError, TypeError, IndexError) as exc:
+            raise InfinisimError(f"not a validation result ({type(exc).__name__}: {exc})", path) from None
     if traces:
         sections += trace_sections(list(traces), profile)
     return sections

@@ -237,16 +237,17 @@ def run_sweep(configs: list[Config], cache: str | Path | None = None, workers: i
     done = _read_cache(cache_path) if cache_path else {}
     todo = [c for c in configs if c.key() not in done]
     total, finished = len(configs), len(configs) - len(todo)
-    sink = None
-    if cache_path:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cut = cache_path.exists() and cache_path.stat().st_size and not cache_path.read_bytes().endswith(b"\n")
-        sink = cache_path.open("a", encoding="utf-8")
-        if cut:
-            sink.write("\n")  # close a line an interruption cut short, so the next row starts clean
+    sink = None  # opened with the first result: a sweep that cannot start writes nothing
     try:
         for row in _results(todo, workers, scheduler, serial):
             done[row["key"]] = row
+            if cache_path and sink is None:
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
+                cut = cache_path.exists() and cache_path.stat().st_size and \
+                    not cache_path.read_bytes().endswith(b"\n")
+                sink = cache_path.open("a", encoding="utf-8")
+                if cut:
+                    sink.write("\n")  # close a line an interruption cut short, so the next row starts clean
             if sink:
                 sink.write(json.dumps(row, default=float) + "\n")
                 sink.flush()

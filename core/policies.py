@@ -258,7 +258,7 @@ def policy(name: str) -> PolicySpec:
     try:
         return POLICIES[name]
     except KeyError:
-        raise InfinisimError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})", field="policy") from None
+        raise InfinisimError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})", field="--policy") from None
 
 
 def policies_with(knob: str) -> tuple[str, ...]:

@@ -204,7 +204,7 @@ class InfiniGen(SimPolicy):
         one per layer; NaN layers take the mean), capped by the budget as the executor caps it."""
         if speculated is None:
             raise InfinisimError(f"{self.name} needs the speculated fraction: give it, or a trace to derive it from",
-                                 field="speculated_fraction")
+                                 field="--speculated-fraction")
         n_layers = kv_len.shape[1]
         speculating = np.zeros(n_layers, dtype=bool)
         speculating[self.knobs.dense_layers:] = True
@@ -213,7 +213,7 @@ class InfiniGen(SimPolicy):
         fraction = np.broadcast_to(np.asarray(speculated, dtype=float), (n_layers,))
         fraction = np.where(np.isnan(fraction), np.nanmean(fraction), fraction)
         if not np.isfinite(fraction).all() or (fraction < 0).any() or (fraction > 1).any():
-            raise InfinisimError("must be within [0, 1]", field="speculated_fraction")
+            raise InfinisimError("must be within [0, 1]", field="--speculated-fraction")
         want = np.ceil(stored * fraction[None, :]).astype(np.int64)
         cap = np.vectorize(lambda n: budget_cap(self.knobs.budget, n))(stored)
         fetched = np.where(speculating[None, :], np.clip(np.minimum(want, cap), 1, None), stored)

@@ -24,6 +24,9 @@ from infinisim.sim.policies import SIM_POLICIES, SimPolicy
 from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
 from infinisim.traces.trace import Trace
 
+MAX_CELLS = 20_000_000  # decode steps x layers a simulation holds (a workload and its results per step-layer)
+CELL_BYTES = 136  # five int64 arrays of the workload, ten float64 phases of the result, one bool
+
 
 @dataclass
 class Workload:
@@ -139,13 +142,17 @@ def synthetic(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, policy
     (None: its default; other policies' knobs are ignored)."""
     kv = policy(policy_name)
     if dtype not in DTYPE_BYTES:
-        raise InfinisimError(f"unknown dtype {dtype!r} ({', '.join(DTYPE_BYTES)})", field="dtype")
-    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len)):
+        raise InfinisimError(f"unknown dtype {dtype!r} ({', '.join(DTYPE_BYTES)})", field="--dtype")
+    for name, value in (("--batch", batch), ("--prompt-len", prompt_len), ("--gen-len", gen_len)):
         if value < 1:
             raise InfinisimError(f"must be at least 1, got {value}", field=name)
+    if gen_len * spec.n_layers > MAX_CELLS:
+        raise InfinisimError(f"{gen_len} steps x {spec.n_layers} layers is too long to simulate step by step (at "
+                             f"most {MAX_CELLS:,} step-layers, about {MAX_CELLS * CELL_BYTES / 1e9:.0f} GB)",
+                             field="--gen-len")
     if spec.family == "opt" and prompt_len + gen_len > spec.max_positions:
         raise InfinisimError(f"prompt + generation = {prompt_len + gen_len} exceeds {spec.name}'s "
-                             f"{spec.max_positions} positions", field="prompt_len")
+                             f"{spec.max_positions} positions", field="--prompt-len")
     simulated = SIM_POLICIES[policy_name](kv.make_knobs(knobs))
     steps = np.arange(gen_len - 1)  # decode steps after the prefill's first token
     kv_len = np.repeat((prompt_len + 1 + steps)[:, None], spec.n_layers, axis=1)

@@ -131,4 +131,4 @@ def named_model(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise InfinisimError(f"unknown model {name!r} (known: {', '.join(MODELS)})", field="model") from None
+        raise InfinisimError(f"unknown model {name!r} (known: {', '.join(MODELS)})", field="--model") from None

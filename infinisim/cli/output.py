@@ -25,6 +25,16 @@ def maybe(x: float, spec: str = ".3f") -> str:
     return "-" if x != x else format(x, spec)
 
 
+def table(rows: Any) -> str:
+    """A DataFrame as text: 3 significant digits, '-' where a value is missing (NaN or None)."""
+    shown = rows.astype(object).where(rows.notna(), "-")
+    return shown.to_string(index=False, formatters={c: _cell for c in shown.columns})
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def print_json(data: Any) -> None:
     """Strict JSON on stdout: NaN and infinities as null."""
     print(json.dumps(strict_json(data), indent=1, default=float, allow_nan=False))

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from infinisim.cli import flags
-from infinisim.cli.output import Progress, print_json
+from infinisim.cli.output import Progress, print_json, table
 from infinisim.core.errors import InfinisimError
 from infinisim.core.files import check_output_dir
 
@@ -84,7 +84,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     best = plan.best()
     if args.json:
         print_json(best.to_dict(orient="records"))
-        return 0
+        return 0 if len(plan.fit) else 1
     fit, rows = plan.fit, plan.rows
     print(f"{len(rows)} configs: {len(fit)} fit, {len(rows) - len(fit)} do not")
     if len(fit) < len(rows):
@@ -97,16 +97,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cols = ["profile", "model", "policy", "batch", "prompt_len", "budget", "decode_ms", "tokens_per_s", "device_gb"]
     if args.quality:
         cols += ["fetched_fraction", "expected_recall", "expected_ppl_ratio"]
-    print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}") if not best.empty else "  none")
+    print(table(best[cols]) if not best.empty else "  none")
     if args.target_ms:
         biggest = plan.largest_batch()
         print(f"\nlargest batch meeting {args.target_ms:g} ms/step:")
-        print(biggest[["profile", "model", "policy", "prompt_len", "batch", "decode_ms", "tokens_per_s"]].to_string(
-            index=False, float_format=lambda v: f"{v:.3g}") if not biggest.empty else "  none")
+        print(table(biggest[["profile", "model", "policy", "prompt_len", "batch", "decode_ms", "tokens_per_s"]])
+              if not biggest.empty else "  none")
     front = plan.front()
     print(f"\nPareto front (latency vs throughput): {len(front)} configs over {front['profile'].nunique()} profiles")
     if args.quality:
         print("\n(expected_recall / expected_ppl_ratio: measured on the --quality traces' model and prompt at the same "
               "fetched fraction; blank where no trace brackets it)")
     print(f"\nwrote {plan.files[0]} and {plan.files[1]}")
-    return 0
+    return 0 if len(fit) else 1  # as simulate: nothing fits is a failure, the table says why

@@ -109,14 +109,18 @@ def print_summaries(summaries: list[dict], texts: dict[str, str]) -> None:
             print(f"[{s['policy']}] first sequence: {texts[s['policy']]!r}")
     if texts:
         print()
+    evictions = any(s["evicted_total"] for s in summaries)
     header = f"{'policy':<10} {'prefill s':>9} {'decode ms/tok':>13} {'p50':>7} {'p99':>7} {'tok/s':>8} " \
-             f"{'H2D/step':>10} {'D2H/step':>10}"
+             f"{'H2D/step':>10} {'D2H/step':>10}" + (f" {'evicted':>8}" if evictions else "")
     print(header)
     print("-" * len(header))
     for s in summaries:
         print(f"{s['policy']:<10} {s['prefill_s']:>9.3f} {s['decode_ms_mean']:>13.2f} {s['decode_ms_p50']:>7.2f} "
               f"{s['decode_ms_p99']:>7.2f} {s['decode_tokens_per_s']:>8.1f} "
-              f"{size(s['bytes_h2d_per_decode_step']):>10} {size(s['bytes_d2h_per_decode_step']):>10}")
+              f"{size(s['bytes_h2d_per_decode_step']):>10} {size(s['bytes_d2h_per_decode_step']):>10}"
+              + (f" {s['evicted_total']:>8}" if evictions else ""))
+    if evictions:
+        print("(evicted: tokens that left the bounded host pool for good, whole batch, all steps)")
     if any(s["perplexity"] == s["perplexity"] for s in summaries):  # a teacher-forced (--quality) run
         print()
         header = f"{'policy':<10} {'fetched':>8} {'attended':>9} {'recall':>7} {'top-k':>7} {'perplexity':>10}"
