@@ -89,7 +89,7 @@ def breakdown(labels: Sequence[str], phase_ms: Sequence[dict[str, float]], step_
     ax.set_yticks(y + 0.19, labels)
     ax.invert_yaxis()
     ax.set_xlabel("ms per decode step (upper bar: the compute stream; lower: speculation, gather, copies)")
-    ax.legend(fontsize=8, ncol=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.legend(fontsize=8, ncol=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, markerscale=0.35)
     ax.set_title(title, fontsize=10, pad=24)
     return Figure(name, title, ran, _png(fig))
 
@@ -113,7 +113,8 @@ def panels(rows: pd.DataFrame, x: str, ys: Sequence[tuple[str, str]], hue: str, 
             if group.empty:
                 continue
             xs = [order.index(v) for v in group[x]] if order else group[x]
-            ax.plot(xs, group[column], "o-", ms=4, label=str(key), color=policy_colour(str(key)))
+            style = "o" if order else "o-"  # no lines between categories: they are not a scale
+            ax.plot(xs, group[column], style, ms=5, label=str(key), color=policy_colour(str(key)))
         if order:
             ax.set_xticks(range(len(order)), order)
         if reference is not None:
@@ -154,6 +155,7 @@ def timeline(spans: Sequence[tuple[str, str, int, int, float, float]], step: int
     t0 = min(s[4] for s in mine) if mine else 0.0
     fig, ax = plt.subplots(figsize=(9, 2.8))
     phase_group = {p: g for g, members in GROUPS.items() for p in members}
+    phase_group["bookkeeping"] = "host"  # the host thread's own work between ops
     seen: set[str] = set()
     for stream, phase, _, _, start, end in mine:
         group = phase_group.get(phase, "compute")
@@ -169,23 +171,37 @@ def timeline(spans: Sequence[tuple[str, str, int, int, float, float]], step: int
     return Figure(name, title, ran, _png(fig))
 
 
+POLICY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
 def pareto_plot(rows: pd.DataFrame, front: pd.DataFrame, name: str, ran: str) -> Figure:
-    """Every config that fits (latency vs throughput), the Pareto front per hardware profile drawn as a line."""
+    """Every config that fits (latency vs throughput: colour = hardware, marker = policy), and the
+    Pareto front per hardware profile drawn as a line."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
     fit = rows[rows["fits"]]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = {p: POLICY_MARKERS[i % len(POLICY_MARKERS)] for i, p in enumerate(dict.fromkeys(fit["policy"]))}
     for i, (profile, group) in enumerate(fit.groupby("profile")):
         colour = colours[i % len(colours)]
-        ax.scatter(group["decode_ms"], group["tokens_per_s"], s=10, alpha=0.35, color=colour)
+        for policy, points in group.groupby("policy"):
+            ax.scatter(points["decode_ms"], points["tokens_per_s"], s=14, alpha=0.4, color=colour,
+                       marker=markers[policy])
         line = front[front["profile"] == profile].sort_values("decode_ms")
-        ax.plot(line["decode_ms"], line["tokens_per_s"], "o-", ms=4, color=colour, label=profile)
+        ax.plot(line["decode_ms"], line["tokens_per_s"], "-", color=colour, label=profile)
+        for policy, points in line.groupby("policy"):
+            ax.scatter(points["decode_ms"], points["tokens_per_s"], s=30, color=colour, marker=markers[policy],
+                       edgecolor="black", linewidth=0.5, zorder=3)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("per-token latency (ms per decode step)")
     ax.set_ylabel("throughput (tokens/s)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    title = "latency vs throughput: every config that fits (dots) and the Pareto front per hardware (lines)"
+    lines, names = ax.get_legend_handles_labels()
+    policies = [plt.Line2D([], [], linestyle="none", marker=m, color="grey") for m in markers.values()]
+    blank = plt.Line2D([], [], linestyle="none")
+    ax.legend([blank, *lines, blank, *policies], ["hardware (colour):", *names, "policy (marker):", *markers],
+              fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    title = "latency vs throughput: every config that fits, and the Pareto front per hardware (line)"
     ax.set_title(title, fontsize=9)
     return Figure(name, title, ran, _png(fig))

@@ -22,7 +22,14 @@ import pandas as pd
 
 from infinisim.analysis import figures
 from infinisim.analysis.accuracy import points_from
-from infinisim.analysis.report import BREAKDOWN_TEXT, Section, accuracy_section, speedups, timeline_section
+from infinisim.analysis.report import (
+    BREAKDOWN_TEXT,
+    Section,
+    accuracy_section,
+    by_model_size,
+    speedups,
+    timeline_section,
+)
 from infinisim.analysis.sweep import Config, evaluate
 from infinisim.core.files import write_json, write_text_atomic
 
@@ -242,7 +249,7 @@ def _model_section(speed: Speed) -> tuple[Section | None, tuple[str, str, str]]:
                    "our executor and simulator keep them on the device)." for r in missing.itertuples())
     section = None
     if len(fit):
-        fit = speedups(fit, ["model"])
+        fit = by_model_size(speedups(fit, ["model"]))
         table = fit.pivot(index="policy", columns="model", values="speedup").reindex(list(BASELINES))
         section = Section(
             "Speedup vs model size (batch 4)", "Speedup over full per model." + note,

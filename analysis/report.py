@@ -30,8 +30,9 @@ CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-
 padding:0 1em;color:#222;line-height:1.45} h1{font-size:1.6em} h2{font-size:1.25em;margin-top:2em;
 border-bottom:1px solid #ddd} .wide{overflow-x:auto} figure{margin:1em 0} figure img{max-width:100%}
 figcaption{font-size:.85em;color:#555} code{background:#f3f3f3;padding:0 .25em;border-radius:3px;font-size:.9em}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0} td,th{border:1px solid #ccc;padding:.2em .5em;
-text-align:left;vertical-align:top} th{background:#f6f6f6} td.num{text-align:right} .toc{font-size:.9em}"""
+table{border-collapse:collapse;font-size:.78em;margin:.6em 0} td,th{border:1px solid #ccc;padding:.2em .4em;
+text-align:left;vertical-align:top} td{white-space:nowrap} th{background:#f6f6f6;font-weight:600}
+td.num{text-align:right} .toc{font-size:.9em}"""
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Section:
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float | np.floating):
         return "" if np.isnan(value) else f"{value:.4g}"
     return str(value)
@@ -56,10 +59,10 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 BASELINE = "full"  # speedups are over FlexGen's whole-cache fetch, as the paper reports them
-BREAKDOWN_TEXT = ("Busy time per phase, summed over layers, mean per decode step. Upper bar: the compute stream "
-                  "(computing, then waiting for copies); lower bar: the work that can run beside it (speculation, the "
-                  "host gather, transfers). The black tick is the step's wall time: on a GPU the bars overlap, on a "
-                  "CPU everything runs in turn.")
+BREAKDOWN_TEXT = ("Busy time per phase, summed over layers, mean per decode step. Upper bar: the compute stream: "
+                  "computing, waiting for copies, and starved while the host issues work (host): together the step. "
+                  "Lower bar: the work that can run beside it (speculation, the host gather, transfers). The black "
+                  "tick is the step's wall time: on a GPU the bars overlap, on a CPU everything runs in turn.")
 CODE = re.compile(r"`([^`]+)`")
 
 
@@ -72,7 +75,8 @@ def _html_text(text: str) -> str:
 
 
 def _html_table(table: pd.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    table = table.loc[:, table.notna().any()]  # a column empty in every row says nothing
+    head = "".join(f"<th>{html.escape(str(c)).replace('_', ' ')}</th>" for c in table.columns)  # headers wrap
 
     def cell(value: Any) -> str:
         numeric = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
@@ -82,18 +86,35 @@ def _html_table(table: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
+def _provenance(sections: Sequence[Section]) -> list[tuple[int, str | None]]:
+    """Per figure: its number, and the command that made it, or None where an earlier figure (whose
+    caption shows it) was made by the same command: a long command is printed once."""
+    out, first = [], {}
+    for s in sections:
+        if s.figure is not None:
+            n = len(out) + 1
+            out.append((n, None if s.figure.ran in first else s.figure.ran))
+            first.setdefault(s.figure.ran, n)
+    return out
+
+
 def render_html(title: str, intro: str, sections: Sequence[Section]) -> str:
     toc = "".join(f'<li><a href="#s{i}">{html.escape(s.title)}</a></li>' for i, s in enumerate(sections))
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{_html_text(intro)}"
              f"<ul class=\"toc\">{toc}</ul>"]
+    numbers = iter(_provenance(sections))
+    firsts: dict[str, int] = {}
     for i, s in enumerate(sections):
         parts.append(f'<h2 id="s{i}">{html.escape(s.title)}</h2>{_html_text(s.text)}')
         if s.figure is not None:
+            n, ran = next(numbers)
+            firsts.setdefault(s.figure.ran, n)
+            made = f"<code>{html.escape(ran)}</code>" if ran else f"the same command as figure {firsts[s.figure.ran]}"
             data = base64.b64encode(s.figure.png).decode()
             parts.append(f'<figure><img alt="{html.escape(s.figure.title)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{html.escape(s.figure.title)}. Made by: <code>{html.escape(s.figure.ran)}"
-                         f"</code></figcaption></figure>")
+                         f"<figcaption>Figure {n}: {html.escape(s.figure.title)}. Made by: {made}"
+                         f"</figcaption></figure>")
         if s.table is not None:
             parts.append(f'<div class="wide">{_html_table(s.table)}</div>')
     parts.append("</body></html>")
@@ -102,13 +123,18 @@ def render_html(title: str, intro: str, sections: Sequence[Section]) -> str:
 
 def render_markdown(title: str, intro: str, sections: Sequence[Section], figure_dir: str) -> str:
     parts = [f"# {title}", intro.strip()]
+    numbers = iter(_provenance(sections))
+    firsts: dict[str, int] = {}
     for s in sections:
         parts.append(f"## {s.title}")
         if s.text.strip():
             parts.append(s.text.strip())
         if s.figure is not None:
+            n, ran = next(numbers)
+            firsts.setdefault(s.figure.ran, n)
+            made = f"`{ran}`" if ran else f"the same command as figure {firsts[s.figure.ran]}"
             parts.append(f"![{s.figure.title}]({figure_dir}/{s.figure.name}.png)\n\n"
-                         f"*{s.figure.title}. Made by:* `{s.figure.ran}`")
+                         f"*Figure {n}: {s.figure.title}. Made by:* {made}")
         if s.table is not None:
             parts.append(markdown_table(s.table))
     return "\n\n".join(parts) + "\n"
@@ -144,6 +170,14 @@ def speedups(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     return best
 
 
+def by_model_size(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows ordered by their model's parameter count (smallest first), not by name."""
+    from infinisim.traces.spec import MODELS
+
+    size = rows["model"].map(lambda m: MODELS[m].param_count() if m in MODELS else 0)
+    return rows.assign(_size=size).sort_values("_size", kind="stable").drop(columns="_size")
+
+
 def plan_sections(rows: pd.DataFrame, ran: str, target_ms: float | None = None) -> list[Section]:
     """Pareto plot, speedup over `full` along each axis the sweep varied, and a breakdown per policy."""
     from infinisim.analysis.planner import best_under, pareto
@@ -175,7 +209,7 @@ def plan_sections(rows: pd.DataFrame, ran: str, target_ms: float | None = None) 
             continue
         points = speedups(same, [axis])
         if axis == "model":
-            points = points.sort_values("device_gb")
+            points = by_model_size(points)
         fixed = ", ".join(f"{a} {reference[a]}" for a in held)
         sections.append(Section(
             f"Speedup over full vs {label}",
