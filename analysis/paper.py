@@ -13,6 +13,7 @@ across alpha and partial ratio. The paper's claims (../shared/INFINIGEN.md) stan
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class PaperSettings:
 class QualityRuns:
     """SmolLM2 loaded once; teacher-forced quality runs written as traces, one per distinct setting."""
 
-    def __init__(self, settings: PaperSettings, out: Path, log: Callable[[str], None]):
+    def __init__(self, settings: PaperSettings, out: Path, log: Callable[[str], None], total: int):
         from infinisim.executor.prompts import read_prompt_file
         from infinisim.executor.session import Session
 
@@ -65,6 +66,7 @@ class QualityRuns:
         self.source = self.prompts.source
         self.done: dict[str, str] = {}  # trace name -> path
         self.traces: dict[str, Any] = {}  # path -> Trace
+        self.total, self.start = total, time.perf_counter()
 
     def run(self, policy: str, knobs: dict[str, Any]) -> str:
         from infinisim.executor.generate import SamplingConfig
@@ -73,8 +75,9 @@ class QualityRuns:
         tag = f"{policy} {knobs}"
         if tag in self.done:
             return self.done[tag]
-        steps = self.settings.steps
-        self.log(f"  executor: {policy} {knobs or ''} ({self.settings.prompt_len} + {steps} forced tokens)")
+        elapsed = time.perf_counter() - self.start
+        self.log(f"  executor [{len(self.done) + 1}/{self.total}, {elapsed:.0f} s]: {policy} {knobs or ''} "
+                 f"({self.settings.prompt_len} + {self.settings.steps} forced tokens)")
         _, trace = self.session.run(policy, self.prompts, SamplingConfig(self.settings.steps, stop_at_eos=False),
                                     knobs, Measurement(quality=True), "infinisim reproduce paper")
         path = str(self.session.write(trace, self.out, knobs=knobs))
@@ -132,13 +135,19 @@ def measure(settings: PaperSettings, out: Path, log: Callable[[str], None]) -> M
     ratios = [0.1, 0.5, 1.0] if settings.quick else p["partial_ratios"]
     paper_knobs = {"alpha": float(p["alpha"]), "budget": MAX_KV / p["prompt_len"],  # 400 of 1920, as a share
                    "partial_ratio": p["partial_ratio"]}
-    log(f"accuracy on SmolLM2 through the executor ({'quick' if settings.quick else 'full'} set) ...")
-    ex = QualityRuns(settings, out, log)
-    dense = [ex.run("resident", {}), ex.run("int4", {})]
-    by_fraction = [ex.run(pol, {"alpha": 1000.0, "budget": f} if pol != "h2o" else {"budget": f})
+    dense = [("resident", {}), ("int4", {})]
+    by_fraction = [(pol, {"alpha": 1000.0, "budget": f} if pol != "h2o" else {"budget": f})
                    for f in fractions for pol in ("infinigen", "oracle", "h2o")]
-    by_alpha = {a: ex.run("infinigen", {**paper_knobs, "alpha": float(a)}) for a in alphas}
-    by_ratio = {r: ex.run("infinigen", {**paper_knobs, "partial_ratio": r}) for r in ratios}
+    by_alpha = {a: ("infinigen", {**paper_knobs, "alpha": float(a)}) for a in alphas}
+    by_ratio = {r: ("infinigen", {**paper_knobs, "partial_ratio": r}) for r in ratios}
+    planned = [*dense, *by_fraction, *by_alpha.values(), *by_ratio.values(), ("infinigen", paper_knobs)]
+    total = len({f"{pol} {knobs}" for pol, knobs in planned})
+    log(f"accuracy on SmolLM2 through the executor ({'quick' if settings.quick else 'full'} set: {total} runs) ...")
+    ex = QualityRuns(settings, out, log, total)
+    dense = [ex.run(*run) for run in dense]
+    by_fraction = [ex.run(*run) for run in by_fraction]
+    by_alpha = {a: ex.run(*run) for a, run in by_alpha.items()}
+    by_ratio = {r: ex.run(*run) for r, run in by_ratio.items()}
     paper_trace = ex.traces[ex.run("infinigen", paper_knobs)]  # already run when alpha 4 is in the sweep
     speculated_at = {a: mean_speculated_fraction(paper_trace, a) for a in p["alphas"]}
     log(f"  InfiniGen's uncapped share at alpha {p['alpha']} (SmolLM2): {speculated_at[p['alpha']]:.3f}")
@@ -323,9 +332,11 @@ def reproduce_paper(settings: PaperSettings, out_dir: str | Path, log: Callable[
     out = Path(out_dir)
     profile = load_profile(settings.profile)  # a bad profile fails before minutes of measuring
     measured = measure(settings, out, log)
-    log(f"speed on {profile.name} through the simulator ...")
     configs = {c.key(): c for c in _configs(settings.profile, measured.speculated_at, measured.speculated_by_ratio)}
+    log(f"speed on {profile.name} through the simulator ({len(configs)} configs) ...")
+    t0 = time.perf_counter()
     rows = pd.DataFrame([evaluate(c) for c in configs.values()])
+    log(f"  simulated in {time.perf_counter() - t0:.0f} s")
     write_text_atomic(out / "paper-speed.csv", rows.to_csv(index=False))
     points = measured.points_of([*measured.dense, *measured.by_fraction])
     write_text_atomic(out / "paper-accuracy.csv", points.to_csv(index=False))

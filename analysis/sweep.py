@@ -143,11 +143,20 @@ def _knob_value(knob: str, item: Any, path: Path, axis: str) -> Any:
         raise InfinisimError(str(exc).removeprefix(f"{knob}: "), path, axis) from None
 
 
-@functools.lru_cache(maxsize=64)
 def _profile(name: str) -> Any:
+    """The profile, parsed once per process and file version (not once per config)."""
+    from infinisim.hwprofiles.profile import builtin_profiles
+
+    path = Path(name) if Path(name).exists() else builtin_profiles().get(name)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path is not None and path.is_file() else None
+    return _load_profile(name, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_profile(name: str, stamp: tuple[int, int] | None) -> Any:
     from infinisim.hwprofiles.profile import load_profile
 
-    return load_profile(name)  # parsed once per process, not once per config
+    return load_profile(name)
 
 
 @functools.lru_cache(maxsize=1)

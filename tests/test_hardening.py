@@ -242,3 +242,83 @@ def test_sliding_window_models_are_refused_beyond_their_window(tmp_path):
     check_shape(windowed, 1, 4000, 96, "float16", torch.device("cpu"))
     with pytest.raises(InfinisimError, match="sliding window of 4096"):
         check_shape(windowed, 1, 4096, 32, "float16", torch.device("cpu"))
+
+
+def test_plan_cache_follows_the_profile_contents_not_its_name(tmp_path, capsys):
+    from infinisim.cli import main
+
+    profile = tmp_path / "mine.yaml"
+    text = Path(__file__).resolve().parent.parent.joinpath("hwprofiles", "data", "a6000-pcie3.yaml").read_text()
+    profile.write_text(text)
+    args = ["plan", "--model", "opt-6.7b", "--profile", str(profile), "--batch", "8", "--prompt-len", "512",
+            "--gen-len", "4", "--policy", "full", "--serial", "--out", str(tmp_path / "plan")]
+    assert main(args) == 0
+    fast = pd.read_parquet(tmp_path / "plan" / "plan.parquet")
+    profile.write_text(text.replace("h2d_bandwidth: 12.5 GB/s", "h2d_bandwidth: 1.25 GB/s"))
+    assert main(args) == 0  # the same --out and cache: the edited profile must not hit the old rows
+    slow = pd.read_parquet(tmp_path / "plan" / "plan.parquet")
+    assert slow["decode_ms"].iloc[0] > 2 * fast["decode_ms"].iloc[0]
+    assert fast["profile"].iloc[0] == "a6000-pcie3"  # the profile's name, not its path
+    capsys.readouterr()
+
+
+def test_breakdown_columns_add_up_to_the_step():
+    from dataclasses import replace
+
+    from infinisim.hwprofiles.profile import load_profile
+    from infinisim.sim.engine import simulate
+    from infinisim.sim.workload import synthetic
+    from infinisim.traces.spec import named_model
+
+    gpu = load_profile("h100-sxm")
+    for profile in (gpu, replace(gpu, kind="cpu")):
+        for policy in ("resident", "full", "infinigen", "h2o"):
+            w = synthetic(named_model("llama-3-8b"), 4, 1024, 6, policy, "bfloat16", speculated_fraction=0.1)
+            s = simulate(w, profile).summary()
+            ph = s["decode_phase_ms"]
+            parts = ["embed", "attn", "ffn", "head", "wait", "host"]
+            if profile.synchronous:
+                parts += ["spec", "gather", "h2d", "d2h"]
+            assert sum(ph[p] for p in parts) == pytest.approx(s["decode_ms_mean"], rel=1e-6), (profile.kind, policy)
+
+
+def test_calibration_flags_what_is_implausible():
+    from infinisim.executor.calibrate import _implausible
+
+    assert _implausible([0.05, 0.1], 2e-9, 4e-6, [(8.0, 2048.0, 20e9)]) == []
+    warnings = " ".join(_implausible([0.05, 1.3], 0.0, 108e-6, [(8.0, 512.0, 0.1e9)]))
+    for words in ("varied by more than", "not slower", "108.0 us per dispatched op", "implausibly slow"):
+        assert words in warnings
+
+
+def test_progress_shows_on_a_pipe(capsys):
+    from infinisim.cli.output import Progress
+
+    with Progress("[job]", 3, "steps", "prefill", period=0.05) as bar:
+        time.sleep(0.2)  # a long prefill: heartbeats while nothing advances
+        bar.update()
+        time.sleep(0.12)
+    lines = capsys.readouterr().err.splitlines()
+    assert any("[job]: prefill" in line for line in lines) and any("[job]: 1/3 steps" in line for line in lines)
+
+
+def test_unwritable_output_is_one_line(tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(InfinisimError, match=r"x\.json: cannot write \(Permission denied\)"):
+        write_text_atomic(tmp_path / "x.json", "{}")
+
+
+def test_truncated_gguf_is_one_line(tmp_path):
+    from infinisim.executor.loaders import embedded_gguf_path
+
+    data = embedded_gguf_path().read_bytes()
+    for cut in (len(data) // 2, 2000):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(InfinisimError, match=r"cut\d+\.gguf: (not a GGUF model file|.*truncated)"):
+            load_model(str(bad))

@@ -155,11 +155,12 @@ def read_trace(path: str | Path) -> Trace:
     path = Path(path)
     if not path.exists():
         raise InfinisimError("no such trace file", path)
+    if not path.is_file():
+        raise InfinisimError("not a trace file (a folder or a device)", path)
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for truncated or foreign files
-        raise InfinisimError(f"not a readable trace (truncated or not Parquet: {str(exc).splitlines()[0][:100]})",
-                             path) from None
+        raise InfinisimError(f"not a readable trace (truncated, or not Parquet: {type(exc).__name__})", path) from None
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise InfinisimError("not an infinisim trace (no header in the Parquet metadata)", path, "infinisim")
