@@ -92,7 +92,7 @@ def _configs(profile: str, speculated_at: dict[int, float], speculated_by_ratio:
     def config(policy: str, model: str = p["model"], batch: int = 8, prompt: int = p["prompt_len"],
                alpha: int = p["alpha"], ratio: float = p["partial_ratio"], speculated: float | None = None) -> Config:
         if policy == "infinigen":
-            knobs = (("alpha", float(alpha)), ("budget", float(MAX_KV)), ("partial_ratio", ratio))
+            knobs = (("alpha", float(alpha)), ("budget", float(MAX_KV)), ("dense_layers", 1), ("partial_ratio", ratio))
             return Config(profile, model, batch, prompt, p["gen_len"], policy, knobs,
                           speculated_fraction=speculated if speculated is not None else speculated_at[alpha])
         knobs = (("budget", p["h2o_budget"]),) if policy == "h2o" else ()
@@ -134,9 +134,9 @@ def measure(settings: PaperSettings, out: Path, log: Callable[[str], None]) -> M
     alphas = [1, 4, 9] if settings.quick else p["alphas"]
     ratios = [0.1, 0.5, 1.0] if settings.quick else p["partial_ratios"]
     paper_knobs = {"alpha": float(p["alpha"]), "budget": MAX_KV / p["prompt_len"],  # 400 of 1920, as a share
-                   "partial_ratio": p["partial_ratio"]}
+                   "partial_ratio": p["partial_ratio"], "dense_layers": 1}
     dense = [("resident", {}), ("int4", {})]
-    by_fraction = [(pol, {"alpha": 1000.0, "budget": f} if pol != "h2o" else {"budget": f})
+    by_fraction = [(pol, {"alpha": 1000.0, "budget": f, "dense_layers": 1} if pol != "h2o" else {"budget": f})
                    for f in fractions for pol in ("infinigen", "oracle", "h2o")]
     by_alpha = {a: ("infinigen", {**paper_knobs, "alpha": float(a)}) for a in alphas}
     by_ratio = {r: ("infinigen", {**paper_knobs, "partial_ratio": r}) for r in ratios}
@@ -226,7 +226,7 @@ def _breakdown_sections(speed: Speed, measured: Measured) -> list[Section]:
                         figures.plan_breakdown(at8, "paper-breakdown", "decode step breakdown, OPT-13B batch 8",
                                                speed.ran))
     workload = synthetic(named_model(PAPER["model"]), 8, PAPER["prompt_len"], 8, "infinigen", "float16",
-                         {"budget": float(MAX_KV), "partial_ratio": PAPER["partial_ratio"]},
+                         {"budget": float(MAX_KV), "partial_ratio": PAPER["partial_ratio"], "dense_layers": 1},
                          measured.speculated_at[PAPER["alpha"]])
     return [breakdown, timeline_section(workload, speed.profile, speed.ran + "; 8 generated tokens for the excerpt")]
 

@@ -48,13 +48,14 @@ def main() -> int:
     prompt, forced = [ids[:args.prompt_len]], [ids[args.prompt_len:need]]
     sampling = SamplingConfig(args.steps, stop_at_eos=False)
 
-    runs = [("resident", {}, None), ("int4", {}, None), ("infinigen", {"alpha": 5.0, "budget": 0.2}, "paper")]
+    runs = [("resident", {}, None), ("int4", {}, None),
+            ("infinigen", {"alpha": 5.0, "budget": 0.2, "dense_layers": 1}, "paper"), ("infinigen", {}, "default")]
     for f in map(float, args.fractions.split(",")):
         runs += [("infinigen", {"alpha": 1000.0, "budget": f, "dense_layers": int(n)}, f)
                  for n in args.dense_layers.split(",") if int(n) != 1]
-        runs += [("infinigen", {"alpha": 1000.0, "budget": f}, f),
-                 ("infinigen", {"alpha": 1000.0, "budget": f, "gqa_combine": "max"}, f),
-                 ("oracle", {"alpha": 1000.0, "budget": f}, f),
+        runs += [("infinigen", {"alpha": 1000.0, "budget": f, "dense_layers": 1}, f),
+                 ("infinigen", {"alpha": 1000.0, "budget": f, "dense_layers": 1, "gqa_combine": "max"}, f),
+                 ("oracle", {"alpha": 1000.0, "budget": f, "dense_layers": 1}, f),
                  ("h2o", {"budget": f}, f)]
     rows = []
     for name, knobs, fraction in runs:

@@ -5,7 +5,7 @@ tokens of one run each (forced decoding is causal: the first k steps of a 64-ste
 Criteria (issue 15): perplexity within 2% of dense, at most 20% of the cache attended over all
 layers, recall of exact attention mass >= 0.90. Writes JSON; prints a table.
 
-    .venv/bin/python benchmarks/bench_defaults.py [--dense-layers 1,2,3] [--alphas 5,6,8] [--out PATH]
+    .venv/bin/python benchmarks/bench_defaults.py [--dense-layers 1,2,3] [--alphas 5,6,8] [--budgets 0.2] [--out PATH]
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=1920)
     p.add_argument("--dense-layers", default="1,2,3")
     p.add_argument("--alphas", default="5,6,8")
-    p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--budgets", default="0.2")
     p.add_argument("--out", default="benchmarks/results/accuracy-defaults.json")
     args = p.parse_args()
 
     session = Session("smollm2-135m")
     texts = {"pg19": Path(args.pg19).read_text(encoding="utf-8"), "pydoc": bundled_text()}
     steps = max(PREFIXES)
-    candidates = [{"dense_layers": int(d), "alpha": float(a), "budget": args.budget}
-                  for d in args.dense_layers.split(",") for a in args.alphas.split(",")]
+    candidates = [{"dense_layers": int(d), "alpha": float(a), "budget": float(b)} for d in args.dense_layers.split(",")
+                  for a in args.alphas.split(",") for b in args.budgets.split(",")]
     rows = []
     for text_name, text in texts.items():
         prompts = session.prompts(1, args.prompt_len, text, steps, forced=True, source=text_name)
@@ -69,11 +69,11 @@ def main() -> int:
     for r in rows:
         r["meets"] = bool(r["policy"] == "infinigen" and r["perplexity_ratio"] <= 1.02
                           and r["attended_fraction"] <= 0.20 and r["recall"] >= 0.90)
-    print(f"{'text':<6} {'k':>3} {'dense':>5} {'alpha':>5} {'attended':>8} {'fetched':>7} {'recall':>6} {'ppl x':>6} "
-          "meets")
+    print(f"{'text':<6} {'k':>3} {'dense':>5} {'alpha':>5} {'budget':>6} {'attended':>8} {'fetched':>7} {'recall':>6} "
+          f"{'ppl x':>6} meets")
     for r in rows:
         if r["policy"] == "infinigen":
-            print(f"{r['text']:<6} {r['forced']:>3} {r['dense_layers']:>5} {r['alpha']:>5g} "
+            print(f"{r['text']:<6} {r['forced']:>3} {r['dense_layers']:>5} {r['alpha']:>5g} {r['budget']:>6g} "
                   f"{r['attended_fraction']:>8.1%} {r['fetched_fraction']:>7.1%} {r['recall']:>6.3f} "
                   f"{r['perplexity_ratio']:>6.3f} "
                   f"{'yes' if r['meets'] else ''}")

@@ -36,7 +36,7 @@ def main() -> int:
     loaded = load_model("smollm2-135m")
     tok = loaded.tokenizer
     rng = random.Random(args.seed)
-    policies = {"resident": {}, "infinigen": {"alpha": args.alpha, "budget": args.budget}}
+    policies = {"resident": {}, "infinigen": {"alpha": args.alpha, "budget": args.budget, "dense_layers": 1}}
     results = []
     for context in map(int, args.contexts.split(",")):
         trials = [(str(rng.randint(10000, 99999)), (i + 0.5) / args.trials, rng.randint(0, 20000))

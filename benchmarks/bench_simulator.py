@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 BATCHES = (4, 8, 12, 16, 20)
 POLICIES = ("full", "int4", "h2o", "infinigen")
 PAPER_ALPHA = 4
-PAPER_INFINIGEN = {"partial_ratio": 0.2, "budget": 400}  # the paper's speed setting (INFINIGEN.md)
+PAPER_INFINIGEN = {"partial_ratio": 0.2, "budget": 400, "dense_layers": 1}  # the paper's speed setting (INFINIGEN.md)
 
 
 def replay_speed(profile_name: str) -> dict[str, float]:

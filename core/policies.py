@@ -10,7 +10,7 @@ simulator class (each table checks at import that it covers this registry).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from infinisim.core.errors import InfinisimError
@@ -40,8 +40,9 @@ class Knob:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def field(self) -> Any:
-        return field(default=self.default, metadata={"knob": self})
+    def field(self, default: Any = MISSING) -> Any:
+        """A knobs dataclass field: this knob, at its default or at a policy's own (`default`)."""
+        return field(default=self.default if default is MISSING else default, metadata={"knob": self})
 
     def describe_range(self) -> str:
         if self.choices:
@@ -81,15 +82,15 @@ class Knob:
         return int(value) if self.kind is int else float(value)
 
 
-ALPHA = Knob("alpha", float, None, "fetch the tokens whose speculated score is within alpha of the head's best "
-             "(softmax-exponent units; default 4 for OPT, 5 for the Llama family, the paper's)", "alphas", 3.0,
-             low=0, low_open=True)
+ALPHA = Knob("alpha", float, 8.0, "fetch the tokens whose speculated score is within alpha of the head's best "
+             "(softmax-exponent units; with --preset paper: 4 for OPT, 5 for the Llama family, the paper's)",
+             "alphas", 3.0, low=0, low_open=True, optional=True)
 PARTIAL_RATIO = Knob("partial_ratio", float, 0.3, "share of the head dimension the speculation reads (the partial "
                      "query and key columns)", "partial_ratios", 0.2, low=0, low_open=True, high=1)
 BUDGET = Knob("budget", float, 0.2, "most tokens fetched per layer: a fraction of the cached tokens (0.2 = 20%) "
-              "or a count (> 1)", "budgets", 0.1, low=0, low_open=True, whole_above_one=True)
-DENSE_LAYERS = Knob("dense_layers", int, 1, "leading layers that fetch their whole cache instead of speculating "
-                    "(layer 0 has no previous layer to speculate from)", "dense_layers", 2, low=1)
+              "or a count (> 1)", "budgets", 0.15, low=0, low_open=True, whole_above_one=True)
+DENSE_LAYERS = Knob("dense_layers", int, 3, "leading layers that fetch their whole cache instead of speculating "
+                    "(layer 0 has no previous layer to speculate from; the paper keeps 1)", "dense_layers", 2, low=1)
 GQA_COMBINE = Knob("gqa_combine", str, "softmax_sum", "how the query heads sharing a KV head vote for its rows",
                    "gqa_combines", "max", choices=("softmax_sum", "max"), timed=False)
 POOL_CAPACITY = Knob("pool_capacity", int, None, "host KV pool capacity in tokens per sequence (default "
@@ -159,16 +160,19 @@ class NoKnobs(Knobs):
 
 @dataclass(frozen=True)
 class InfiniGenKnobs(Knobs):
+    """Defaults chosen for accuracy (docs/POLICIES.md, benchmarks/bench_defaults.py): three leading
+    dense layers, alpha 8, a 10% budget; `PRESETS["paper"]` restores the paper's."""
+
     alpha: float | None = ALPHA.field()
     partial_ratio: float = PARTIAL_RATIO.field()
-    budget: float = BUDGET.field()
+    budget: float = BUDGET.field(default=0.1)
     dense_layers: int = DENSE_LAYERS.field()
     gqa_combine: str = GQA_COMBINE.field()
     pool_capacity: int | None = POOL_CAPACITY.field()
     eviction: str = EVICTION.field()
 
     def alpha_for(self, family: str) -> float:
-        """The alpha in force: the knob, else the paper's default for the model family."""
+        """The alpha in force: the knob, or (None) the paper's for the model family."""
         if self.alpha is not None:
             return self.alpha
         return 4.0 if family == "opt" else 5.0
@@ -229,13 +233,15 @@ class PolicySpec:
         return tuple(f.name for f in fields(self.knobs))
 
     def make_knobs(self, values: dict[str, Any] | None = None) -> Knobs:
-        """The policy's knobs from `values`: its own keys are checked and set (None: the default);
-        keys of other policies' knobs are ignored; a key no policy has is an error."""
+        """The policy's knobs from `values`: its own keys are checked and set (None: the default,
+        except for knobs where None is a value of its own); keys of other policies' knobs are
+        ignored; a key no policy has is an error."""
         values = values or {}
         unknown = sorted(set(values) - set(KNOBS))
         if unknown:
             raise InfinisimError(f"no policy has a knob {unknown[0]!r} (knobs: {', '.join(KNOBS)})", field=unknown[0])
-        return self.knobs(**{k: v for k, v in values.items() if k in self.knob_names and v is not None})
+        return self.knobs(**{k: v for k, v in values.items()
+                             if k in self.knob_names and (v is not None or KNOBS[k].optional)})
 
 
 POLICIES: dict[str, PolicySpec] = {p.name: p for p in (
@@ -253,6 +259,12 @@ POLICIES: dict[str, PolicySpec] = {p.name: p for p in (
 )}
 
 
+# Named sets of knob values, one flag away (`--preset paper`); None keeps its meaning (the paper's alpha).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"alpha": None, "dense_layers": 1, "budget": 0.2},  # InfiniGen (OSDI 2024): alpha 4 OPT / 5 Llama
+}
+
+
 def policy(name: str) -> PolicySpec:
     """The named policy, or one line listing the known ones."""
     try:
@@ -267,7 +279,15 @@ def policies_with(knob: str) -> tuple[str, ...]:
 
 
 def knob_help(knob: Knob) -> str:
-    """Help text for a knob's flag: which policies have it, what it does, its default."""
-    default = "" if knob.default is None else f"; default {knob.default:g}" if isinstance(knob.default, float | int) \
-        else f"; default {knob.default}"
-    return f"{'/'.join(policies_with(knob.name))}: {knob.help}{default}"
+    """Help text for a knob's flag: which policies have it, what it does, its default (per policy
+    where they differ)."""
+    defaults: dict[Any, list[str]] = {}
+    for name in policies_with(knob.name):
+        value = next(f.default for f in fields(POLICIES[name].knobs) if f.name == knob.name)
+        defaults.setdefault(value, []).append(name)
+    shown = [f"{v:g}" if isinstance(v, float | int) else str(v) for v in defaults]
+    if len(defaults) > 1:
+        text = "; default " + ", ".join(f"{s} ({'/'.join(n)})" for s, n in zip(shown, defaults.values(), strict=True))
+    else:
+        text = "" if None in defaults else f"; default {shown[0]}"
+    return f"{'/'.join(policies_with(knob.name))}: {knob.help}{text}"

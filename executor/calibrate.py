@@ -266,7 +266,7 @@ def _speculation(dev: torch.device, dt: torch.dtype, shapes: tuple[tuple[int, in
     out = []
     for batch, length in shapes:
         prompts = [[1 + i % 250 for i in range(length)]] * batch
-        run = generate(model, prompts, make_policy("infinigen"), SamplingConfig(9, stop_at_eos=False))
+        run = generate(model, prompts, make_policy("infinigen", dense_layers=1), SamplingConfig(9, stop_at_eos=False))
         times = sorted(phases["spec"] for r in run.steps[1:] for phases in r.times.layer_phases.values()
                        if "spec" in phases)
         out.append((float(batch * 8 * (length + 4)), times[len(times) // 2]))

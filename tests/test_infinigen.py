@@ -119,7 +119,8 @@ def test_selects_per_kv_head_with_budget(smollm2, pg19_text, monkeypatch):
         return original(self, layer, indices, keep, step)
 
     monkeypatch.setattr(InfiniGen, "fetch", spy)
-    gen = generate(smollm2.model, [ids[:500]], InfiniGen(budget=0.1), SamplingConfig(4, stop_at_eos=False))
+    gen = generate(smollm2.model, [ids[:500]], InfiniGen(budget=0.1, dense_layers=1),
+                   SamplingConfig(4, stop_at_eos=False))
     assert {layer for layer, *_ in seen} == set(range(1, spec.n_layers))
     differ = 0
     for _, start, indices, keep in seen:

@@ -106,3 +106,17 @@ def test_knob_ranges_are_checked_once_for_every_layer():
     assert partial_width(0.3, 64) == 19 and partial_width(0.001, 64) == 1
     with pytest.raises(InfinisimError, match="no policy has a knob 'colour'"):
         POLICIES["h2o"].make_knobs({"colour": 1})
+
+
+def test_the_papers_settings_are_one_flag_away(tmp_path, capsys):
+    assert main(["run", "--model", "smollm2-135m", "--random-weights", *SHAPE, "--policy", "infinigen", "--preset",
+                 "paper", "--out", str(tmp_path), "--json"]) == 0
+    knobs = read_trace(next(tmp_path.glob("*.parquet"))).run["policy_knobs"]
+    assert (knobs["alpha"], knobs["dense_layers"], knobs["budget"]) == (5.0, 1, 0.2)  # Llama family: alpha 5
+    capsys.readouterr()
+    assert main(["simulate", "--model", "opt-125m", "--profile", "l4", "--policy", "infinigen", "--preset", "paper",
+                 "--budget", "0.3", "--speculated-fraction", "0.1", "--prompt-len", "512", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)[0]["knobs"]
+    assert (result["dense_layers"], result["budget"], result["alpha"]) == (1, 0.3, None)  # a flag overrides it
+    defaults = POLICIES["infinigen"].make_knobs({})
+    assert (defaults.dense_layers, defaults.alpha, defaults.budget) == (3, 8.0, 0.1)

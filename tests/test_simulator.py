@@ -151,7 +151,8 @@ def test_infinigen_budget_and_alpha_from_trace(tiny_traces):
     speculating = ~np.isnan(low)
     assert speculating.sum() == trace.model.n_layers - 1 and (high[speculating] >= low[speculating]).all()
     spec = named_model("llama-3-8b")
-    w = synthetic(spec, 4, 1000, 6, "infinigen", "float16", {"budget": 0.05}, speculated_fraction=1.0)
+    w = synthetic(spec, 4, 1000, 6, "infinigen", "float16", {"budget": 0.05, "dense_layers": 1},
+                  speculated_fraction=1.0)
     assert (w.fetched[:, 1:] == np.ceil(0.05 * (w.kv_len[:, 1:] - 1))).all()  # capped by the budget
     assert (w.fetched[:, 0] == w.kv_len[:, 0] - 1).all()  # the dense first layer fetches everything
 
@@ -163,7 +164,7 @@ def tiny_traces(tmp_path_factory):
     out = {}
     for name in ("resident", "full", "infinigen", "h2o", "int4"):
         _, out[name] = run_policy(loaded.model, prompts, name, SamplingConfig(5, stop_at_eos=False),
-                                  {"model": "smollm2-135m", "weights": "random"})
+                                  {"model": "smollm2-135m", "weights": "random"}, knobs={"dense_layers": 1})
     return out
 
 

@@ -65,7 +65,7 @@ def test_recorded_selection_matches_fetch_counts(tmp_path):
     loaded = load_model("smollm2-135m", "float32", "cpu", random_weights=True)
     _, trace = run_policy(loaded.model, [list(range(10, 70)), list(range(100, 130))], "infinigen",
                           SamplingConfig(3, stop_at_eos=False), {"model": "smollm2-135m", "weights": "random"},
-                          knobs={"budget": 0.25}, measure=Measurement(record_selection=True))
+                          knobs={"budget": 0.25, "dense_layers": 1}, measure=Measurement(record_selection=True))
     back = read_trace(write_trace(trace, tmp_path / "sel.trace.parquet"))
     decode = back.layers[back.layers.step > 0]
     assert (decode[decode.layer == 0].selected.map(len) == 0).all()  # the dense first layer does not select

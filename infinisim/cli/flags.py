@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from infinisim.core.errors import InfinisimError
-from infinisim.core.policies import KNOBS, POLICIES, Knob, knob_help
+from infinisim.core.policies import KNOBS, POLICIES, PRESETS, Knob, knob_help
 
 DTYPES = ("float32", "bfloat16", "float16")
 EPILOG = "Docs: README.md and docs/ in the source tree. Errors exit with status 1, usage errors with 2."
@@ -123,15 +123,24 @@ def add_knob_flags(p: argparse.ArgumentParser, axes: bool = False) -> None:
     """One flag per registry knob; with `axes`, each takes several values (a planner axis)."""
     group = p.add_argument_group("policy knobs (each applies to the policies that have it; unset: the policy's "
                                  "default)" + ("; comma-separated values are swept" if axes else ""))
+    p.set_defaults(axes=axes)
     for knob in KNOBS.values():
         group.add_argument(knob.flag, type=knob_values(knob) if axes else knob_value(knob),
                            metavar=knob.name.upper() + ("S" if axes else ""),
                            help=knob_help(knob).replace("%", "%%") + f" ({knob.describe_range()})")
+    group.add_argument("--preset", choices=list(PRESETS),
+                       help="start from a named set of knob values (knob flags given override it): " + "; ".join(
+                           f"{name}: " + ", ".join(f"{k} {'the model family' + chr(39) + 's' if v is None else v}"
+                                                   for k, v in values.items()) for name, values in PRESETS.items()))
 
 
 def knobs_given(args: argparse.Namespace) -> dict[str, Any]:
-    """The knob flags set on the command line, by knob name."""
-    return {name: getattr(args, name) for name in KNOBS if getattr(args, name, None) is not None}
+    """The knob values asked for on the command line, by knob name: the --preset's, then the flags
+    set (a list of values each where the verb sweeps them)."""
+    given = {name: getattr(args, name) for name in KNOBS if getattr(args, name, None) is not None}
+    preset = PRESETS.get(getattr(args, "preset", None) or "", {})
+    several = any(isinstance(v, list) for v in given.values()) or getattr(args, "axes", False)
+    return {**{k: [v] if several else v for k, v in preset.items()}, **given}
 
 
 def add_device_flags(p: argparse.ArgumentParser, dtype_default: str = "float32") -> None:
