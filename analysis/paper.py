@@ -23,14 +23,8 @@ import pandas as pd
 
 from infinisim.analysis import figures
 from infinisim.analysis.accuracy import points_from
-from infinisim.analysis.report import (
-    BREAKDOWN_TEXT,
-    Section,
-    accuracy_section,
-    by_model_size,
-    speedups,
-    timeline_section,
-)
+from infinisim.analysis.report import Section
+from infinisim.analysis.sections import BREAKDOWN_TEXT, accuracy_section, by_model_size, speedups, timeline_section
 from infinisim.analysis.sweep import Config, evaluate
 from infinisim.core.files import write_json, write_text_atomic
 

@@ -29,7 +29,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     a plan folder (Pareto plot, speedup vs batch / prompt / model, simulated breakdown), a validation
     folder (predicted vs measured per step) and traces (measured breakdown, accuracy vs fetched
     fraction for quality traces, a simulated timeline excerpt). Give at least one."""
-    from infinisim.analysis.report import report_sections, write_report
+    from infinisim.analysis.report import write_report
+    from infinisim.analysis.sections import report_sections
 
     if not (args.plan or args.validation or args.trace):
         raise InfinisimError("give --plan, --validation or --trace (or several)", field="report")
@@ -67,7 +68,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     the simulator on a hardware profile, with InfiniGen's speculated share measured by the executor
     on SmolLM2, and the accuracy trends (recall, perplexity vs fetched fraction; alpha; partial
     ratio) measured by the executor on SmolLM2. Writes traces, tables and one report. 7-8 minutes on
-    2 CPU cores (--quick: ~1)."""
+    2 CPU cores (--quick: 2.5)."""
     from infinisim.analysis.paper import PaperSettings, reproduce_paper
     from infinisim.analysis.report import write_report
 
