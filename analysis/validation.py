@@ -98,12 +98,15 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
              policies: list[str] = ("resident", "full", "infinigen"), batch: int = 1, prompt_len: int = 1024,
              gen_len: int = 32, model: str = "smollm2-135m", random_weights: bool = False, device: str | None = None,
              dtype: str = "float32", quick_calibration: bool = False, knobs: dict[str, Any] | None = None,
-             command: str = "infinisim validate", log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+             link: str | None = None, command: str = "infinisim validate",
+             log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Calibrate this machine (or load `profile`), run the executor per policy (or read `traces`),
-    replay each run and compare; writes validation.json, validation.png (and the profile and traces
-    it made) into `out`. Returns what validation.json holds."""
+    over an emulated `link` if given, replay each run and compare; a run over an emulated link is
+    replayed on the profile with that link. Writes validation.json, validation.png (and the
+    profile and traces it made) into `out`. Returns what validation.json holds."""
     from infinisim.hwprofiles.profile import load_profile, write_profile
     from infinisim.sim.engine import simulate
+    from infinisim.sim.run import profile_for
     from infinisim.sim.workload import from_trace
     from infinisim.traces.trace import read_trace
 
@@ -120,11 +123,11 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
         log(f"profile: {write_profile(chosen, out / 'profile.yaml')}")
     if read is None:
         read = _run(out, policies, batch, prompt_len, gen_len, model, random_weights, device, dtype, knobs or {},
-                    command, log)
+                    link, command, log)
     comparisons = []
     for trace in read:
         workload = from_trace(trace)
-        comparisons.append(compare(workload, simulate(workload, chosen)))
+        comparisons.append(compare(workload, simulate(workload, profile_for(trace, chosen))))
     data = {"command": command, "comparisons": comparisons, "relative": relative(comparisons),
             "profile": chosen.to_dict()}
     write_json(data, out / "validation.json")
@@ -133,12 +136,16 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
 
 
 def _run(out: Path, policies: Sequence[str], batch: int, prompt_len: int, gen_len: int, model: str,
-         random_weights: bool, device: str | None, dtype: str, knobs: dict[str, Any], command: str,
-         log: Callable[[str], None]) -> list[Any]:
+         random_weights: bool, device: str | None, dtype: str, knobs: dict[str, Any], link: str | None,
+         command: str, log: Callable[[str], None]) -> list[Any]:
     from infinisim.executor.generate import SamplingConfig
     from infinisim.executor.session import Session
+    from infinisim.hwprofiles.emulated import parse_link
 
-    session = Session(model, dtype, device, random_weights, log)
+    spec = parse_link(link) if link else None
+    if spec is not None:
+        log(f"link: {spec.name}")
+    session = Session(model, dtype, device, random_weights, log, spec)
     prompts = session.prompts(batch, prompt_len, gen_len=gen_len)
     traces = []
     for name in policies:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from infinisim.core.errors import InfinisimError
 from infinisim.executor.kvcache import TIMING_ONLY, Measurement, PolicyContext
+from infinisim.executor.link import EmulatedLink
 from infinisim.executor.model import Step, Transformer
 from infinisim.executor.policies import Policy
 from infinisim.executor.timing import Recorder, Timings
@@ -65,13 +66,14 @@ def sample(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> 
 
 
 def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: SamplingConfig,
-             on_step: Callable[[StepRecord], None] | None = None, measure: Measurement = TIMING_ONLY
-             ) -> Generation:
+             on_step: Callable[[StepRecord], None] | None = None, measure: Measurement = TIMING_ONLY,
+             link: EmulatedLink | None = None) -> Generation:
     """Left-pads the prompts into one batch, prefills, then decodes one token per step.
 
     With `measure.forced` (teacher forcing): per sequence, the tokens to feed instead of sampled
     ones, one per step (its length caps the steps); selection and fetching happen exactly as in
     generation, and each step's negative log-likelihood of the forced token is recorded.
+    With `link` (CPU only), host<->device copies cross an emulated link (executor/link.py).
     """
     spec = model.spec
     device = model.tok_embeddings.weight.device
@@ -99,9 +101,11 @@ def generate(model: Transformer, prompts: list[list[int]], policy: Policy, cfg: 
     tokens, valid = tokens.to(device), valid.to(device)
     positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
 
+    if link is not None and device.type == "cuda":
+        raise InfinisimError("an emulated link is for CPU runs: on CUDA the copies cross the real one", field="--link")
     policy.setup(PolicyContext(spec.n_layers, batch, spec.n_kv_heads, spec.head_dim, capacity,
-                               model.tok_embeddings.weight.dtype, device, model, measure))
-    recorder = Recorder(cuda=device.type == "cuda")
+                               model.tok_embeddings.weight.dtype, device, model, measure, link))
+    recorder = Recorder(cuda=device.type == "cuda", drain=link.drain if link is not None else None)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     eos = torch.tensor(spec.eos_token_ids or [-1], device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from infinisim.core.errors import InfinisimError
+from infinisim.executor.link import EmulatedLink, Handle
 from infinisim.executor.timing import Recorder
 
 if TYPE_CHECKING:
@@ -67,19 +68,28 @@ class KVStore:
 
 
 class CopyEngine:
-    """Host<->device copies. On CUDA: their own streams, ordered with events; on CPU: a timed memcpy.
+    """Host<->device copies. On CUDA: their own streams, ordered with events; on CPU: a timed memcpy,
+    or, over an emulated link (executor/link.py), copy-engine threads ordered the same way.
 
     Every copy is timed as its own phase ("h2d"/"d2h"); the compute stream's wait for a copy is
-    timed as "wait" (always zero on CPU, where copies are synchronous).
+    timed as "wait" (zero on a CPU without a link, where copies are synchronous).
     """
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, link: EmulatedLink | None = None):
+        self.cuda, self.link = device.type == "cuda", link
         self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
         self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
 
+    def _on_link(self, direction: str, pairs: list[tuple[Tensor, Tensor]], layer: int, rec: Recorder) -> Handle:
+        assert self.link is not None
+        after = [self.link.tail["d2h"]] if direction == "h2d" else []  # as the H2D stream waits for the D2H one
+        return self.link.submit(direction, pairs, after,
+                                lambda h: rec.add_copy(layer, direction, h.start, h.end, h.busy))
+
     def to_device(self, dst: list[Tensor], src: list[Tensor], layer: int, rec: Recorder) -> object:
         """Copy host tensors into device tensors; returns a handle for `wait`."""
+        if self.link is not None:
+            return self._on_link("h2d", list(zip(dst, src, strict=True)), layer, rec)
         if not self.cuda:
             with rec.span(layer, "h2d"):
                 for d, s in zip(dst, src, strict=True):
@@ -99,20 +109,31 @@ class CopyEngine:
         if handle is None:
             return
         with rec.span(layer, "wait"):
-            torch.cuda.current_stream().wait_event(handle)
+            if isinstance(handle, Handle):
+                handle.synchronize()  # the compute thread blocks until the copy has landed
+            else:
+                torch.cuda.current_stream().wait_event(handle)
 
-    def to_host(self, store: KVStore, layer: int, start: int, k: Tensor, v: Tensor, rec: Recorder) -> None:
-        """Write new rows back to the host store, asynchronously on CUDA."""
+    def to_host(self, store: KVStore, layer: int, start: int, k: Tensor, v: Tensor, rec: Recorder) -> object:
+        """Write rows back to the host store at positions [start, start + n), asynchronously on CUDA
+        and over an emulated link; returns a handle whose `synchronize()` waits for them (or None)."""
+        if self.link is not None:
+            end = start + k.shape[2]
+            return self._on_link("d2h", [(store.k[layer][:, :, start:end], k), (store.v[layer][:, :, start:end], v)],
+                                 layer, rec)
         if not self.cuda:
             with rec.span(layer, "d2h"):
                 store.write(layer, start, k, v)
-            return
+            return None
         stream = self.d2h_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), rec.span(layer, "d2h", stream):
             store.write(layer, start, k, v, non_blocking=True)
         k.record_stream(stream)
         v.record_stream(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done
 
 
 @dataclass
@@ -128,6 +149,10 @@ class PolicyContext:
     device: torch.device
     model: Transformer  # policies that speculate use later layers' weights
     measure: Measurement = TIMING_ONLY
+    link: EmulatedLink | None = None  # CPU runs: host<->device copies over an emulated link
+
+    def copy_engine(self) -> CopyEngine:
+        return CopyEngine(self.device, self.link)
 
     def store(self, device: torch.device, pin_memory: bool = False, n_layers: int | None = None) -> KVStore:
         n_layers = self.n_layers if n_layers is None else n_layers

@@ -12,6 +12,7 @@ import torch
 
 from infinisim.executor.generate import Generation, SamplingConfig, StepRecord, generate
 from infinisim.executor.kvcache import TIMING_ONLY, Measurement
+from infinisim.executor.link import EmulatedLink
 from infinisim.executor.model import Transformer
 from infinisim.executor.policies import make_policy
 from infinisim.traces.spec import ModelSpec
@@ -52,6 +53,8 @@ def trace_from_generation(gen: Generation, spec: ModelSpec, run: dict[str, objec
             row = {name: [] if name in LIST_COLUMNS else 0 for name in LAYER_COLUMNS}
             row.update(step=record.index, layer=layer)
             row.update(t.layer_counts.get(layer, {}))
+            row["copies"] = t.copies.get(layer, [])
+            row["done_s"] = t.done.get(layer, 0.0)
             row.update({f"{phase}_s": seconds for phase, seconds in t.layer_phases.get(layer, {}).items()})
             rows.append(row)
     layers = pd.DataFrame(rows, columns=list(LAYER_COLUMNS)).astype(
@@ -62,12 +65,12 @@ def trace_from_generation(gen: Generation, spec: ModelSpec, run: dict[str, objec
 
 def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, sampling: SamplingConfig,
                run_info: dict[str, object], on_step: Callable[[StepRecord], None] | None = None,
-               knobs: dict[str, object] | None = None, measure: Measurement = TIMING_ONLY
-               ) -> tuple[Generation, Trace]:
+               knobs: dict[str, object] | None = None, measure: Measurement = TIMING_ONLY,
+               link: EmulatedLink | None = None) -> tuple[Generation, Trace]:
     """Generate through one policy and describe the run as a trace (not yet written). `measure`
     says what else to measure: teacher forcing (each step's NLL), quality, the fetched positions."""
     policy = make_policy(policy_name, **(knobs or {}))
-    gen = generate(model, prompts, policy, sampling, on_step, measure)
+    gen = generate(model, prompts, policy, sampling, on_step, measure, link)
     device = model.tok_embeddings.weight.device
     run = {
         **run_info,
@@ -84,5 +87,6 @@ def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, s
         "teacher_forced": measure.forced is not None,
         "quality": measure.quality,
         "record_selection": measure.record_selection,
+        "link": link.spec.to_dict() if link is not None else None,
     }
     return gen, trace_from_generation(gen, model.spec, run, device)

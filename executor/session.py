@@ -12,9 +12,11 @@ import torch
 from infinisim.core.errors import InfinisimError
 from infinisim.executor.generate import Generation, SamplingConfig, StepRecord
 from infinisim.executor.kvcache import TIMING_ONLY, Measurement, check_fits
+from infinisim.executor.link import EmulatedLink
 from infinisim.executor.loaders import LoadedModel, load_model
 from infinisim.executor.prompts import bundled_text, text_windows
 from infinisim.executor.recording import run_policy
+from infinisim.hwprofiles.emulated import LinkSpec
 from infinisim.traces.spec import ModelSpec
 from infinisim.traces.trace import Trace, trace_filename, write_trace
 
@@ -57,8 +59,12 @@ class Session:
     """One model loaded once; prompts drawn with its tokenizer; runs written as traces."""
 
     def __init__(self, model: str, dtype: str = "float32", device: str | None = None, random_weights: bool = False,
-                 log: Callable[[str], None] = lambda _: None):
+                 log: Callable[[str], None] = lambda _: None, link: LinkSpec | None = None):
         self.device = pick_device(device)
+        if link is not None and self.device.type == "cuda":
+            raise InfinisimError("an emulated link is for CPU runs: on CUDA the copies cross the real one",
+                                 field="--link")
+        self.link = EmulatedLink(link) if link is not None else None
         log(f"loading {model}{' (random weights)' if random_weights else ''} on {self.device.type} in {dtype} ...")
         self.loaded: LoadedModel = load_model(model, dtype, self.device, random_weights)
         self.name, self.spec, self.tokenizer = model, self.loaded.model.spec, self.loaded.tokenizer
@@ -106,7 +112,8 @@ class Session:
             measure = Measurement(prompts.forced, measure.quality, measure.record_selection, measure.keep_logits)
         run_info = {"model": self.name, "weights": self.loaded.source, "prompt_source": prompts.source,
                     "command": command}
-        return run_policy(self.loaded.model, prompts.tokens, policy, sampling, run_info, on_step, knobs, measure)
+        return run_policy(self.loaded.model, prompts.tokens, policy, sampling, run_info, on_step, knobs, measure,
+                          self.link)
 
     def write(self, trace: Trace, out: str | Path, file: str | Path | None = None,
               knobs: dict[str, object] | None = None) -> Path:

@@ -1,20 +1,23 @@
 """Per-phase timing on the clock that matches the device.
 
-CPU: perf_counter around synchronous work. CUDA: event pairs on the stream that does the work,
-resolved once per step after a synchronize, so timing never stalls the pipeline mid-step.
+CPU: perf_counter around synchronous work; copies over an emulated link are timed by their
+copy-engine thread (`add_span`). CUDA: event pairs on the stream that does the work, resolved
+once per step after a synchronize, so timing never stalls the pipeline mid-step. Each copy's
+start and end (from the step's start) are kept too, so overlap can be read off a trace.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 LAYER_PHASES = ("attn", "ffn", "h2d", "d2h", "wait", "spec", "gather")
+COPY_PHASES = ("h2d", "d2h")  # their index is a copy's direction in a trace's `copies` column
 STEP_PHASES = ("embed", "head")
 
 
@@ -27,6 +30,8 @@ class Timings:
     layer_phases: dict[int, dict[str, float]]
     layer_counts: dict[int, dict[str, int]]
     step_counts: dict[str, int]
+    copies: dict[int, list[float]] = field(default_factory=dict)  # per layer: direction (0 h2d, 1 d2h), start, end
+    done: dict[int, float] = field(default_factory=dict)  # per layer: when its compute (the FFN) ended
 
 
 @dataclass
@@ -34,7 +39,9 @@ class Recorder:
     """Collects spans of one step; `finish()` turns them into seconds."""
 
     cuda: bool
+    drain: Callable[[], None] | None = None  # waits for copies still in flight (an emulated link)
     _spans: list[tuple[int | None, str, object, object]] = field(default_factory=list)
+    _copies: list[tuple[int, str, object, object]] = field(default_factory=list)  # each copy's start and end
     _counts: dict[int | None, dict[str, int]] = field(default_factory=dict)
     _start: object = None
 
@@ -47,6 +54,7 @@ class Recorder:
 
     def begin(self) -> None:
         self._spans.clear()
+        self._copies.clear()
         self._counts = {}
         self._start = self._mark()
 
@@ -57,7 +65,15 @@ class Recorder:
         host=True, work the CPU does itself (a gather) on perf_counter even when CUDA is present."""
         start = self._mark(stream, host)
         yield
-        self._spans.append((layer, phase, start, self._mark(stream, host)))
+        self._spans.append((layer, phase, start, end := self._mark(stream, host)))
+        if phase in COPY_PHASES and layer is not None:
+            self._copies.append((layer, phase, start, end))
+
+    def add_copy(self, layer: int, phase: str, start: float, end: float, busy: float) -> None:
+        """A copy another thread timed itself on perf_counter (a copy engine of an emulated link): it
+        ran from start to end and held the link for `busy` seconds of that (its phase time)."""
+        self._spans.append((layer, phase, start, start + busy))  # list.append is atomic: safe from any thread
+        self._copies.append((layer, phase, start, end))
 
     def count(self, layer: int | None, **counts: int) -> None:
         """Per-layer (or, with layer None, per-step) quantities: bytes moved, tokens fetched, ..."""
@@ -65,6 +81,8 @@ class Recorder:
 
     def finish(self) -> Timings:
         end = self._mark()
+        if self.drain is not None:  # as CUDA synchronises below: copies of this step land before it is resolved
+            self.drain()
         if self.cuda:
             torch.cuda.synchronize()
 
@@ -77,11 +95,17 @@ class Recorder:
                 return b - a  # type: ignore[operator]
         step: dict[str, float] = defaultdict(float)
         layers: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        copies: dict[int, list[float]] = defaultdict(list)
+        done: dict[int, float] = {}
         for layer, phase, a, b in self._spans:
             if layer is None:
                 step[phase] += elapsed(a, b)
             else:
                 layers[layer][phase] += elapsed(a, b)
+                if phase == "ffn":
+                    done[layer] = elapsed(self._start, b)
+        for layer, phase, a, b in self._copies:
+            copies[layer] += [COPY_PHASES.index(phase), elapsed(self._start, a), elapsed(self._start, b)]
         step_counts = self._counts.pop(None, {})
         return Timings(elapsed(self._start, end), dict(step), {k: dict(v) for k, v in layers.items()},
-                         self._counts, step_counts)
+                       self._counts, step_counts, dict(copies), done)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,7 @@ class Link:
     pageable_bandwidth: float = _q("bandwidth", 1e6, doc="either direction from pageable host memory")
     latency: float = _q("time", 0, 1e-2, doc="fixed cost of one copy")
     duplex: bool = True  # both directions at full bandwidth at once
+    emulated: bool = False  # a CPU machine's emulated link: copies on threads, beside the compute thread
     sweep: tuple[tuple[float, float, float], ...] = ()  # (bytes, h2d B/s, d2h B/s), ascending sizes
 
 
@@ -138,9 +139,26 @@ class Profile:
     path: str = ""
 
     @property
-    def synchronous(self) -> bool:
-        """CPU-only: copies are memcpys and speculation runs on the compute thread, so nothing overlaps."""
+    def host_computes(self) -> bool:
+        """CPU-only: the host thread does the compute and the speculation itself."""
         return self.kind == "cpu"
+
+    @property
+    def synchronous(self) -> bool:
+        """CPU-only without an emulated link: copies are memcpys on the compute thread, nothing overlaps."""
+        return self.kind == "cpu" and not self.link.emulated
+
+    def serial_phases(self) -> tuple[str, ...]:
+        """Phases beside the compute stream that the compute thread does in turn (not overlapped)."""
+        if self.synchronous:
+            return ("spec", "gather", "h2d", "d2h")
+        return ("spec", "gather") if self.host_computes else ()
+
+    def with_link(self, bandwidth: float, latency: float, duplex: bool, name: str) -> Profile:
+        """This machine's profile with its copies over an emulated link (executor/link.py)."""
+        link = Link(name=f"emulated {name}", h2d_bandwidth=bandwidth, d2h_bandwidth=bandwidth,
+                    pageable_bandwidth=bandwidth, latency=latency, duplex=duplex, emulated=True)
+        return replace(self, link=link, name=f"{self.name}+link")
 
     def matmul_rate(self, dtype: str) -> float:
         peak = self.device.matmul_flops_fp32 if dtype == "float32" else self.device.matmul_flops
@@ -161,6 +179,8 @@ class Profile:
                              for point in value]
                 elif dimension is not None and value is not None:
                     value = format_quantity(value, dimension)
+                elif f.name == "emulated" and not value:
+                    continue  # only an emulated link says so
                 section[f.name] = value
             out[part] = {k: v for k, v in section.items() if v not in (None, [])}
         return out
@@ -196,7 +216,7 @@ def _section(cls: type, data: Any, path: Path, where: str) -> Any:
             values[name] = _sweep(raw, path, f"{where}.{name}", keys, (dims[0], dims[1]))
             continue
         if dimension is None:
-            expected = bool if name == "duplex" else str
+            expected = bool if name in ("duplex", "emulated") else str
             if not isinstance(raw, expected):
                 raise InfinisimError(f"must be a {expected.__name__}, got {raw!r}", path, f"{where}.{name}")
             values[name] = raw

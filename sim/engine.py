@@ -31,7 +31,6 @@ from infinisim.sim.workload import Workload
 
 PHASES = ("embed", "attn", "ffn", "spec", "gather", "h2d", "d2h", "wait", "head", "bookkeeping")
 COMPUTE = ("embed", "attn", "ffn", "head")  # the compute stream's own work
-BESIDE = ("spec", "gather", "h2d", "d2h")  # work that overlaps the compute stream on a GPU
 P = {name: i for i, name in enumerate(PHASES)}
 
 
@@ -69,7 +68,7 @@ class SimResult:
         per_phase = self.phase_s[1:].sum(axis=1).mean(axis=0) if len(decode) else np.zeros(len(PHASES))
         phase_ms = {name: float(per_phase[i] * 1e3) for i, name in enumerate(PHASES)}
         step_ms = float(decode.mean() * 1e3) if len(decode) else 0.0
-        phase_ms["host"] = host_bound_ms(step_ms, phase_ms, self.profile.synchronous)
+        phase_ms["host"] = host_bound_ms(step_ms, phase_ms, self.profile.serial_phases())
         return {
             "policy": self.workload.policy, "profile": self.profile.name, "model": self.workload.spec.name,
             "batch": self.workload.batch, "prompt_len": self.workload.prompt_len,
@@ -84,12 +83,12 @@ class SimResult:
         }
 
 
-def host_bound_ms(step_ms: float, phase_ms: dict[str, float], serial: bool) -> float:
+def host_bound_ms(step_ms: float, phase_ms: dict[str, float], serial: tuple[str, ...]) -> float:
     """The part of a decode step the compute stream spent neither computing nor waiting for copies:
     starved while the host issued work (launches, gathers, synchronisations). With it, compute +
-    wait + host is the step; on a serial (CPU-only) machine the work beside the compute stream is
-    in turn, so compute + wait + host + speculation + gather + copies is the step."""
-    busy = sum(phase_ms.get(p, 0.0) for p in (*COMPUTE, "wait", *(BESIDE if serial else ())))
+    wait + host is the step, plus the `serial` phases the compute thread did in turn on a CPU-only
+    machine (speculation and gathers; copies too without an emulated link)."""
+    busy = sum(phase_ms.get(p, 0.0) for p in (*COMPUTE, "wait", *serial))
     return max(0.0, step_ms - busy)
 
 
@@ -157,7 +156,8 @@ class Simulation:
         self.kv = workload.kv_policy
         self.costs = Costs(profile, workload.spec, workload.dtype, workload.batch)
         self.env = CountingEnvironment()
-        self.sync = profile.synchronous
+        self.sync = profile.synchronous  # the host does everything in turn, copies included
+        self.host_computes = profile.host_computes  # the host runs compute and speculation itself
         # Engines shared by two streams are resources; a stream alone on its engine needs none. On a
         # CPU-only profile all four share the cores, but the host waits for each op, so none overlap.
         link = None if profile.link.duplex or self.sync else simpy.Resource(self.env, 1)
@@ -201,15 +201,17 @@ class Simulation:
 
     def launch(self, stream: str, parts: list[tuple[str, int, Work]], after: tuple[simpy.Event | None, ...] = ()
                ) -> Generator[simpy.Event, Any, simpy.Event]:
-        """The host issues one op (its kernels cost host time); on a CPU-only profile it also runs it."""
+        """The host issues one op (its kernels cost host time); on a CPU-only profile it also runs it
+        (copies too, unless they cross an emulated link's copy threads)."""
         kernels = sum(work.kernels for _, _, work in parts) * self.launch_s
         timed = [(phase, layer, work.seconds) for phase, layer, work in parts]
-        if self.sync:  # the host thread does the work, launches included
+        runs_it = self.sync or (self.host_computes and stream not in ("h2d", "d2h"))
+        if runs_it:  # the host thread does the work, launches included
             timed[0] = (timed[0][0], timed[0][1], timed[0][2] + kernels)
         else:
             self.host_t += kernels
         done = self.streams[stream].submit(timed, [e for e in after if e is not None], self.host_t)
-        if self.sync:
+        if runs_it:
             yield from self.wait(done)
         return done
 
@@ -251,13 +253,13 @@ class Simulation:
         w, c, head = self.w, self.costs, self.w.spec.n_layers
         start, t = self.host_t, w.prompt_len
         yield from self.launch("compute", [("embed", head, c.embed())])
-        row_bytes = (w.bytes_d2h[0, 0] if w.n_steps else 0)
+        written = (w.bytes_d2h[0, 0] if w.n_steps else 0) * self.kv.prefill_written(w)
         for layer in range(w.spec.n_layers):
             parts = [("attn", layer, c.prefill_qkv(t)), ("attn", layer, c.prefill_attend(t)),
                      *self.kv.prefill_parts(c, w, layer, t), ("ffn", layer, c.ffn(w.batch * t))]
             done = yield from self.launch("compute", parts)
             if self.kv.traits.offloaded:  # the prompt's rows go to host memory
-                yield from self.copy("d2h", layer, row_bytes * t, (done,))
+                yield from self.copy("d2h", layer, written, (done,))
         done = yield from self.launch("compute", [("head", head, c.head())])
         yield from self.wait(done)
         self.step_s[0] = self.host_t - start

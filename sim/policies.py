@@ -70,6 +70,10 @@ class SimPolicy:
         """Extra compute of a layer's prefill, after its attention."""
         return []
 
+    def prefill_written(self, w: Workload) -> int:
+        """Positions per sequence each layer's prefill writes to host memory (offloaded policies)."""
+        return w.prompt_len
+
     def before_layer(self, sim: Simulation, s: int, layer: int) -> Generator[simpy.Event, Any, None]:
         """Host work ahead of layer `layer`'s projections in decode step s."""
         yield from ()
@@ -82,7 +86,7 @@ class SimPolicy:
     # ---------------------------------------------------------------- parts several policies share
 
     def fetch_whole(self, sim: Simulation, s: int, layer: int) -> AttendKV:
-        """The layer's whole cache copied in at the layer, the new row written back (FlexGen)."""
+        """The layer's rows copied in at the layer in one block, the new row written back (FlexGen)."""
         w, compute = sim.w, sim.streams["compute"]
         fetched = yield from sim.copy("h2d", layer, float(w.bytes_h2d[s, layer]),
                                       (compute.tail, sim.streams["d2h"].tail))
@@ -161,33 +165,46 @@ class Int4(SimPolicy):
 
 
 class H2O(SimPolicy):
-    """Every layer fetches its kept set, whose positions the host reads after the previous layer;
-    attention also accumulates scores and re-chooses the set."""
+    """Every layer copies its kept set, one compact block in host memory, at the layer; the host
+    first puts last step's newest rows into the slots their evictions freed, and reads the freed
+    slots after attention (which also accumulates scores and re-chooses the set)."""
 
     name = "h2o"
     host_ops = 14
     knobs: H2OKnobs
 
+    def kept(self, prompt_len: int) -> int:
+        return budget_cap(self.knobs.budget, prompt_len)  # the set never grows
+
     def decode_counts(self, kv_len: np.ndarray, prompt_len: int, speculated: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        fetched = np.full_like(kv_len, budget_cap(self.knobs.budget, prompt_len))  # the kept set never grows
+        fetched = np.full_like(kv_len, self.kept(prompt_len))
         return fetched, fetched + 1, np.zeros(kv_len.shape[1], dtype=bool)
 
     def selecting(self, w: Workload) -> np.ndarray:
         return np.ones(w.spec.n_layers, dtype=bool)
 
+    def prefill_written(self, w: Workload) -> int:
+        return self.kept(w.prompt_len)
+
     def memory_parts(self, w: Workload) -> tuple[dict[str, float], dict[str, float]]:
-        scores = float(w.spec.n_layers * w.batch * w.spec.n_kv_heads * w.capacity * 4)
-        return self.selective_memory(w, {"accumulated scores": scores})
+        row = self.row_bytes(w.spec, w.dtype, w.batch)
+        m, n = self.kept(w.prompt_len), w.spec.n_layers
+        scores = float(n * w.batch * w.spec.n_kv_heads * w.capacity * 4)
+        return ({"kept set (one layer)": float(m * row), "accumulated scores": scores},
+                {"kept sets": float(n * m * row), "newest rows": float(n * row)})
 
     def prefill_parts(self, c: Costs, w: Workload, layer: int, n_tokens: int) -> Parts:
         return [("attn", layer, c.h2o_prefill(n_tokens))]
 
     def attend_kv(self, sim: Simulation, s: int, layer: int) -> AttendKV:
-        yield from sim.wait(sim.streams["compute"].tail)  # the kept set's positions go to the host
-        yield from sim.prefetch(s, layer)
-        waits, extra = yield from self.attend_selected(sim, s, layer)
-        return waits, [*extra, ("attn", layer, sim.costs.h2o_update(sim.w.attended[s, layer]))]
+        w = sim.w
+        yield from sim.wait(sim.streams["compute"].tail)  # the slots freed last step, read on the host
+        sim.host_work("gather", layer, sim.costs.gather(float(w.bytes_d2h[s, layer])))  # the newest rows into them
+        waits, _ = yield from self.fetch_whole(sim, s, layer)  # the whole kept set: one block
+        extra = [("attn", layer, sim.costs.selected_attend_extra(float(w.bytes_h2d[s, layer]))),
+                 ("attn", layer, sim.costs.h2o_update(w.attended[s, layer]))]
+        return waits, extra
 
 
 class InfiniGen(SimPolicy):

@@ -52,6 +52,14 @@ def simulate_if_fits(workload: Workload, profile: Profile, timeline: bool = Fals
     return Outcome(workload, profile, memory, result)
 
 
+def profile_for(trace: Trace, profile: Profile) -> Profile:
+    """The profile a trace replays on: a CPU run over an emulated link, on the CPU profile with that link."""
+    link = trace.run.get("link")
+    if link and profile.host_computes:
+        return profile.with_link(link["bandwidth"], link["latency"], link["duplex"], link["name"])
+    return profile
+
+
 def speculated_from_trace(trace: Trace, alpha: float | None, spec: ModelSpec) -> float | np.ndarray:
     """A speculating trace's uncapped share at `alpha` (default: the alpha it ran with): per layer
     for the same model; the mean over its speculating layers for another one."""

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from infinisim.executor.generate import SamplingConfig, generate
+from infinisim.executor.kvcache import Measurement
 from infinisim.executor.policies import H2O, Int4
+from infinisim.executor.policies.fetching import SelectedRows, WholeCache
 from infinisim.executor.policies.h2o import accumulated_attention, keep_set
 from infinisim.executor.policies.int4 import dequantize, quantize
 
@@ -85,3 +87,68 @@ def test_int4_moves_quantized_bytes(smollm2, pg19_text):
     step = gen.steps[2]
     assert step.times.layer_counts[7]["bytes_h2d"] == (step.kv_len - 1) * row
     assert step.times.layer_counts[7]["bytes_d2h"] == row
+
+
+class GatherH2O(H2O):
+    """H2O as this project first ran it, the reference the compact block must reproduce: the whole
+    cache in host memory, the kept set (in score order) gathered row by row each step."""
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.whole = WholeCache(ctx)
+        self.rows = SelectedRows(ctx, self.whole, self.knobs.max_fetch(ctx.capacity))
+
+    def prefill_kv(self, layer, q, k_new, v_new, step):
+        out = self.whole.attend(layer, k_new, v_new, step)
+        self.start_kept_set(layer, q, k_new, step.valid)
+        return out
+
+    def fetch(self, layer, positions, keep, step):
+        self.rows.fetch(layer, positions, keep, step)
+
+    def decode_kv(self, layer, q, k_new, v_new, step):
+        positions, keep = self.kept[layer]
+        self.fetch(layer, positions, keep, step)
+        k, v, attended = self.rows.attend(layer, q, k_new, v_new, step)
+        self.kept[layer] = self.choose_kept(layer, q, k, attended, step)[1:]
+        return k, v, attended
+
+
+def test_compact_h2o_matches_the_gather_version_and_moves_one_block(smollm2, pg19_text, monkeypatch):
+    ids = smollm2.tokenizer.encode(pg19_text[:8000]).ids
+    prompts, forced = [ids[:240], ids[300:500]], [ids[240:252], ids[500:512]]  # a padded batch of two
+    seen: dict[str, dict[tuple[int, int], list[set[int]]]] = {"compact": {}, "gather": {}}
+    copies = []
+
+    def spy(kind, original):
+        def fetch(self, layer, positions, keep, step):
+            sets = [set(positions[b, g][keep[b, g]].tolist()) for b in range(positions.shape[0])
+                    for g in range(positions.shape[1])]
+            seen[kind][(step.index, layer)] = sets
+            return original(self, layer, positions, keep, step)
+        return fetch
+
+    monkeypatch.setattr(H2O, "fetch", spy("compact", H2O.fetch))
+    monkeypatch.setattr(GatherH2O, "fetch", spy("gather", GatherH2O.fetch))
+    from infinisim.executor.kvcache import CopyEngine
+
+    original_to_device = CopyEngine.to_device
+
+    def count(self, dst, src, layer, rec):
+        copies.append([(s.is_contiguous() or s.flatten(2).is_contiguous(), s.shape) for s in src])
+        return original_to_device(self, dst, src, layer, rec)
+
+    measure = Measurement(forced=forced, keep_logits=True)
+    compact = generate(smollm2.model, prompts, H2O(budget=0.25), SamplingConfig(12), measure=measure)
+    monkeypatch.setattr(CopyEngine, "to_device", count)
+    blocks = generate(smollm2.model, prompts, H2O(budget=0.25), SamplingConfig(3), measure=measure)
+    monkeypatch.setattr(CopyEngine, "to_device", original_to_device)
+    gather = generate(smollm2.model, prompts, GatherH2O(budget=0.25), SamplingConfig(12), measure=measure)
+    for ours, theirs in zip(compact.logits, gather.logits, strict=True):
+        assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5
+    assert seen["compact"].keys() == seen["gather"].keys() and len(seen["compact"]) == 11 * 30
+    assert seen["compact"] == seen["gather"]  # the same kept set at every step and layer
+    n_layers = smollm2.model.spec.n_layers
+    assert len(copies) == 2 * n_layers and all(len(c) == 2 for c in copies)  # per layer and step: K and V, once
+    assert all(contiguous for c in copies for contiguous, _ in c)  # each one block of kept rows
+    assert blocks.steps[1].times.layer_counts[0]["bytes_h2d"] == 60 * 2 * 2 * 3 * 64 * 4  # 25% of 240 kept rows

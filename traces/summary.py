@@ -22,8 +22,9 @@ def summarize(trace: Trace) -> dict[str, float | int | str]:
     compute = sum(phases[f"decode_{p}_ms"] for p in ("embed", "attn", "ffn", "head", "wait"))
     beside = sum(phases[f"decode_{p}_ms"] for p in ("spec", "gather", "h2d", "d2h"))
     step_ms = float(wall.mean() * 1e3) if len(wall) else 0.0
-    serial = trace.run.get("device") != "cuda"  # CPU runs do everything in turn
-    phases["decode_host_ms"] = max(0.0, step_ms - compute - (beside if serial else 0.0))
+    serial = trace.run.get("device") != "cuda"  # CPU runs do everything in turn, but copies over a link
+    copies = phases["decode_h2d_ms"] + phases["decode_d2h_ms"] if trace.run.get("link") else 0.0
+    phases["decode_host_ms"] = max(0.0, step_ms - compute - (beside - copies if serial else 0.0))  # as the simulator
     return {
         "policy": trace.run["policy"],
         "prefill_s": float(prefill),

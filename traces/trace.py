@@ -52,8 +52,12 @@ LAYER_COLUMNS: dict[str, pa.DataType] = {
     # as n followed by n gaps between sorted positions (small numbers, which zstd packs well);
     # see encode_selection / decode_selection
     "selected": pa.list_(pa.int32()),
+    # every host<->device copy of the layer in the step: direction (0 h2d, 1 d2h), start and end in
+    # seconds from the step's start, flattened; overlap with compute can be read off it
+    "copies": pa.list_(pa.float64()),
+    "done_s": pa.float64(),  # when the layer's compute (its FFN) ended, seconds from the step's start
 }
-OPTIONAL_COLUMNS = ("selected",)  # traces written before the column existed read as empty lists
+OPTIONAL_COLUMNS = ("selected", "copies", "done_s")  # traces written before a column existed read as empty/0
 LIST_COLUMNS = tuple(name for name, dtype in LAYER_COLUMNS.items() if pa.types.is_list(dtype))
 STEP_FIELDS = ("step", "phase", "n_new", "kv_len", "wall_s", "embed_s", "head_s", "nll", "evicted")
 RUN_FIELDS = ("policy", "policy_knobs", "batch", "prompt_lens", "gen_len", "dtype", "device", "sampling", "weights")
@@ -196,8 +200,9 @@ def read_trace(path: str | Path) -> Trace:
         raise InfinisimError("does not match the contents (file modified or corrupted)", path, "header.content_hash")
     for name in OPTIONAL_COLUMNS:
         if name not in table.column_names:
+            empty = [] if name in LIST_COLUMNS else 0.0
             table = table.append_column(pa.field(name, LAYER_COLUMNS[name]),
-                                        pa.array([[]] * table.num_rows, LAYER_COLUMNS[name]))
+                                        pa.array([empty] * table.num_rows, LAYER_COLUMNS[name]))
     steps = pd.DataFrame(header["steps"], columns=list(STEP_FIELDS))
     layers = table.select(list(LAYER_COLUMNS)).to_pandas()
     for name in LIST_COLUMNS:  # plain lists, as the writer was given (pandas would hold numpy arrays)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from infinisim.executor.kvcache import CopyEngine, KVStore, PolicyContext
+from infinisim.executor.kvcache import KVStore, PolicyContext
 from infinisim.executor.model import Step
 from infinisim.executor.policies.base import record_layer
 from infinisim.executor.selection import decode_logits
@@ -28,7 +28,7 @@ class WholeCache:
     def __init__(self, ctx: PolicyContext):
         self.host: KVStore = ctx.store(ctx.host_device, pin_memory=ctx.host_pinned)
         self.staging = ctx.store(ctx.device, n_layers=1)  # one layer's cache on the device at a time
-        self.copies = CopyEngine(ctx.device)
+        self.copies = ctx.copy_engine()
 
     def attend(self, layer: int, k_new: Tensor, v_new: Tensor, step: Step) -> tuple[Tensor, Tensor, Tensor]:
         start, end = step.start, step.start + step.n_new

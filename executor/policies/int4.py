@@ -9,7 +9,7 @@ from torch import Tensor
 
 from infinisim.core.errors import InfinisimError
 from infinisim.core.policies import Int4Knobs
-from infinisim.executor.kvcache import CopyEngine, KVStore, PolicyContext
+from infinisim.executor.kvcache import KVStore, PolicyContext
 from infinisim.executor.model import Step
 from infinisim.executor.policies.base import Policy, record_layer
 
@@ -54,7 +54,7 @@ class Int4(Policy):
                             pin_memory=ctx.host_pinned, **shape)
         self.staging = [KVStore(1, head_dim=width, dtype=dt, device=ctx.device, **shape)
                         for width, dt in ((d // 2, torch.uint8), (groups, ctx.dtype), (groups, ctx.dtype))]
-        self.copies = CopyEngine(ctx.device)
+        self.copies = ctx.copy_engine()
         self.row_bytes = sum(s.token_bytes for s in (self.codes, self.scales, self.lows))
 
     def decode_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step

@@ -158,6 +158,17 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="random weights for a named architecture (timing-only runs)")
 
 
+def add_link_flag(p: argparse.ArgumentParser, replay: bool = False) -> None:
+    what = ("a CPU profile (e.g. a calibrated one): replace its link with an emulated one, as `run --link` used "
+            "(a trace's own link is used when it has one); ") if replay else \
+        ("CPU runs: copy between host and device memory over an emulated link, so prefetch overlaps compute and "
+         "stalls happen; ")
+    p.add_argument("--link", metavar="SPEC",
+                   help=what + "BANDWIDTH[,LATENCY][,duplex] (e.g. 0.5GB/s,10us), or scaled-pcie3 (the paper's "
+                        "PCIe 3.0 x16 scaled by this machine's memcpy over the A6000's memory bandwidth; the rate "
+                        "it picks is printed and kept in the trace); default: none")
+
+
 def add_share_flags(p: argparse.ArgumentParser, axes: bool = False) -> None:
     """Where a speculating policy's share of the cache comes from, in the simulator."""
     share = p.add_mutually_exclusive_group()

@@ -26,6 +26,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     flags.add_policy_flags(p, "resident", "run one after another on the same model and prompts")
     flags.add_knob_flags(p)
     flags.add_device_flags(p)
+    flags.add_link_flag(p)
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
                                                             "whose probability reaches this (default 1: all)")
@@ -64,6 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from infinisim.executor.generate import SamplingConfig
     from infinisim.executor.kvcache import Measurement
     from infinisim.executor.session import Session, check_shape, pick_device
+    from infinisim.hwprofiles.emulated import parse_link
     from infinisim.traces.spec import MODELS
     from infinisim.traces.summary import summarize
 
@@ -73,8 +75,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_shape(MODELS[args.model], args.batch, prompt_len, args.gen_len, args.dtype, pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
+    link = parse_link(args.link) if args.link else None
+    if link is not None:
+        print(f"link: {link.name}", file=sys.stderr)
     session = Session(args.model, args.dtype, args.device, args.random_weights,
-                      log=lambda line: print(line, file=sys.stderr))
+                      log=lambda line: print(line, file=sys.stderr), link=link)
     prompts = session.prompts(args.batch, prompt_len, text, args.gen_len, args.quality,
                               "file" if args.prompt_file else "text",
                               field="--prompt-file" if args.prompt_file else "--prompt")

@@ -23,19 +23,26 @@ def add_replay_parser(sub: argparse._SubParsersAction) -> None:
     p = flags.verb(sub, "replay", cmd_replay, "simulate a trace's run on a hardware profile")
     p.add_argument("trace", nargs="+", help="trace file(s) written by `infinisim run`")
     p.add_argument("--profile", required=True, help="a shipped profile's name (`infinisim profiles list`) or a YAML")
+    flags.add_link_flag(p, replay=True)
     _add_output_flags(p)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay the fetch sizes a traced run really made (same model, batch, lengths, policy) on a
-    hardware profile: per-step predicted time with a breakdown, throughput, memory peaks, link use."""
+    hardware profile: per-step predicted time with a breakdown, throughput, memory peaks, link use.
+    A CPU run over an emulated link replays on a CPU profile with that link."""
     from infinisim.hwprofiles.profile import load_profile
+    from infinisim.sim.run import profile_for
     from infinisim.sim.workload import from_trace
     from infinisim.traces.trace import read_trace
 
     _check_outputs(args)
-    profile = load_profile(args.profile)
-    return _simulate_and_print([from_trace(read_trace(path)) for path in args.trace], profile, args)
+    profile = with_link(load_profile(args.profile), args.link)
+    traces = [read_trace(path) for path in args.trace]
+    profiles = {profile_for(t, profile).name: profile_for(t, profile) for t in traces}
+    if len(profiles) > 1:
+        raise InfinisimError("the traces ran over different links: replay them one link at a time", field="trace")
+    return _simulate_and_print([from_trace(t) for t in traces], next(iter(profiles.values())), args)
 
 
 def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +54,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-len", type=flags.positive, default=128, help="generated tokens per sequence (default 128)")
     flags.add_policy_flags(p, "full", "each simulated")
     p.add_argument("--dtype", choices=flags.DTYPES, default="float16", help="weights and KV cache (default float16)")
+    flags.add_link_flag(p, replay=True)
     flags.add_knob_flags(p)
     flags.add_share_flags(p)
     _add_output_flags(p)
@@ -65,7 +73,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     _check_outputs(args)
     policies, spec = flags.policy_names(args.policy), named_model(args.model)
-    profile = load_profile(args.profile)
+    profile = with_link(load_profile(args.profile), args.link)
     speculated: Any = args.speculated_fraction
     if args.from_trace:
         speculated = speculated_from_trace(read_trace(args.from_trace), args.alpha, spec)
@@ -77,6 +85,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     workloads = [synthetic(spec, batch, prompt_len, args.gen_len, name, args.dtype, knobs, speculated)
                  for name in policies for prompt_len in args.prompt_len for batch in args.batch]
     return _simulate_and_print(workloads, profile, args)
+
+
+def with_link(profile: Any, link: str | None) -> Any:
+    """The profile, its link replaced by an emulated one (`--link`; CPU profiles only)."""
+    if not link:
+        return profile
+    from infinisim.hwprofiles.emulated import parse_link
+
+    if not profile.host_computes:
+        raise InfinisimError(f"an emulated link replaces a CPU profile's link; {profile.name} is a GPU's",
+                             field="--link")
+    spec = parse_link(link)
+    return profile.with_link(spec.bandwidth, spec.latency, spec.duplex, spec.name)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

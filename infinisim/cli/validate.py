@@ -22,6 +22,7 @@ def add_validate_parser(sub: argparse._SubParsersAction) -> None:
     flags.add_model_flags(p)
     flags.add_device_flags(p)
     flags.add_knob_flags(p)
+    flags.add_link_flag(p)
     p.add_argument("--out", default="validation", help="folder for profile, traces, JSON and plot (default "
                                                        "validation/)")
     p.add_argument("--quick", action="store_true", help="calibrate as `infinisim calibrate --quick` does (seconds, "
@@ -42,7 +43,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     data = validate(args.out, traces=args.trace, profile=args.profile, policies=flags.policy_names(args.policy),
                     batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, model=args.model,
                     random_weights=args.random_weights, device=args.device, dtype=args.dtype,
-                    quick_calibration=args.quick, knobs=flags.knobs_given(args), command=args.command_line,
+                    quick_calibration=args.quick, knobs=flags.knobs_given(args), link=args.link,
+                    command=args.command_line,
                     log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print_json({"comparisons": data["comparisons"], "relative": data["relative"]})
