@@ -16,7 +16,7 @@ from infinisim.core.files import write_bytes_atomic, write_json
 from infinisim.sim.engine import PHASES, SimResult
 from infinisim.sim.workload import Workload
 
-COMPARED_PHASES = ("attn", "ffn", "spec", "gather", "h2d", "d2h")
+COMPARED_PHASES = ("attn", "ffn", "wait", "spec", "gather", "h2d", "d2h")
 
 
 def _errors(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
@@ -53,13 +53,13 @@ def compare(workload: Workload, result: SimResult) -> dict[str, Any]:
             continue
         phases[phase] = {"measured_ms": float(measured.mean() * 1e3), "predicted_ms": float(predicted.mean() * 1e3),
                          "error_pct": float((predicted.sum() - measured.sum()) / max(measured.sum(), 1e-12) * 100)}
-    other_measured = measured_steps - sum(
-        layers[f"{p}_s"].to_numpy().reshape(n_steps, n_layers).sum(axis=1) for p in COMPARED_PHASES)
-    phases["other (embed, head, host)"] = {
-        "measured_ms": float(other_measured.mean() * 1e3),
-        "predicted_ms": float((predicted_steps - result.phase_s[1:, :n_layers][..., [PHASES.index(p) for p in
-                                                                                  COMPARED_PHASES]].sum(
-            axis=(1, 2))).mean() * 1e3)}
+    busy = ("attn", "ffn", "wait", *workload.measured["serial"])  # what the compute thread did, besides host work
+    host_measured = measured_steps - sum(
+        layers[f"{p}_s"].to_numpy().reshape(n_steps, n_layers).sum(axis=1) for p in busy)
+    phases["host (and embed, head)"] = {
+        "measured_ms": float(host_measured.mean() * 1e3),
+        "predicted_ms": result.summary()["decode_phase_ms"]["host"]
+        + float(result.phase_s[1:, n_layers, [PHASES.index("embed"), PHASES.index("head")]].sum(-1).mean() * 1e3)}
     out["phases"] = phases
     measured_layer = sum(layers[f"{p}_s"].to_numpy().reshape(n_steps, n_layers) for p in COMPARED_PHASES).mean(0)
     predicted_layer = result.phase_s[1:, :n_layers][..., [PHASES.index(p) for p in COMPARED_PHASES]].sum(-1).mean(0)

@@ -3,6 +3,10 @@
 Writes JSON (default benchmarks/results/executor-<device>-<model>.json). Run on demand:
     .venv/bin/python benchmarks/bench_executor.py                      # SmolLM2, CPU, b4, p2048, g32
     .venv/bin/python benchmarks/bench_executor.py --model llama-3-8b --random-weights --batch 8 --device cuda
+    .venv/bin/python benchmarks/bench_executor.py --batch 8 --prompt-len 4096 --link scaled-pcie3 \
+        --policies resident,full,infinigen,h2o,int4      # CPU over an emulated link: overlap and stalls
+With --link, each policy's report also has its compute time per step (the step less its waits),
+its link busy time per step and the share of the step spent waiting.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from pathlib import Path
 import torch
 
 from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.link import EmulatedLink
 from infinisim.executor.loaders import load_model
 from infinisim.executor.prompts import bundled_prompts
 from infinisim.executor.recording import run_policy
+from infinisim.hwprofiles.emulated import parse_link
 from infinisim.traces.spec import DTYPE_BYTES
 from infinisim.traces.summary import summarize
 
@@ -35,8 +41,12 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1, help="run the policy list this many times, interleaved")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--link", help="CPU: an emulated link (as `infinisim run --link`)")
     p.add_argument("--out", help="JSON path")
     args = p.parse_args()
+    link = EmulatedLink(parse_link(args.link)) if args.link else None
+    if link is not None:
+        print(f"link: {link.spec.name}", file=sys.stderr)
 
     loaded = load_model(args.model, args.dtype, args.device, args.random_weights)
     spec = loaded.model.spec
@@ -48,8 +58,12 @@ def main() -> int:
         for name in policies:
             t0 = time.perf_counter()
             _, trace = run_policy(loaded.model, prompts, name, sampling, {"model": args.model,
-                                                                           "weights": loaded.source})
+                                                                           "weights": loaded.source}, link=link)
             summary = summarize(trace)
+            step = summary["decode_ms_mean"]
+            summary["compute_ms_per_step"] = step - summary["decode_wait_ms"]
+            summary["link_busy_ms_per_step"] = summary["decode_h2d_ms"] + summary["decode_d2h_ms"]
+            summary["wait_share"] = summary["decode_wait_ms"] / step
             decode = trace.decode_steps()
             # full: per step, layers x 2 x kv_heads x head_dim x bytes x cached tokens x batch
             rows = trace.layers.merge(decode[["step", "n_new"]], on="step")
@@ -61,8 +75,9 @@ def main() -> int:
             summary["run_s"] = time.perf_counter() - t0
             results[name].append(summary)
             print(f"[{rep}] {name}: decode {summary['decode_ms_mean']:.1f} ms/step (p50 "
-                  f"{summary['decode_ms_p50']:.1f}), H2D {summary['bytes_h2d_per_decode_step'] / 1e6:.1f} MB/step",
-                  file=sys.stderr)
+                  f"{summary['decode_ms_p50']:.1f}), H2D {summary['bytes_h2d_per_decode_step'] / 1e6:.1f} MB/step, "
+                  f"wait {summary['wait_share']:.0%}, compute {summary['compute_ms_per_step']:.1f} ms, link busy "
+                  f"{summary['link_busy_ms_per_step']:.1f} ms", file=sys.stderr, flush=True)
 
     def median_ms(name: str) -> float:
         return statistics.median(r["decode_ms_mean"] for r in results[name])
@@ -70,7 +85,8 @@ def main() -> int:
     ratios = {f"{name}_vs_{policies[0]}": median_ms(name) / median_ms(policies[0]) for name in policies[1:]}
     report = {
         "benchmark": "executor_decode",
-        "config": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "config": {**vars(args), "link_spec": link.spec.to_dict() if link else None, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(),
                    "device_name": torch.cuda.get_device_name() if args.device == "cuda" else None},
         "model": spec.to_dict(),
         "kv_bytes_per_token_all_layers": spec.kv_bytes_per_token(args.dtype),

@@ -137,6 +137,7 @@ class Profile:
     link: Link
     host: Host
     path: str = ""
+    memcpy: Profile | None = None  # with an emulated link: the profile as calibrated (copies within RAM)
 
     @property
     def host_computes(self) -> bool:
@@ -158,7 +159,7 @@ class Profile:
         """This machine's profile with its copies over an emulated link (executor/link.py)."""
         link = Link(name=f"emulated {name}", h2d_bandwidth=bandwidth, d2h_bandwidth=bandwidth,
                     pageable_bandwidth=bandwidth, latency=latency, duplex=duplex, emulated=True)
-        return replace(self, link=link, name=f"{self.name}+link")
+        return replace(self, link=link, name=f"{self.name}+link", memcpy=self.memcpy or self)
 
     def matmul_rate(self, dtype: str) -> float:
         peak = self.device.matmul_flops_fp32 if dtype == "float32" else self.device.matmul_flops

@@ -134,8 +134,8 @@ class Costs:
         CPU-only machine the device is RAM, so it is the measured memcpy rate at that size."""
         if nbytes <= 0:
             return 0.0
-        if self.profile.kind == "cpu":
-            return copy_time(self.profile, nbytes, "h2d")
+        if self.profile.kind == "cpu":  # the machine's own memcpy, also when its copies cross an emulated link
+            return copy_time(self.profile.memcpy or self.profile, nbytes, "h2d")
         return 2 * nbytes / self.stream_bw
 
     def selected_attend_extra(self, fetched_bytes: float) -> Work:

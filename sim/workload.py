@@ -90,7 +90,10 @@ def from_trace(trace: Trace) -> Workload:
     speculating = np.array([len(c) > 0 for c in spec_rows["alpha_counts"]]) if kv.speculating \
         else np.zeros(n_layers, dtype=bool)
     steps = trace.steps.set_index("step")
-    measured = {"step_wall_s": steps.loc[steps["phase"] == "decode", "wall_s"].to_numpy(),
+    decoding = steps["phase"] == "decode"
+    measured = {"step_wall_s": steps.loc[decoding, "wall_s"].to_numpy(),
+                "serial": ("spec", "gather") + (("h2d", "d2h") if not run.get("link") else ())
+                if run["device"] != "cuda" else (),
                 "prefill_wall_s": float(steps.loc[steps["phase"] == "prefill", "wall_s"].sum()),
                 "layers": decode}
     try:
