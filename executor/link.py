@@ -16,7 +16,10 @@ for an event.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +31,14 @@ from torch import Tensor
 from infinisim.hwprofiles.emulated import LinkSpec
 
 SLICE = 1e-3  # seconds of link time per reservation: copies in both directions interleave at this grain
+TIMER_SLACK_NS = 1000  # Linux lets a sleep overshoot by 50 us by default; a copy engine wakes on time
+
+
+def _precise_sleeps() -> None:
+    """Ask Linux to wake this thread within TIMER_SLACK_NS of its deadline (PR_SET_TIMERSLACK)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no libc prctl: sleeps overshoot a little more
+            ctypes.CDLL(None).prctl(29, TIMER_SLACK_NS, 0, 0, 0)
 
 
 class Handle:
@@ -52,6 +63,7 @@ class Handle:
 class _Job:
     pairs: list[tuple[Tensor, Tensor]]  # (destination, source)
     after: list[Handle]
+    issued: float  # perf_counter at submit: the copy may have the link from then (as a DMA engine would)
     handle: Handle
     on_done: Callable[[Handle], None] | None
 
@@ -72,7 +84,8 @@ class EmulatedLink:
                on_done: Callable[[Handle], None] | None = None) -> Handle:
         """Queue copies of (destination, source) pairs; `after`: handles they must wait for."""
         handle = Handle()
-        self._queues[direction].put(_Job(pairs, [h for h in after if h is not None], handle, on_done))
+        self._queues[direction].put(_Job(pairs, [h for h in after if h is not None], time.perf_counter(), handle,
+                                            on_done))
         self.tail[direction] = handle
         return handle
 
@@ -92,6 +105,7 @@ class EmulatedLink:
             return start + seconds
 
     def _engine(self, direction: str) -> None:
+        _precise_sleeps()
         with torch.inference_mode():  # as the decode loop: its tensors may be inference tensors
             self._run(direction)
 
@@ -102,14 +116,14 @@ class EmulatedLink:
             try:
                 for h in job.after:
                     h.synchronize()
-                for i, (dst, src) in enumerate(job.pairs):  # a copy per pair: each pays the latency, as on CUDA
-                    started = time.perf_counter()
+                # on the link from submit or when what it waits for landed; pairs follow each other
+                not_before = max([job.issued] + [h.end for h in job.after])
+                for dst, src in job.pairs:  # a copy per pair: each pays the latency, as on CUDA
                     dst.copy_(src)  # the memcpy runs inside the copy's link time, not on top of it
                     seconds = self.spec.latency + src.numel() * src.element_size() / self.spec.bandwidth
-                    first = self._pace(direction, seconds, started)
+                    first, not_before = self._pace(direction, seconds, not_before)
                     job.handle.busy += seconds
-                    if i == 0:  # the copy's span: from when it first had the link
-                        job.handle.start = first
+                    job.handle.start = job.handle.start or first  # the copy's span: from when it first had the link
                 job.handle.end = time.perf_counter()
             except BaseException as exc:  # surfaced to the thread that waits on the handle
                 job.handle.error = exc
@@ -117,10 +131,10 @@ class EmulatedLink:
                 job.on_done(job.handle)
             job.handle._done.set()
 
-    def _pace(self, direction: str, seconds: float, started: float) -> float:
-        """Hold the link for `seconds` from `started` (or when it frees), slice by slice; returns
-        when the first slice began."""
-        not_before, first = started, None
+    def _pace(self, direction: str, seconds: float, not_before: float) -> tuple[float, float]:
+        """Hold the link for `seconds` from `not_before` (or when it frees), slice by slice; returns
+        when the first slice began and when the last one ends."""
+        first = None
         while seconds > 0:
             piece = min(seconds, SLICE)
             not_before = self._reserve(direction, piece, not_before)
@@ -129,4 +143,4 @@ class EmulatedLink:
             if delay > 0:
                 time.sleep(delay)
             seconds -= piece
-        return started if first is None else first
+        return (not_before if first is None else first), not_before
