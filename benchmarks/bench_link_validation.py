@@ -5,7 +5,7 @@ each run replayed on this machine's calibrated profile with the same link (`infi
 per cell the step MAPE, the predicted and measured wait per step (as a share of the step) and
 the predicted and measured infinigen/full speedup.
 
-    .venv/bin/python benchmarks/bench_link_validation.py [--rates 0.25,1,4] [--out DIR]
+    .venv/bin/python benchmarks/bench_link_validation.py [--rates 0.25,1,4] [--out DIR] [--reuse]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main() -> int:
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--profile", help="a calibrated profile (default: calibrate now)")
     p.add_argument("--out", default="benchmarks/results/link-validation")
+    p.add_argument("--reuse", action="store_true",
+                   help="replay the traces a previous run left in OUT instead of running the executor again")
     args = p.parse_args()
     out = Path(args.out)
     profile = args.profile or str(write_profile(calibrate(log=log), out / "profile.yaml"))
@@ -45,7 +47,9 @@ def main() -> int:
         for rate in args.rates.split(","):
             link = f"{rate}GB/s,{args.latency}"
             log(f"batch {batch}, prompt {prompt}, link {link}")
-            data = validate(out / f"b{batch}-p{prompt}-{rate}GBs", profile=profile, policies=POLICIES, batch=batch,
+            cell = out / f"b{batch}-p{prompt}-{rate}GBs"
+            traces = sorted(str(t) for t in cell.glob("*.trace.parquet")) if args.reuse else None
+            data = validate(cell, traces=traces or None, profile=profile, policies=POLICIES, batch=batch,
                             prompt_len=prompt, gen_len=args.gen_len, link=link,
                             command=f"benchmarks/bench_link_validation.py ({link}, batch {batch}, prompt {prompt})",
                             log=log)

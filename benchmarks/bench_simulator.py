@@ -70,7 +70,8 @@ def infinigen_shares(text_path: Path, prompt_len: int) -> tuple[np.ndarray, str]
 
         ids, source = loaded.tokenizer.encode(bundled_text()[:40000]).ids, "pydoc_data.topics"
     _, trace = run_policy(loaded.model, [ids[:prompt_len]], "infinigen", SamplingConfig(32, stop_at_eos=False),
-                          {"model": "smollm2-135m", "weights": "embedded"})
+                          {"model": "smollm2-135m", "weights": "embedded"},
+                          knobs={**PAPER_INFINIGEN, "alpha": PAPER_ALPHA})
     return speculated_fraction_per_layer(trace, PAPER_ALPHA), source
 
 
