@@ -46,6 +46,7 @@ class Config:
     speculated_fraction: float | None = None  # speculating policies: the uncapped share each layer wants
     speculated_by_alpha: tuple[float, ...] | None = None  # ... or that share per alpha 1..9 (from a trace)
     fingerprint: str = ""  # of everything else the result depends on: profile contents, model spec, code
+    exact: bool = False  # simulated event by event (else computed directly: the same answer, sim/direct.py)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
@@ -63,6 +64,7 @@ class Sweep:
     dtype: str = "float16"
     speculated_fraction: float | None = None
     speculated_by_alpha: tuple[float, ...] | None = None
+    exact: bool = False  # every config event by event (the reference), not by the direct computation
 
     def size(self) -> int:
         """How many configs the sweep expands to, at most (before duplicates collapse)."""
@@ -86,7 +88,7 @@ class Sweep:
             for combo in itertools.product(*axes):
                 c = Config(profile, model, batch, prompt, gen, name, tuple(combo), self.dtype,
                            self.speculated_fraction if kv.speculating else None,
-                           self.speculated_by_alpha if kv.speculating else None, prints[profile, model])
+                           self.speculated_by_alpha if kv.speculating else None, prints[profile, model], self.exact)
                 out.setdefault(c.key(), c)
         return list(out.values())
 
@@ -195,8 +197,8 @@ def evaluate(config: Config) -> dict[str, Any]:
     from infinisim.sim.workload import synthetic
     from infinisim.traces.spec import named_model
 
-    row: dict[str, Any] = {"key": config.key(), **{k: v for k, v in asdict(config).items()
-                                                    if k not in ("knobs", "speculated_by_alpha", "fingerprint")}}
+    hidden = ("knobs", "speculated_by_alpha", "fingerprint", "exact")
+    row: dict[str, Any] = {"key": config.key(), **{k: v for k, v in asdict(config).items() if k not in hidden}}
     alpha = None
     try:
         kv = policy(config.policy)
@@ -212,7 +214,7 @@ def evaluate(config: Config) -> dict[str, Any]:
                       knobs.to_dict(), share)
     except InfinisimError as exc:
         return {**row, "fits": False, "does_not_fit": f"invalid: {exc}"}
-    outcome = simulate_if_fits(w, profile)
+    outcome = simulate_if_fits(w, profile, exact=config.exact)
     s = outcome.summary()
     row.update(device_gb=s["device_peak_gb"], host_gb=s["host_peak_gb"], fetched_fraction=s["fetched_fraction"])
     if not outcome.fits:

@@ -13,6 +13,8 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 from infinisim.core.errors import InfinisimError
 
 
@@ -108,9 +110,13 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (ALPHA, PARTIAL_RATIO, BUDGET, DENS
 # ------------------------------------------------------------------ arithmetic both sides share
 
 
-def budget_cap(budget: float, n_tokens: int) -> int:
+def budget_cap(budget: float, n_tokens: Any) -> Any:
     """Most rows a layer fetches from n_tokens cached ones: a fraction of them (budget <= 1,
-    rounded up, at least 1) or a count (budget > 1, at most n_tokens)."""
+    rounded up, at least 1) or a count (budget > 1, at most n_tokens). n_tokens: a number, or an
+    array of them (the simulator's steps x layers)."""
+    if np.ndim(n_tokens):
+        cap = np.maximum(1, np.ceil(n_tokens * budget)) if budget <= 1 else np.minimum(int(budget), n_tokens)
+        return cap.astype(np.int64)
     if budget <= 1:
         return max(1, math.ceil(n_tokens * budget))
     return min(int(budget), n_tokens)

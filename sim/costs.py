@@ -13,7 +13,9 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from infinisim.core.policies import partial_width
 from infinisim.hwprofiles.profile import Profile
@@ -101,7 +103,7 @@ class Costs:
         kv_bytes = 2.0 * self.batch * s.n_kv_heads * n_keys * d * self.e
         flops = 4.0 * self.batch * s.n_heads * n_keys * d
         bw = self.profile.device.memory_bandwidth * self.profile.device.attention_efficiency
-        return max(kv_bytes / bw, flops / self.profile.matmul_rate(self.dtype))
+        return np.maximum(kv_bytes / bw, flops / self.profile.matmul_rate(self.dtype))
 
     # ---------------------------------------------------------------- phases of one layer
 
@@ -132,7 +134,7 @@ class Costs:
     def device_copy(self, nbytes: float) -> float:
         """A copy within device memory. On a GPU: read and write at the streaming bandwidth; on a
         CPU-only machine the device is RAM, so it is the measured memcpy rate at that size."""
-        if nbytes <= 0:
+        if not np.any(nbytes > 0):
             return 0.0
         if self.profile.kind == "cpu":  # the machine's own memcpy, also when its copies cross an emulated link
             return copy_time(self.profile.memcpy or self.profile, nbytes, "h2d")
@@ -160,8 +162,8 @@ class Costs:
         sweep = d.speculation_sweep
         if sweep:  # calibrated on the executor's own speculation; beyond the sweep, per score
             last_n, last_s = sweep[-1]
-            measured = interpolate_log([p[0] for p in sweep], [p[1] for p in sweep], n_scores) \
-                if n_scores <= last_n else last_s + (n_scores - last_n) * per_score
+            measured = choose(n_scores <= last_n, interpolate_log([p[0] for p in sweep], [p[1] for p in sweep],
+                                                                  n_scores), last_s + (n_scores - last_n) * per_score)
             return Work(query + keys + measured)
         return Work(query + keys + n_scores * per_score, SPEC_OPS[s.family])
 
@@ -216,18 +218,21 @@ class Costs:
     def copy(self, nbytes: float, direction: str, n_tensors: int, pinned: bool = True) -> Work:
         """Copies of n_tensors equal tensors (K and V, or int4's codes, scales and minimums),
         nbytes in all, host->device ('h2d') or device->host ('d2h')."""
-        if nbytes <= 0:
+        if not np.any(nbytes > 0):
             return Work(0.0)
         one = copy_time(self.profile, nbytes / n_tensors, direction, pinned)
         return Work(n_tensors * one, n_tensors * COPY_OPS[direction])
 
     def gather(self, nbytes: float) -> Work:
         """Host gather of scattered KV rows into the staging buffer."""
-        return Work(nbytes / self.profile.host.gather_bandwidth if nbytes > 0 else 0.0, GATHER_OPS)
+        return Work(np.maximum(nbytes, 0) / self.profile.host.gather_bandwidth, GATHER_OPS)
 
 
-def interpolate_log(sizes: list[float], values: list[float], size: float) -> float:
-    """The value at `size` between measured points, linear in log-log; clamped outside them."""
+def interpolate_log(sizes: list[float], values: list[float], size: Any) -> Any:
+    """The value at `size` (a number, or an array of them) between measured points, linear in
+    log-log; clamped outside them."""
+    if np.ndim(size):
+        return np.exp(np.interp(np.log(size), np.log(sizes), np.log(values)))
     if size <= sizes[0]:
         return values[0]
     if size >= sizes[-1]:
@@ -235,6 +240,14 @@ def interpolate_log(sizes: list[float], values: list[float], size: float) -> flo
     i = bisect.bisect_right(sizes, size)
     w = (math.log(size) - math.log(sizes[i - 1])) / (math.log(sizes[i]) - math.log(sizes[i - 1]))
     return math.exp((1 - w) * math.log(values[i - 1]) + w * math.log(values[i]))
+
+
+def choose(condition: Any, yes: Any, no: Any) -> Any:
+    """`yes` where the condition holds, else `no`: for numbers, or elementwise for arrays (the
+    direct simulation times every decode step at once)."""
+    if np.ndim(condition):
+        return np.where(condition, yes, no)
+    return yes if condition else no
 
 
 def copy_time(profile: Profile, nbytes: float, direction: str, pinned: bool = True) -> float:
@@ -248,6 +261,6 @@ def copy_time(profile: Profile, nbytes: float, direction: str, pinned: bool = Tr
         return link.latency + nbytes / peak
     sizes = [p[0] for p in link.sweep]
     rates = [p[1] if direction == "h2d" else p[2] for p in link.sweep]
-    if nbytes <= sizes[0]:  # latency-bound: the smallest measured copy's time, less the bytes not sent
-        return max(link.latency, sizes[0] / rates[0] - (sizes[0] - nbytes) / rates[-1])
-    return nbytes / interpolate_log(sizes, rates, nbytes)
+    # below the sweep, latency-bound: the smallest measured copy's time, less the bytes not sent
+    return choose(nbytes <= sizes[0], np.maximum(link.latency, sizes[0] / rates[0] - (sizes[0] - nbytes) / rates[-1]),
+                  nbytes / interpolate_log(sizes, rates, nbytes))

@@ -16,6 +16,7 @@ class in `sim.policies` (`Workload.kv_policy`).
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -92,18 +93,18 @@ def host_bound_ms(step_ms: float, phase_ms: dict[str, float], serial: tuple[str,
     return max(0.0, step_ms - busy)
 
 
-Account = Callable[[str, list[tuple[str, int, float]], float, float], None]
+Account = Callable[[str, list[tuple[str, int, float]], float, float, Any], None]
 
 
 class Stream:
     """Runs ops in issue order; an op starts when issued, when the previous op is done, and when
     the events it waits for have happened; it then holds the stream's engine (when the engine is
-    shared with another stream) for its duration. `account(stream, parts, start, waited)` hears
-    of each op when it is done."""
+    shared with another stream) for its duration. `account(stream, parts, start, waited, step)`
+    hears of each op when it is done (`step`: the decode step that issued it)."""
 
     def __init__(self, env: simpy.Environment, name: str, engine: simpy.Resource | None, account: Account):
         self.env, self.name, self.engine, self.account = env, name, engine, account
-        self.queue: deque[tuple[list[tuple[str, int, float]], float, list[simpy.Event], simpy.Event]] = deque()
+        self.queue: deque[tuple[list[tuple[str, int, float]], float, list[simpy.Event], simpy.Event, Any]] = deque()
         self.idle: simpy.Event | None = None  # set while the stream waits for work
         self.tail: simpy.Event | None = None
         env.process(self.run())
@@ -114,7 +115,7 @@ class Stream:
             if not self.queue:
                 self.idle = env.event()
                 yield self.idle
-            parts, issued, after, done = self.queue.popleft()
+            parts, issued, after, done, step = self.queue.popleft()
             if issued > env.now:  # the host has not issued it yet
                 yield env.timeout(issued - env.now)
             ready = env.now
@@ -133,14 +134,14 @@ class Stream:
                     yield slot
                     start = env.now
                     yield env.timeout(duration)
-            self.account(self.name, parts, start, waited)
+            self.account(self.name, parts, start, waited, step)
             done.succeed()
 
-    def submit(self, parts: list[tuple[str, int, float]], after: list[simpy.Event], issued: float = 0.0
-               ) -> simpy.Event:
+    def submit(self, parts: list[tuple[str, int, float]], after: list[simpy.Event], issued: float = 0.0,
+               step: Any = 0) -> simpy.Event:
         """Queue an op issued at time `issued`: parts are (phase, layer, seconds), run back to back."""
         done = self.env.event()
-        self.queue.append((parts, issued, after, done))
+        self.queue.append((parts, issued, after, done, step))
         if self.idle is not None:
             idle, self.idle = self.idle, None
             idle.succeed()
@@ -155,40 +156,47 @@ class Simulation:
         self.w, self.profile, self.memory = workload, profile, memory
         self.kv = workload.kv_policy
         self.costs = Costs(profile, workload.spec, workload.dtype, workload.batch)
-        self.env = CountingEnvironment()
         self.sync = profile.synchronous  # the host does everything in turn, copies included
         self.host_computes = profile.host_computes  # the host runs compute and speculation itself
-        # Engines shared by two streams are resources; a stream alone on its engine needs none. On a
-        # CPU-only profile all four share the cores, but the host waits for each op, so none overlap.
-        link = None if profile.link.duplex or self.sync else simpy.Resource(self.env, 1)
-        engines = {"compute": None, "spec": None, "h2d": link, "d2h": link}
-        self.streams = {name: Stream(self.env, name, engine, self.account) for name, engine in engines.items()}
+        self.streams = self.make_streams()
         self.launch_s = profile.device.launch_overhead
         n = workload.spec.n_layers
-        self.phase_s = np.zeros((workload.n_steps + 1, n + 1, len(PHASES)))
+        self.phase_s = self.phase_array((workload.n_steps + 1, n + 1, len(PHASES)))
         self.step_s = np.zeros(workload.n_steps + 1)
-        self.step = 0
-        self.host_t = 0.0
-        self.link_busy = 0.0
+        self.step: Any = 0  # the decode step (0: the prefill) the phases go to
+        self.host_t: Any = 0.0
+        self.qkv, self.ffn = self.costs.qkv(), self.costs.ffn()  # the same in every decode layer
+        self.pending: dict[int, Any] = {}  # layer -> its prefetch in flight
+        self.slot_free: list[Any] = [None, None]  # the last copy out of each prefetch slot
         self.timeline = timeline
         self.spans: list[tuple[str, str, int, int, float, float]] = []
 
+    def phase_array(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """Busy seconds per [step, layer, phase]."""
+        return np.zeros(shape)
+
+    def make_streams(self) -> dict[str, Any]:
+        """Engines shared by two streams are resources; a stream alone on its engine needs none. On a
+        CPU-only profile all four share the cores, but the host waits for each op, so none overlap."""
+        self.env = CountingEnvironment()
+        link = None if self.profile.link.duplex or self.sync else simpy.Resource(self.env, 1)
+        engines = {"compute": None, "spec": None, "h2d": link, "d2h": link}
+        return {name: Stream(self.env, name, engine, self.account) for name, engine in engines.items()}
+
     # ---------------------------------------------------------------- bookkeeping
 
-    def account(self, stream: str, parts: list[tuple[str, int, float]], start: float, waited: float) -> None:
-        step_row = self.phase_s[self.step]
+    def account(self, stream: str, parts: list[tuple[str, int, Any]], start: Any, waited: Any, step: Any) -> None:
+        step_row = self.phase_s[step]  # a view: [layers + 1, phases], or [steps, ...] for a slice of steps
         t = start
         for phase, layer, seconds in parts:
-            step_row[layer, P[phase]] += seconds
-            if phase in ("h2d", "d2h"):
-                self.link_busy += seconds
+            step_row[..., layer, P[phase]] += seconds
             if self.timeline:
-                self.spans.append((stream, phase, self.step, layer, t, t + seconds))
-            t += seconds
-        if stream == "compute" and waited > 0 and parts[0][1] != self.w.spec.n_layers:
-            step_row[parts[0][1], P["wait"]] += waited
-            if self.timeline:
-                self.spans.append((stream, "wait", self.step, parts[0][1], start - waited, start))
+                self.spans.append((stream, phase, step, layer, t, t + seconds))
+            t = t + seconds  # not in place: `start` may be the host clock's array
+        if stream == "compute" and parts[0][1] != self.w.spec.n_layers:
+            step_row[..., parts[0][1], P["wait"]] += waited
+            if self.timeline and waited > 0:
+                self.spans.append((stream, "wait", step, parts[0][1], start - waited, start))
 
     # The host thread keeps its own clock, `host_t`: issuing ops and host work advance it without
     # simulation events (ops carry their issue time), and it only yields where the executor's
@@ -209,8 +217,8 @@ class Simulation:
         if runs_it:  # the host thread does the work, launches included
             timed[0] = (timed[0][0], timed[0][1], timed[0][2] + kernels)
         else:
-            self.host_t += kernels
-        done = self.streams[stream].submit(timed, [e for e in after if e is not None], self.host_t)
+            self.host_t = self.host_t + kernels
+        done = self.streams[stream].submit(timed, [e for e in after if e is not None], self.host_t, self.step)
         if runs_it:
             yield from self.wait(done)
         return done
@@ -218,7 +226,7 @@ class Simulation:
     def host_work(self, phase: str, layer: int, work: Work) -> None:
         """Work on the host thread itself: the gather of selected rows, bookkeeping between phases."""
         seconds = work.seconds + work.kernels * self.launch_s
-        if seconds <= 0:
+        if not np.any(seconds > 0):
             return
         start, self.host_t = self.host_t, self.host_t + seconds
         self.phase_s[self.step, layer, P[phase]] += seconds
@@ -227,7 +235,7 @@ class Simulation:
 
     def copy(self, direction: str, layer: int, nbytes: float, after: tuple[simpy.Event | None, ...]
              ) -> Generator[simpy.Event, Any, simpy.Event | None]:
-        if nbytes <= 0:
+        if not np.any(nbytes > 0):
             return None
         work = self.costs.copy(nbytes, direction, self.kv.copy_tensors, self.w.host_pinned)
         return (yield from self.launch(direction, [(direction, layer, work)], after))
@@ -237,9 +245,12 @@ class Simulation:
     def run(self) -> SimResult:
         self.env.process(self.host())
         self.env.run()
-        link = self.link_busy if not self.sync else self.phase_s[..., [P["h2d"], P["d2h"]]].sum()
-        return SimResult(self.w, self.profile, self.step_s, self.phase_s, self.memory, float(link),
-                         self.env.scheduled, self.spans)
+        return self.result(self.env.scheduled)
+
+    def result(self, events: int) -> SimResult:
+        link = self.phase_s[..., [P["h2d"], P["d2h"]]].sum()
+        return SimResult(self.w, self.profile, self.step_s, self.phase_s, self.memory, float(link), events,
+                         self.spans)
 
     def host(self) -> Generator[simpy.Event, Any, None]:
         yield from self.prefill()
@@ -254,40 +265,49 @@ class Simulation:
         start, t = self.host_t, w.prompt_len
         yield from self.launch("compute", [("embed", head, c.embed())])
         written = (w.bytes_d2h[0, 0] if w.n_steps else 0) * self.kv.prefill_written(w)
-        for layer in range(w.spec.n_layers):
-            parts = [("attn", layer, c.prefill_qkv(t)), ("attn", layer, c.prefill_attend(t)),
-                     *self.kv.prefill_parts(c, w, layer, t), ("ffn", layer, c.ffn(w.batch * t))]
-            done = yield from self.launch("compute", parts)
-            if self.kv.traits.offloaded:  # the prompt's rows go to host memory
-                yield from self.copy("d2h", layer, written, (done,))
+        works = (c.prefill_qkv(t), c.prefill_attend(t), c.ffn(w.batch * t), written)
+        yield from self.layers("prefill", functools.partial(self.prefill_layer, works))
         done = yield from self.launch("compute", [("head", head, c.head())])
         yield from self.wait(done)
         self.step_s[0] = self.host_t - start
 
-    def decode_step(self, s: int) -> Generator[simpy.Event, Any, None]:
-        w, c, n = self.w, self.costs, self.w.spec.n_layers
-        compute = self.streams["compute"]
-        self.pending: dict[int, simpy.Event | None] = {}
-        self.slot_free: list[simpy.Event | None] = [None, None]
-        yield from self.launch("compute", [("embed", n, c.embed())])
-        qkv, ffn, layer_host = c.qkv(), c.ffn(), Work(0.0, self.kv.host_ops)
-        for layer in range(n):
-            self.host_work("bookkeeping", layer, layer_host)
-            yield from self.kv.before_layer(self, s, layer)
-            yield from self.launch("compute", [("attn", layer, qkv)])
-            waits, extra = yield from self.kv.attend_kv(self, s, layer)
-            attend = c.attend(w.attended[s, layer])
-            parts = [("attn", layer, attend), *extra, ("ffn", layer, ffn)]
-            yield from self.launch("compute", parts, (compute.tail, *waits))
-        done = yield from self.launch("compute", [("head", n, c.head())])
+    def prefill_layer(self, works: tuple[Work, Work, Work, float], layer: int) -> Generator[simpy.Event, Any, None]:
+        qkv, attend, ffn, written = works
+        parts = [("attn", layer, qkv), ("attn", layer, attend),
+                 *self.kv.prefill_parts(self.costs, self.w, layer, self.w.prompt_len), ("ffn", layer, ffn)]
+        done = yield from self.launch("compute", parts)
+        if self.kv.traits.offloaded:  # the prompt's rows go to host memory
+            yield from self.copy("d2h", layer, written, (done,))
+
+    def decode_step(self, s: Any) -> Generator[simpy.Event, Any, None]:
+        n = self.w.spec.n_layers
+        self.pending, self.slot_free = {}, [None, None]
+        yield from self.launch("compute", [("embed", n, self.costs.embed())])
+        yield from self.layers("decode", functools.partial(self.decode_layer, s))
+        done = yield from self.launch("compute", [("head", n, self.costs.head())])
         yield from self.wait(done)  # the sampled token goes back to the host
+
+    def layers(self, phase: str, body: Callable[[int], Generator[simpy.Event, Any, None]]
+               ) -> Generator[simpy.Event, Any, None]:
+        """Run `body` for every layer of the `phase` (prefill or decode)."""
+        for layer in range(self.w.spec.n_layers):
+            yield from body(layer)
+
+    def decode_layer(self, s: Any, layer: int) -> Generator[simpy.Event, Any, None]:
+        self.host_work("bookkeeping", layer, Work(0.0, self.kv.host_ops))
+        yield from self.kv.before_layer(self, s, layer)
+        yield from self.launch("compute", [("attn", layer, self.qkv)])
+        waits, extra = yield from self.kv.attend_kv(self, s, layer)
+        attend = self.costs.attend(self.w.attended[s, layer])
+        parts = [("attn", layer, attend), *extra, ("ffn", layer, self.ffn)]
+        yield from self.launch("compute", parts, (self.streams["compute"].tail, *waits))
 
     def prefetch(self, s: int, layer: int) -> Generator[simpy.Event, Any, None]:
         """Chosen rows of `layer`: gathered on the host into the staging buffer of its slot (once
         that slot's previous copy has left it), then copied in; its attention waits on `pending`."""
         slot = layer % 2
         yield from self.wait(self.slot_free[slot])
-        nbytes = float(self.w.bytes_h2d[s, layer])
+        nbytes = self.w.bytes_h2d[s, layer]
         self.host_work("gather", layer, self.costs.gather(nbytes))
         copied = yield from self.copy("h2d", layer, nbytes, (self.streams["compute"].tail,
                                                              self.streams["d2h"].tail))

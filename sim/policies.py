@@ -88,17 +88,17 @@ class SimPolicy:
     def fetch_whole(self, sim: Simulation, s: int, layer: int) -> AttendKV:
         """The layer's rows copied in at the layer in one block, the new row written back (FlexGen)."""
         w, compute = sim.w, sim.streams["compute"]
-        fetched = yield from sim.copy("h2d", layer, float(w.bytes_h2d[s, layer]),
+        fetched = yield from sim.copy("h2d", layer, w.bytes_h2d[s, layer],
                                       (compute.tail, sim.streams["d2h"].tail))
-        yield from sim.copy("d2h", layer, float(w.bytes_d2h[s, layer]), (compute.tail,))
+        yield from sim.copy("d2h", layer, w.bytes_d2h[s, layer], (compute.tail,))
         return (fetched,), []
 
     def attend_selected(self, sim: Simulation, s: int, layer: int) -> AttendKV:
         """Rows already on their way (`sim.prefetch`): write the new row back; attention waits for
         the copy and joins the fetched rows with the newest."""
         w = sim.w
-        yield from sim.copy("d2h", layer, float(w.bytes_d2h[s, layer]), (sim.streams["compute"].tail,))
-        extra = [("attn", layer, sim.costs.selected_attend_extra(float(w.bytes_h2d[s, layer])))]
+        yield from sim.copy("d2h", layer, w.bytes_d2h[s, layer], (sim.streams["compute"].tail,))
+        extra = [("attn", layer, sim.costs.selected_attend_extra(w.bytes_h2d[s, layer]))]
         return (sim.pending.pop(layer, None),), extra
 
     def selective_memory(self, w: Workload, own: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
@@ -200,9 +200,9 @@ class H2O(SimPolicy):
     def attend_kv(self, sim: Simulation, s: int, layer: int) -> AttendKV:
         w = sim.w
         yield from sim.wait(sim.streams["compute"].tail)  # the slots freed last step, read on the host
-        sim.host_work("gather", layer, sim.costs.gather(float(w.bytes_d2h[s, layer])))  # the newest rows into them
+        sim.host_work("gather", layer, sim.costs.gather(w.bytes_d2h[s, layer]))  # the newest rows into them
         waits, _ = yield from self.fetch_whole(sim, s, layer)  # the whole kept set: one block
-        extra = [("attn", layer, sim.costs.selected_attend_extra(float(w.bytes_h2d[s, layer]))),
+        extra = [("attn", layer, sim.costs.selected_attend_extra(w.bytes_h2d[s, layer])),
                  ("attn", layer, sim.costs.h2o_update(w.attended[s, layer]))]
         return waits, extra
 
@@ -232,7 +232,7 @@ class InfiniGen(SimPolicy):
         if not np.isfinite(fraction).all() or (fraction < 0).any() or (fraction > 1).any():
             raise InfinisimError("must be within [0, 1]", field="--speculated-fraction")
         want = np.ceil(stored * fraction[None, :]).astype(np.int64)
-        cap = np.vectorize(lambda n: budget_cap(self.knobs.budget, n))(stored)
+        cap = budget_cap(self.knobs.budget, stored)
         fetched = np.where(speculating[None, :], np.clip(np.minimum(want, cap), 1, None), stored)
         return fetched, fetched + 1, speculating
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from infinisim.core.files import write_json
 from infinisim.hwprofiles.profile import Profile
+from infinisim.sim.direct import simulate_direct
 from infinisim.sim.engine import SimResult, chrome_trace, simulate
 from infinisim.sim.memory import MemoryPlan, memory_plan
 from infinisim.sim.workload import Workload, fetched_fraction, speculated_fraction_per_layer
@@ -46,9 +47,16 @@ class Outcome:
                 **shared}
 
 
-def simulate_if_fits(workload: Workload, profile: Profile, timeline: bool = False) -> Outcome:
+def simulate_if_fits(workload: Workload, profile: Profile, timeline: bool = False, exact: bool = True) -> Outcome:
+    """`exact`: event by event (the reference); else the direct computation of the same answer
+    (`sim.direct`) where it applies. A timeline needs the events."""
     memory = memory_plan(workload, profile)
-    result = simulate(workload, profile, timeline, memory) if memory.problem is None else None
+    result = None
+    if memory.problem is None:
+        if not exact and not timeline:
+            result = simulate_direct(workload, profile, memory)
+        if result is None:
+            result = simulate(workload, profile, timeline, memory)
     return Outcome(workload, profile, memory, result)
 
 

@@ -70,6 +70,8 @@ def fetched_fraction(w: Workload) -> float:
     layers = w.kv_policy.selecting(w)
     if not layers.any():
         return 1.0
+    if not w.n_steps:
+        return float("nan")  # nothing decoded, nothing fetched
     cached = (w.kv_len - 1).clip(min=1)
     return float((w.fetched / cached)[:, layers].mean())
 

@@ -99,7 +99,7 @@ def test_stream_waits_and_reports_the_stall():
     copied = streams["h2d"].submit([("h2d", 0, 2.0)], [])
     streams["compute"].submit([("attn", 0, 0.5)], [copied])
     env.run()
-    name, _, start, waited = log[-1]
+    name, _, start, waited, _ = log[-1]
     assert name == "compute" and start == pytest.approx(2.0) and waited == pytest.approx(2.0)
 
 

@@ -40,6 +40,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--workers", type=flags.positive, help="local processes (default: one per core)")
     run.add_argument("--serial", action="store_true", help="one config after another in this process")
     run.add_argument("--scheduler", help="Dask scheduler address tcp://HOST:PORT ('local' starts a LocalCluster)")
+    p.add_argument("--exact", action="store_true",
+                   help="simulate every config event by event (slower; the default computes the same answer "
+                        "directly, docs/SIMULATOR.md)")
     p.add_argument("--json", action="store_true", help="print the best configs as JSON instead of a summary")
 
 
@@ -66,6 +69,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         sweep.policies = flags.policy_names(args.policy)
     sweep.knobs.update(flags.knobs_given(args))
     sweep.dtype = args.dtype or sweep.dtype
+    sweep.exact = args.exact
     if args.speculated_fraction is not None:
         sweep.speculated_fraction = args.speculated_fraction
     if args.from_trace:
