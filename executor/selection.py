@@ -56,24 +56,38 @@ def score_gaps(scores: Tensor) -> Tensor:
     return scores.max(dim=-1, keepdim=True).values - scores
 
 
-def counts_within_alpha(gaps: Tensor, alphas: tuple[int, ...] = ALPHAS) -> Tensor:
-    """Per head, how many keys score within alpha of that head's max (uncapped), for whole alphas.
+def gap_histogram(gaps: Tensor, n_kv_heads: int, top: int = max(ALPHAS)) -> Tensor:
+    """Per sequence and KV head, how many (query head of its group, key) pairs lie floor(gap) = j
+    below their head's best, for j = 0..top (the last bin: top or more, padding included).
 
-    gaps: [B, H, L] from score_gaps. Returns [B, H, len(alphas)]. One pass: a histogram of
-    floor(gap), then a cumulative sum (gap < a <=> floor(gap) <= a - 1).
+    gaps: [B, H, L] from score_gaps -> [B, G, top + 1]. One pass over the gaps (a bincount) serves
+    both the fetch count at a whole alpha and the trace's counts at alpha 1..9 (gap < a <=>
+    floor(gap) <= a - 1), where a comparison per alpha would read the scores ten times.
     """
-    top = max(alphas)
-    bins = gaps.clamp(max=top).floor().long()  # inf -> top
-    histogram = torch.zeros(*gaps.shape[:-1], top + 1, dtype=torch.long, device=gaps.device)
-    histogram.scatter_add_(-1, bins, torch.ones_like(bins))
+    b, h, _ = gaps.shape
+    bins = gaps.clamp(max=top).to(torch.int32)  # gaps >= 0: truncation is floor; inf -> top
+    cell = torch.arange(b * h, device=gaps.device, dtype=torch.int32).view(b, h) // (h // n_kv_heads)
+    bins += (cell * (top + 1))[..., None]  # one range of bins per (sequence, KV head)
+    return torch.bincount(bins.flatten(), minlength=b * n_kv_heads * (top + 1)).view(b, n_kv_heads, top + 1)
+
+
+def counts_within_alpha(histogram: Tensor, alphas: tuple[int, ...] = ALPHAS) -> Tensor:
+    """From gap_histogram: per sequence and KV head, how many (query head, key) pairs score within
+    alpha of their head's max (uncapped), for whole alphas: [B, G, top + 1] -> [B, G, len(alphas)]."""
     below = histogram.cumsum(-1)  # below[..., j] = #(floor(gap) <= j)
     return below[..., [a - 1 for a in alphas]]
 
 
-def fetch_counts(gaps: Tensor, alpha: float, budgets: Tensor) -> Tensor:
+def fetch_counts(gaps: Tensor, alpha: float, budgets: Tensor, histogram: Tensor | None = None) -> Tensor:
     """Tokens to fetch per sequence for one layer: the within-alpha count averaged over heads,
-    capped by the sequence's budget, at least 1. gaps: [B, H, L] from score_gaps; budgets: [B] -> [B]."""
-    mean = (gaps < alpha).sum(-1).float().mean(-1)
+    capped by the sequence's budget, at least 1. gaps: [B, H, L] from score_gaps; budgets: [B] -> [B].
+    With the gap histogram and a whole alpha up to 9 the count is read off it; else counted."""
+    h = gaps.shape[1]
+    if histogram is not None and alpha == int(alpha) and 1 <= alpha < histogram.shape[-1]:
+        within = histogram[..., :int(alpha)].sum(dim=(1, 2))  # over KV heads (their query heads) and keys
+    else:
+        within = (gaps < alpha).sum(dim=(1, 2))
+    mean = within.float() / h
     return torch.minimum(mean.ceil().long(), budgets).clamp(min=1)
 
 
@@ -82,16 +96,19 @@ def budget_tokens(budget: float, valid_lens: Tensor) -> Tensor:
     return torch.tensor([budget_cap(budget, n) for n in valid_lens.tolist()], device=valid_lens.device)
 
 
-def group_scores(scores: Tensor, n_kv_heads: int, combine: str = "softmax_sum") -> Tensor:
+def group_scores(scores: Tensor, n_kv_heads: int, combine: str = "softmax_sum", all_rows_valid: bool = False
+                 ) -> Tensor:
     """Combine the query heads that share a KV head into one score per key: [B, H, L] -> [B, G, L].
 
     softmax_sum: sum of each head's attention distribution (a key matters if any head of the
     group attends to it; heads with flat distributions count less). max: the largest raw score.
+    all_rows_valid: every sequence has a valid key (no row is all -inf, so no softmax is NaN).
     """
     b, h, length = scores.shape
     grouped = scores.view(b, n_kv_heads, h // n_kv_heads, length)
     if combine == "softmax_sum":
-        return torch.softmax(grouped, dim=-1).nan_to_num(0.0).sum(2)
+        weights = torch.softmax(grouped, dim=-1)
+        return (weights if all_rows_valid else weights.nan_to_num_(0.0)).sum(2)
     if combine == "max":
         return grouped.max(dim=2).values
     raise ValueError(f"unknown GQA combine {combine!r} (softmax_sum, max)")
@@ -118,9 +135,10 @@ def choose_rows(scores: Tensor, rank_scores: Tensor, valid: Tensor, alpha: float
     `rank_scores` per KV head). Returns (indices [B, G, n], keep [B, G, n], the uncapped counts per KV
     head for alpha = 1..9 [G, 9], mean over the batch and the group's query heads)."""
     gaps = score_gaps(scores)
-    counts = fetch_counts(gaps, alpha, budget_tokens(budget, valid.sum(-1)))
-    alpha_counts = counts_within_alpha(gaps).float()  # [B, H, 9]
-    b, h, n_alpha = alpha_counts.shape
-    per_kv_head = alpha_counts.view(b, n_kv_heads, h // n_kv_heads, n_alpha).mean(dim=(0, 2))
-    indices, keep = select_top(group_scores(rank_scores, n_kv_heads, combine), counts, valid)
+    histogram = gap_histogram(gaps, n_kv_heads)
+    counts = fetch_counts(gaps, alpha, budget_tokens(budget, valid.sum(-1)), histogram)
+    b, h, _ = scores.shape
+    per_kv_head = counts_within_alpha(histogram).sum(0).float() / (b * (h // n_kv_heads))
+    ranked = group_scores(rank_scores, n_kv_heads, combine, bool(valid.any(-1).all()))
+    indices, keep = select_top(ranked, counts, valid)
     return indices, keep, per_kv_head

@@ -16,6 +16,7 @@ from infinisim.executor.selection import (
     budget_tokens,
     counts_within_alpha,
     fetch_counts,
+    gap_histogram,
     group_scores,
     partial_columns,
     score_gaps,
@@ -28,16 +29,21 @@ NEG = float("-inf")
 
 def test_counts_within_alpha_hand_made():
     scores = torch.tensor([[[10.0, 9.5, 7.0, 2.0, NEG], [1.0, 1.0, 1.0, 1.0, 1.0]]])  # [B=1, H=2, L=5]
-    counts = counts_within_alpha(score_gaps(scores), (1, 4, 9))
-    assert counts.tolist() == [[[2, 3, 4], [5, 5, 5]]]  # -inf (padding) is never counted
+    per_head = counts_within_alpha(gap_histogram(score_gaps(scores), 2), (1, 4, 9))  # a KV head per query head
+    assert per_head.tolist() == [[[2, 3, 4], [5, 5, 5]]]  # -inf (padding) is never counted
+    grouped = counts_within_alpha(gap_histogram(score_gaps(scores), 1), (1, 4, 9))  # one KV head: summed
+    assert grouped.tolist() == [[[7, 8, 9]]]
 
 
 def test_fetch_counts_average_heads_and_cap():
     scores = torch.tensor([[[10.0, 9.5, 7.0, 2.0], [5.0, 5.0, 5.0, 5.0]],
                            [[3.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]])
     # sequence 0: heads count 2 and 4 within alpha=1 -> mean 3; sequence 1: 1 and 1 -> 1
-    assert fetch_counts(score_gaps(scores), 1.0, torch.tensor([10, 10])).tolist() == [3, 1]
-    assert fetch_counts(score_gaps(scores), 1.0, torch.tensor([2, 10])).tolist() == [2, 1]
+    gaps = score_gaps(scores)
+    for histogram in (None, gap_histogram(gaps, 1), gap_histogram(gaps, 2)):  # counted, or read off the histogram
+        assert fetch_counts(gaps, 1.0, torch.tensor([10, 10]), histogram).tolist() == [3, 1]
+        assert fetch_counts(gaps, 1.0, torch.tensor([2, 10]), histogram).tolist() == [2, 1]
+    assert fetch_counts(gaps, 2.5, torch.tensor([10, 10]), gap_histogram(gaps, 2)).tolist() == [3, 1]  # counted
     assert budget_tokens(0.2, torch.tensor([100, 7])).tolist() == [20, 2]
     assert budget_tokens(50, torch.tensor([100, 7])).tolist() == [50, 7]
 
@@ -159,4 +165,10 @@ def test_counts_within_alpha_equals_direct_count():
     scores[0, :, :7] = NEG
     scores[1, 2, 10] = scores[1, 2].max() - 3.0  # a gap of exactly 3 is not within alpha 3
     direct = torch.stack([((scores.max(-1, keepdim=True).values - scores) < a).sum(-1) for a in range(1, 10)], -1)
-    assert torch.equal(counts_within_alpha(score_gaps(scores)), direct)
+    assert torch.equal(counts_within_alpha(gap_histogram(score_gaps(scores), 4)), direct)  # [B, H, 9]
+    assert torch.equal(counts_within_alpha(gap_histogram(score_gaps(scores), 2)),
+                       direct.view(3, 2, 2, 9).sum(2))  # two query heads per KV head
+    budgets = torch.full((3,), 1000)
+    for alpha in range(1, 10):
+        assert torch.equal(fetch_counts(score_gaps(scores), alpha, budgets, gap_histogram(score_gaps(scores), 2)),
+                           fetch_counts(score_gaps(scores), alpha, budgets))

@@ -103,13 +103,14 @@ def test_infinigen_prefetch_starts_before_the_previous_layer_computes_and_full_w
 
 def test_a_transfer_bound_step_is_its_copies(tmp_path):
     """full over a slow shared link: each decode step is the sum over its copies (K and V of every
-    layer, each way) of latency + bytes / bandwidth, within 5% (the compute is a few percent)."""
+    layer, each way) of latency + bytes / bandwidth, within 5% (the compute, about 0.1 s a step on
+    this machine, is 2% of the copies' 4.9 s)."""
     from infinisim.executor.generate import SamplingConfig
     from infinisim.executor.loaders import load_model
     from infinisim.executor.recording import run_policy
 
     loaded = load_model("smollm2-135m", "float32", "cpu", random_weights=True)
-    bandwidth, latency = 5e6, 1e-3
+    bandwidth, latency = 2.5e6, 1e-3
     link = EmulatedLink(LinkSpec(bandwidth=bandwidth, latency=latency))
     _, trace = run_policy(loaded.model, [list(range(10, 266))], "full", SamplingConfig(2, stop_at_eos=False),
                           {"model": "x", "weights": "random"}, link=link)

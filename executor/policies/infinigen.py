@@ -48,7 +48,9 @@ class InfiniGen(Policy):
         self.rows = SelectedRows(ctx, self.whole, self.knobs.max_fetch(ctx.capacity))
         self.r = partial_width(self.knobs.partial_ratio, ctx.head_dim)
         self.skew: dict[int, Tensor] = {}  # layer -> [G, d, r]: A restricted to the partial columns
-        self.partial_keys: dict[int, Tensor] = {}  # layer -> [B, G, capacity, r] on the device
+        # layer -> [B, G, r, capacity] on the device: keys along the last axis, so the speculated
+        # scores are one matmul streaming the cache row by row (6x faster on a CPU than [.., capacity, r])
+        self.partial_keys: dict[int, Tensor] = {}
         self.partial_wq: dict[int, tuple[Tensor, Tensor | None]] = {}  # OPT: folded (W_q A)[:, cols], bias
         pool = self.knobs.pool_capacity
         self.pool = HostPool(pool, self.knobs.eviction, ctx.batch, ctx.capacity) if pool is not None else None
@@ -80,8 +82,8 @@ class InfiniGen(Policy):
             partial.append(a[:, cols])
         skew = torch.stack(partial).to(q.dtype)  # [G, d, r]
         self.skew[layer] = skew
-        keys = torch.empty(b, g, self.ctx.capacity, self.r, dtype=q.dtype, device=q.device)
-        keys[:, :, :t] = torch.einsum("bgtd,gdr->bgtr", k, skew)
+        keys = torch.empty(b, g, self.r, self.ctx.capacity, dtype=q.dtype, device=q.device)
+        keys[..., :t] = torch.einsum("bgtd,gdr->bgrt", k, skew)
         self.partial_keys[layer] = keys
         attention = self.ctx.model.layers[layer].attention
         if self.ctx.model.spec.family == "opt":
@@ -128,10 +130,10 @@ class InfiniGen(Policy):
             q = attention.wq(x).view(b, 1, h, d).transpose(1, 2)
             q = apply_rope(q, *step.rope)[:, :, 0]  # [B, H, d]
             q_partial = torch.einsum("bghd,gdr->bghr", q.view(b, g, h // g, d), self.skew[layer]).reshape(b, h, -1)
-        keys = self.partial_keys[layer][:, :, :step.start]  # [B, G, L, r]
-        scores = torch.einsum("bghr,bglr->bghl", q_partial.view(b, g, h // g, self.r), keys)
-        scores = scores.reshape(b, h, step.start).float() / math.sqrt(d)
-        return scores.masked_fill(~self.cached_valid(step)[:, None, :], float("-inf"))
+        keys = self.partial_keys[layer][..., :step.start]  # [B, G, r, L]
+        scores = q_partial.view(b, g, h // g, self.r) @ keys  # [B, G, H/G, L]
+        scores = scores.reshape(b, h, step.start).float().div_(math.sqrt(d))  # in place: a fresh tensor
+        return scores.masked_fill_(~self.cached_valid(step)[:, None, :], float("-inf"))
 
     def choose(self, layer: int, scores: Tensor, rank_scores: Tensor, step: Step) -> tuple[Tensor, Tensor]:
         """How many (from the speculated `scores`) and which (by `rank_scores`) rows to fetch."""
@@ -189,7 +191,7 @@ class InfiniGen(Policy):
         k, v, keep = self.rows.attend(layer, q, k_new, v_new, step)
         if self.speculates(layer):
             with step.recorder.span(layer, "attn"):
-                self.partial_keys[layer][:, :, step.start] = torch.einsum("bgd,gdr->bgr", k_new[:, :, 0],
+                self.partial_keys[layer][..., step.start] = torch.einsum("bgd,gdr->bgr", k_new[:, :, 0],
                                                                           self.skew[layer])
         return k, v, keep
 
