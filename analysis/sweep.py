@@ -215,7 +215,7 @@ def evaluate(config: Config) -> dict[str, Any]:
     except InfinisimError as exc:
         return {**row, "fits": False, "does_not_fit": f"invalid: {exc}"}
     outcome = simulate_if_fits(w, profile, exact=config.exact)
-    s = outcome.summary()
+    s = outcome.summary(per_step=False)
     row.update(device_gb=s["device_peak_gb"], host_gb=s["host_peak_gb"], fetched_fraction=s["fetched_fraction"])
     if not outcome.fits:
         return {**row, "fits": False, "does_not_fit": s["does_not_fit"]}

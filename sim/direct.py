@@ -168,12 +168,12 @@ class DirectSimulation(Simulation):
         """Jump k two-layer cycles ahead of `layer`, each moving every clock by the last cycle's
         `step` (per clock: a host that runs ahead of the streams falls further behind); the
         skipped layers' phases repeat the last cycle's, the prefetch in flight moves with them."""
-        rows = self.phase_s[self.step]
-        partial = rows[..., layer + 1, :].copy()  # the next layer's prefetch, issued in this one
+        rows = np.moveaxis(self.phase_s[self.step], -2, 0)  # [layers, ..., phases]: copies a layer at once
+        partial = rows[layer + 1].copy()  # the next layer's prefetch, issued in this one
         end = layer + 2 * k + 1
-        rows[..., layer + 1:end:2, :] = rows[..., layer - 1, None, :]  # the cycle's two layers, repeated
-        rows[..., layer + 2:end:2, :] = rows[..., layer, None, :]
-        rows[..., end, :] = partial
+        rows[layer + 1:end:2] = rows[layer - 1]  # the cycle's two layers, repeated
+        rows[layer + 2:end:2] = rows[layer]
+        rows[end] = partial
         moves = iter(k * step)
         self.host_t = self.host_t + next(moves)
         for lane in self.streams.values():

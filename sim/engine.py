@@ -187,12 +187,13 @@ class Simulation:
 
     def account(self, stream: str, parts: list[tuple[str, int, Any]], start: Any, waited: Any, step: Any) -> None:
         step_row = self.phase_s[step]  # a view: [layers + 1, phases], or [steps, ...] for a slice of steps
-        t = start
         for phase, layer, seconds in parts:
             step_row[..., layer, P[phase]] += seconds
-            if self.timeline:
+        if self.timeline:
+            t = start
+            for phase, layer, seconds in parts:
                 self.spans.append((stream, phase, step, layer, t, t + seconds))
-            t = t + seconds  # not in place: `start` may be the host clock's array
+                t = t + seconds  # not in place: `start` may be an array
         if stream == "compute" and parts[0][1] != self.w.spec.n_layers:
             step_row[..., parts[0][1], P["wait"]] += waited
             if self.timeline and waited > 0:
@@ -248,7 +249,7 @@ class Simulation:
         return self.result(self.env.scheduled)
 
     def result(self, events: int) -> SimResult:
-        link = self.phase_s[..., [P["h2d"], P["d2h"]]].sum()
+        link = self.phase_s[..., P["h2d"]].sum() + self.phase_s[..., P["d2h"]].sum()
         return SimResult(self.w, self.profile, self.step_s, self.phase_s, self.memory, float(link), events,
                          self.spans)
 

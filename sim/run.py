@@ -34,13 +34,14 @@ class Outcome:
     def fits(self) -> bool:
         return self.result is not None
 
-    def summary(self) -> dict[str, Any]:
-        """One row: the simulated totals and phase breakdown, or why it does not fit."""
+    def summary(self, per_step: bool = True) -> dict[str, Any]:
+        """One row: the simulated totals and phase breakdown (and each decode step's time, with
+        `per_step`), or why it does not fit."""
         w = self.workload
         shared = {"knobs": w.knobs.to_dict(), "fetched_fraction": fetched_fraction(w)}
         if self.result is not None:
-            return {**self.result.summary(), **shared, "does_not_fit": "",
-                    "decode_step_ms": (self.result.decode_step_s * 1e3).round(4).tolist()}
+            steps = {"decode_step_ms": (self.result.decode_step_s * 1e3).round(4).tolist()} if per_step else {}
+            return {**self.result.summary(), **shared, "does_not_fit": "", **steps}
         return {"policy": w.policy, "profile": self.profile.name, "model": w.spec.name, "batch": w.batch,
                 "prompt_len": w.prompt_len, "fits": False, "does_not_fit": self.memory.problem,
                 "device_peak_gb": self.memory.device_bytes / 1e9, "host_peak_gb": self.memory.host_bytes / 1e9,
