@@ -77,12 +77,18 @@ def main() -> int:
             print(f"[{rep}] {name}: decode {summary['decode_ms_mean']:.1f} ms/step (p50 "
                   f"{summary['decode_ms_p50']:.1f}), H2D {summary['bytes_h2d_per_decode_step'] / 1e6:.1f} MB/step, "
                   f"wait {summary['wait_share']:.0%}, compute {summary['compute_ms_per_step']:.1f} ms, link busy "
-                  f"{summary['link_busy_ms_per_step']:.1f} ms", file=sys.stderr, flush=True)
+                  f"{summary['link_busy_ms_per_step']:.1f} ms, attn {summary['decode_attn_ms']:.1f} ms, spec "
+                  f"{summary['decode_spec_ms']:.1f} ms, gather {summary['decode_gather_ms']:.1f} ms",
+                  file=sys.stderr, flush=True)
 
     def median_ms(name: str) -> float:
         return statistics.median(r["decode_ms_mean"] for r in results[name])
 
     ratios = {f"{name}_vs_{policies[0]}": median_ms(name) / median_ms(policies[0]) for name in policies[1:]}
+    if "resident" in results:  # speculation's cost next to the attention it is meant to shrink
+        attn = statistics.median(r["decode_attn_ms"] for r in results["resident"])
+        ratios.update({f"{name}_spec_over_resident_attn": statistics.median(r["decode_spec_ms"] for r in results[name])
+                       / attn for name in policies if any(r["decode_spec_ms"] for r in results[name])})
     report = {
         "benchmark": "executor_decode",
         "config": {**vars(args), "link_spec": link.spec.to_dict() if link else None, "torch": torch.__version__,

@@ -193,12 +193,14 @@ def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[i
     """InfiniGen's count-and-choose (executor.selection.choose_rows, the policy's own code): its cost
     per speculated score, from a tiny and a large case (the simulator extrapolates the measured
     speculation sweep with it)."""
+    from infinisim.core.policies import budget_cap
     from infinisim.executor.selection import choose_rows
 
     def seconds(b: int, h: int, length: int) -> float:
         scores = torch.randn(b, h, length, device=dev) * 3
         valid = torch.ones(b, length, dtype=torch.bool, device=dev)
-        return measure(lambda: choose_rows(scores, scores, valid, 5.0, 0.2, h // 4, "softmax_sum")[0].cpu(),
+        budgets = torch.full((b,), budget_cap(0.2, length), device=dev)
+        return measure(lambda: choose_rows(scores, scores, valid, 5.0, budgets, h // 4, "softmax_sum", True)[0].cpu(),
                        repeats)
 
     small = (1, 8, 64)

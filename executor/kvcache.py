@@ -25,6 +25,9 @@ class Measurement:
     forced: list[list[int]] | None = None  # teacher forcing: per sequence the tokens fed instead of sampled
     quality: bool = False  # selective policies: recall and top-k overlap against exact attention
     record_selection: bool = False  # selective policies: the fetched positions go into the trace
+    # speculating policies: the uncapped counts at alpha 1..9 (what the simulator re-derives other alphas'
+    # shares from), every n-th decode step from the first (0: never); a mean over steps needs no more
+    alpha_counts_every: int = 8
     keep_logits: bool = False  # keep each step's last-position logits in the Generation
 
 

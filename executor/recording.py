@@ -87,6 +87,7 @@ def run_policy(model: Transformer, prompts: list[list[int]], policy_name: str, s
         "teacher_forced": measure.forced is not None,
         "quality": measure.quality,
         "record_selection": measure.record_selection,
+        "alpha_counts_every": measure.alpha_counts_every,
         "link": link.spec.to_dict() if link is not None else None,
     }
     return gen, trace_from_generation(gen, model.spec, run, device)

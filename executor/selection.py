@@ -34,6 +34,20 @@ def skew_matrix(q: Tensor, k: Tensor) -> Tensor:
     return a[:, order].to(q.dtype)
 
 
+def turned(skew: Tensor) -> Tensor:
+    """The rows of a skew [.., d, r] as RoPE's rotate_half moves them: [A[d/2:], -A[:d/2]]."""
+    half = skew.shape[-2] // 2
+    return torch.cat([skew[..., half:, :], -skew[..., :half, :]], dim=-2)
+
+
+def rope_skew(skew: Tensor, skew_turned: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE at one position per sequence, then the skew, as one matrix: rope(q) @ A = q @ M with
+    M = A cos + turned(A) sin (RoPE's angles repeat over the two halves of the head dimension).
+
+    skew, skew_turned: [G, d, r]; cos, sin: [B, d] -> M [B, G, d, r], in the skew's dtype."""
+    return (skew * cos[:, None, :, None] + skew_turned * sin[:, None, :, None]).to(skew.dtype)
+
+
 def decode_logits(q: Tensor, keys: Tensor) -> Tensor:
     """Exact attention logits of one decode query per head over a KV head's keys, in float32.
 
@@ -52,17 +66,17 @@ def partial_columns(q_skewed: Tensor, r: int) -> Tensor:
 
 def score_gaps(scores: Tensor) -> Tensor:
     """How far each key scores below its head's best: [B, H, L] logits (scaled, -inf where a key
-    is not valid) -> [B, H, L] gaps (inf where not valid). Computed once, read by both counts below."""
-    return scores.max(dim=-1, keepdim=True).values - scores
+    is not valid) -> [B, H, L] gaps (inf where not valid)."""
+    return scores.amax(dim=-1, keepdim=True) - scores
 
 
 def gap_histogram(gaps: Tensor, n_kv_heads: int, top: int = max(ALPHAS)) -> Tensor:
     """Per sequence and KV head, how many (query head of its group, key) pairs lie floor(gap) = j
     below their head's best, for j = 0..top (the last bin: top or more, padding included).
 
-    gaps: [B, H, L] from score_gaps -> [B, G, top + 1]. One pass over the gaps (a bincount) serves
-    both the fetch count at a whole alpha and the trace's counts at alpha 1..9 (gap < a <=>
-    floor(gap) <= a - 1), where a comparison per alpha would read the scores ten times.
+    gaps: [B, H, L] from score_gaps -> [B, G, top + 1]. One pass over the gaps (a bincount) gives
+    the counts at every whole alpha 1..9 (gap < a <=> floor(gap) <= a - 1), where a comparison per
+    alpha would read the scores nine times.
     """
     b, h, _ = gaps.shape
     bins = gaps.clamp(max=top).to(torch.int32)  # gaps >= 0: truncation is floor; inf -> top
@@ -78,17 +92,19 @@ def counts_within_alpha(histogram: Tensor, alphas: tuple[int, ...] = ALPHAS) -> 
     return below[..., [a - 1 for a in alphas]]
 
 
-def fetch_counts(gaps: Tensor, alpha: float, budgets: Tensor, histogram: Tensor | None = None) -> Tensor:
-    """Tokens to fetch per sequence for one layer: the within-alpha count averaged over heads,
-    capped by the sequence's budget, at least 1. gaps: [B, H, L] from score_gaps; budgets: [B] -> [B].
-    With the gap histogram and a whole alpha up to 9 the count is read off it; else counted."""
-    h = gaps.shape[1]
-    if histogram is not None and alpha == int(alpha) and 1 <= alpha < histogram.shape[-1]:
-        within = histogram[..., :int(alpha)].sum(dim=(1, 2))  # over KV heads (their query heads) and keys
-    else:
-        within = (gaps < alpha).sum(dim=(1, 2))
-    mean = within.float() / h
-    return torch.minimum(mean.ceil().long(), budgets).clamp(min=1)
+def alpha_counts_per_kv_head(scores: Tensor, n_kv_heads: int) -> Tensor:
+    """The trace's uncapped counts: per KV head, the mean over the batch and the group's query heads
+    of the keys within alpha = 1..9 of the head's best. scores: [B, H, L] -> [G, 9]."""
+    b, h, _ = scores.shape
+    return counts_within_alpha(gap_histogram(score_gaps(scores), n_kv_heads)).sum(0).float() / (b * (h // n_kv_heads))
+
+
+def fetch_counts(scores: Tensor, alpha: float, budgets: Tensor) -> Tensor:
+    """Tokens to fetch per sequence for one layer: the count of keys scoring within alpha of their
+    head's best (score > best - alpha), averaged over heads, capped by the sequence's budget, at
+    least 1. scores: [B, H, L] (-inf where not valid); budgets: [B] -> [B]."""
+    within = (scores > scores.amax(dim=-1, keepdim=True) - alpha).sum(dim=(1, 2))
+    return torch.minimum((within.float() / scores.shape[1]).ceil_().long(), budgets).clamp_(min=1)
 
 
 def budget_tokens(budget: float, valid_lens: Tensor) -> Tensor:
@@ -114,31 +130,28 @@ def group_scores(scores: Tensor, n_kv_heads: int, combine: str = "softmax_sum", 
     raise ValueError(f"unknown GQA combine {combine!r} (softmax_sum, max)")
 
 
-def select_top(kv_scores: Tensor, counts: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+def select_top(kv_scores: Tensor, counts: Tensor, valid: Tensor, all_valid: bool = False) -> tuple[Tensor, Tensor]:
     """Per sequence b and KV head, the counts[b] best keys.
 
-    kv_scores: [B, G, L]; counts: [B]; valid: bool [B, L]. The batch fetches max(counts) rows per
-    sequence (one shape for one copy); rows beyond a sequence's own count, or on padding, come
-    back marked False in `keep`. Returns (indices [B, G, n], keep [B, G, n]).
+    kv_scores: [B, G, L]; counts: [B]; valid: bool [B, L] (all_valid: every key is, so it need not
+    be read). The batch fetches max(counts) rows per sequence (one shape for one copy); rows beyond
+    a sequence's own count, or on padding, come back marked False in `keep`. Returns (indices
+    [B, G, n], keep [B, G, n]).
     """
     n = int(counts.max())
     indices = torch.topk(kv_scores, n, dim=-1).indices  # best first
-    rank = torch.arange(n, device=kv_scores.device)
-    keep = (rank < counts[:, None, None]) & valid[:, None, :].expand_as(kv_scores).gather(-1, indices)
-    return indices, keep
+    keep = torch.arange(n, device=kv_scores.device) < counts[:, None, None]
+    if all_valid:
+        return indices, keep.expand_as(indices)
+    return indices, keep & valid[:, None, :].expand_as(kv_scores).gather(-1, indices)
 
 
-def choose_rows(scores: Tensor, rank_scores: Tensor, valid: Tensor, alpha: float, budget: float, n_kv_heads: int,
-                combine: str = "softmax_sum") -> tuple[Tensor, Tensor, Tensor]:
+def choose_rows(scores: Tensor, rank_scores: Tensor, valid: Tensor, alpha: float, budgets: Tensor, n_kv_heads: int,
+                combine: str = "softmax_sum", all_valid: bool = False) -> tuple[Tensor, Tensor]:
     """InfiniGen's count-and-choose for one layer: how many rows (tokens within alpha of the max in
-    the speculated `scores` [B, H, L], averaged over heads, capped by the budget) and which (top
-    `rank_scores` per KV head). Returns (indices [B, G, n], keep [B, G, n], the uncapped counts per KV
-    head for alpha = 1..9 [G, 9], mean over the batch and the group's query heads)."""
-    gaps = score_gaps(scores)
-    histogram = gap_histogram(gaps, n_kv_heads)
-    counts = fetch_counts(gaps, alpha, budget_tokens(budget, valid.sum(-1)), histogram)
-    b, h, _ = scores.shape
-    per_kv_head = counts_within_alpha(histogram).sum(0).float() / (b * (h // n_kv_heads))
-    ranked = group_scores(rank_scores, n_kv_heads, combine, bool(valid.any(-1).all()))
-    indices, keep = select_top(ranked, counts, valid)
-    return indices, keep, per_kv_head
+    the speculated `scores` [B, H, L], averaged over heads, capped by each sequence's budget [B]) and
+    which (the top `rank_scores` per KV head). all_valid: no key is masked (padding or evicted).
+    Returns (indices [B, G, n], keep [B, G, n])."""
+    counts = fetch_counts(scores, alpha, budgets)
+    ranked = group_scores(rank_scores, n_kv_heads, combine, all_valid or bool(valid.any(-1).all()))
+    return select_top(ranked, counts, valid, all_valid)

@@ -4,7 +4,7 @@ written under one naming scheme. What `run`, `validate` and `reproduce paper` ha
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -109,7 +109,7 @@ class Session:
             on_step: Callable[[StepRecord], None] | None = None) -> tuple[Generation, Trace]:
         """Decode the prompts through one policy; the trace is described, not yet written."""
         if prompts.forced is not None:
-            measure = Measurement(prompts.forced, measure.quality, measure.record_selection, measure.keep_logits)
+            measure = replace(measure, forced=prompts.forced)
         run_info = {"model": self.name, "weights": self.loaded.source, "prompt_source": prompts.source,
                     "command": command}
         return run_policy(self.loaded.model, prompts.tokens, policy, sampling, run_info, on_step, knobs, measure,

@@ -88,9 +88,9 @@ def from_trace(trace: Trace) -> Workload:
         return decode[column].to_numpy().reshape(-1, n_layers)
 
     kv = policy(run["policy"])
-    spec_rows = decode[decode["step"] == decode["step"].min()]
-    speculating = np.array([len(c) > 0 for c in spec_rows["alpha_counts"]]) if kv.speculating \
-        else np.zeros(n_layers, dtype=bool)
+    first = decode[decode["step"] == decode["step"].min()]  # a speculating layer's rows were speculated for it
+    speculating = ((first["spec_s"].to_numpy() > 0) | (first["alpha_counts"].map(len).to_numpy() > 0)) \
+        if kv.speculating else np.zeros(n_layers, dtype=bool)
     steps = trace.steps.set_index("step")
     decoding = steps["phase"] == "decode"
     measured = {"step_wall_s": steps.loc[decoding, "wall_s"].to_numpy(),
@@ -117,10 +117,10 @@ def speculated_fraction_per_layer(trace: Trace, alpha: float) -> np.ndarray:
     decode = trace.layers[trace.layers["step"] > 0]
     out = np.full(trace.model.n_layers, np.nan)
     for layer, rows in decode.groupby("layer"):
-        counts = [np.asarray(c).reshape(-1, 9)[:, a - 1].mean() for c in rows["alpha_counts"] if len(c)]
-        if counts:
-            cached = (rows["kv_len"].to_numpy()[:len(counts)] - 1).clip(min=1)
-            out[layer] = float(np.mean(np.asarray(counts) / cached))
+        rows = rows[rows["alpha_counts"].map(len) > 0]  # the steps measured (every n-th)
+        if len(rows):
+            counts = np.array([np.asarray(c).reshape(-1, 9)[:, a - 1].mean() for c in rows["alpha_counts"]])
+            out[layer] = float(np.mean(counts / (rows["kv_len"].to_numpy() - 1).clip(min=1)))
     if np.isnan(out).all():
         raise InfinisimError("the trace holds no within-alpha counts (not an infinigen/oracle trace)",
                              field="alpha_counts")

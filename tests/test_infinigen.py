@@ -11,17 +11,21 @@ from infinisim.core.errors import InfinisimError
 from infinisim.executor.generate import SamplingConfig, generate
 from infinisim.executor.kvcache import Measurement
 from infinisim.executor.loaders import load_model
+from infinisim.executor.model import apply_rope
 from infinisim.executor.policies import InfiniGen, Oracle, Resident, make_policy
 from infinisim.executor.selection import (
+    alpha_counts_per_kv_head,
     budget_tokens,
     counts_within_alpha,
     fetch_counts,
     gap_histogram,
     group_scores,
     partial_columns,
+    rope_skew,
     score_gaps,
     select_top,
     skew_matrix,
+    turned,
 )
 
 NEG = float("-inf")
@@ -39,11 +43,9 @@ def test_fetch_counts_average_heads_and_cap():
     scores = torch.tensor([[[10.0, 9.5, 7.0, 2.0], [5.0, 5.0, 5.0, 5.0]],
                            [[3.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]])
     # sequence 0: heads count 2 and 4 within alpha=1 -> mean 3; sequence 1: 1 and 1 -> 1
-    gaps = score_gaps(scores)
-    for histogram in (None, gap_histogram(gaps, 1), gap_histogram(gaps, 2)):  # counted, or read off the histogram
-        assert fetch_counts(gaps, 1.0, torch.tensor([10, 10]), histogram).tolist() == [3, 1]
-        assert fetch_counts(gaps, 1.0, torch.tensor([2, 10]), histogram).tolist() == [2, 1]
-    assert fetch_counts(gaps, 2.5, torch.tensor([10, 10]), gap_histogram(gaps, 2)).tolist() == [3, 1]  # counted
+    assert fetch_counts(scores, 1.0, torch.tensor([10, 10])).tolist() == [3, 1]
+    assert fetch_counts(scores, 1.0, torch.tensor([2, 10])).tolist() == [2, 1]
+    assert fetch_counts(scores, 2.5, torch.tensor([10, 10])).tolist() == [3, 1]  # 7.0 is 3 below: 2 and 4
     assert budget_tokens(0.2, torch.tensor([100, 7])).tolist() == [20, 2]
     assert budget_tokens(50, torch.tensor([100, 7])).tolist() == [50, 7]
 
@@ -126,7 +128,7 @@ def test_selects_per_kv_head_with_budget(smollm2, pg19_text, monkeypatch):
 
     monkeypatch.setattr(InfiniGen, "fetch", spy)
     gen = generate(smollm2.model, [ids[:500]], InfiniGen(budget=0.1, dense_layers=1),
-                   SamplingConfig(4, stop_at_eos=False))
+                   SamplingConfig(4, stop_at_eos=False), measure=Measurement(alpha_counts_every=1))
     assert {layer for layer, *_ in seen} == set(range(1, spec.n_layers))
     differ = 0
     for _, start, indices, keep in seen:
@@ -169,6 +171,23 @@ def test_counts_within_alpha_equals_direct_count():
     assert torch.equal(counts_within_alpha(gap_histogram(score_gaps(scores), 2)),
                        direct.view(3, 2, 2, 9).sum(2))  # two query heads per KV head
     budgets = torch.full((3,), 1000)
-    for alpha in range(1, 10):
-        assert torch.equal(fetch_counts(score_gaps(scores), alpha, budgets, gap_histogram(score_gaps(scores), 2)),
-                           fetch_counts(score_gaps(scores), alpha, budgets))
+    for alpha in range(1, 10):  # the fetch count (a comparison) is the histogram's mean over heads, rounded up
+        from_histogram = (direct[..., alpha - 1].float().mean(-1)).ceil().long().clamp(min=1)
+        assert torch.equal(fetch_counts(scores, alpha, budgets), from_histogram)
+    per_kv_head = alpha_counts_per_kv_head(scores, 2)  # the trace's counts: mean over the batch and the group
+    assert torch.allclose(per_kv_head, direct.view(3, 2, 2, 9).float().mean(dim=(0, 2)))
+
+
+def test_rope_then_skew_is_one_matrix():
+    """Speculation for the Llama family rotates the query by RoPE, then by the skew's columns: one
+    matrix per sequence and step (model.apply_rope's angles repeat over the two halves)."""
+    gen = torch.Generator().manual_seed(3)
+    b, g, group, d, r = 2, 3, 2, 16, 5
+    q = torch.randn(b, g * group, 1, d, generator=gen)
+    skew = torch.randn(g, d, r, generator=gen)
+    angles = torch.tensor([[7.0], [1234.0]])[..., None] * torch.rand(d // 2, generator=gen)  # [B, 1, d/2]
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    expected = apply_rope(q, cos, sin)[:, :, 0].view(b, g, group, d) @ skew[None]
+    fused = q[:, :, 0].view(b, g, group, d) @ rope_skew(skew, turned(skew), cos[:, 0], sin[:, 0])
+    assert torch.allclose(fused, expected, atol=1e-5)

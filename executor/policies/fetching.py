@@ -62,13 +62,15 @@ class SelectedRows:
 
     def __init__(self, ctx: PolicyContext, whole: WholeCache, max_rows: int):
         self.ctx, self.host, self.copies = ctx, whole.host, whole.copies
-        rows = ctx.batch * ctx.n_kv_heads * max_rows * ctx.head_dim
-        self.slots = [(torch.empty(rows, dtype=ctx.dtype, device=ctx.device),
-                       torch.empty(rows, dtype=ctx.dtype, device=ctx.device)) for _ in range(2)]
-        self.gathered = [(torch.empty(rows, dtype=ctx.dtype, pin_memory=ctx.host_pinned),
-                          torch.empty(rows, dtype=ctx.dtype, pin_memory=ctx.host_pinned)) for _ in range(2)]
+        b, g, d = ctx.batch, ctx.n_kv_heads, ctx.head_dim
+        # a device slot holds each (sequence, KV head)'s fetched rows and, after them, the newest row
+        self.slots = [tuple(torch.empty(b * g * (max_rows + 1) * d, dtype=ctx.dtype, device=ctx.device)
+                            for _ in "kv") for _ in range(2)]
+        self.gathered = [tuple(torch.empty(b * g * max_rows * d, dtype=ctx.dtype, pin_memory=ctx.host_pinned)
+                               for _ in "kv") for _ in range(2)]
         self.gathered_free: list[torch.cuda.Event | None] = [None, None]
         self.pending: dict[int, Prefetch] = {}
+        self.row_base = torch.arange(b * g).view(b, g, 1) * ctx.capacity  # (b, g)'s first row in the host cache
 
     def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: Step) -> None:
         """Gather the chosen rows on the host into a staging buffer and start their copy."""
@@ -80,11 +82,11 @@ class SelectedRows:
         if self.gathered_free[slot] is not None:
             self.gathered_free[slot].synchronize()  # its previous copy has left the staging buffer
         # whole rows by flat index: [B, G, capacity, d] viewed as [B*G*capacity, d]
-        rows = (indices.cpu() + torch.arange(b * g).view(b, g, 1) * self.ctx.capacity).view(-1)
+        rows = (indices.cpu() + self.row_base).view(-1)
         with step.recorder.span(layer, "gather", host=True):
             torch.index_select(self.host.k[layer].view(-1, d), 0, rows, out=host_k.view(-1, d))
             torch.index_select(self.host.v[layer].view(-1, d), 0, rows, out=host_v.view(-1, d))
-        dev_k, dev_v = (buf[:size].view(b, g, n, d) for buf in self.slots[slot])
+        dev_k, dev_v = (slot_rows[:, :, :n] for slot_rows in self.slot_view(slot, b, g, n))
         handle = self.copies.to_device([dev_k, dev_v], [host_k, host_v], layer, step.recorder)
         self.gathered_free[slot] = handle
         self.pending[layer] = Prefetch(slot, indices, keep, handle)
@@ -96,20 +98,24 @@ class SelectedRows:
         """Wait for the layer's fetched rows; attend over them plus the newest row (always kept),
         which is also written back to the host."""
         fetched = self.pending.pop(layer)
-        b, g, n, d = k_new.shape[0], self.ctx.n_kv_heads, fetched.indices.shape[-1], self.ctx.head_dim
+        b, g, n = k_new.shape[0], self.ctx.n_kv_heads, fetched.indices.shape[-1]
         if self.ctx.measure.quality:
             self.measure_quality(layer, q, k_new, fetched, step)
         self.copies.to_host(self.host, layer, step.start, k_new, v_new, step.recorder)
         self.copies.wait(fetched.handle, layer, step.recorder)
         with step.recorder.span(layer, "attn"):
-            dev_k, dev_v = (buf[:b * g * n * d].view(b, g, n, d) for buf in self.slots[fetched.slot])
-            k = torch.cat([dev_k, k_new], dim=2)
-            v = torch.cat([dev_v, v_new], dim=2)
+            k, v = self.slot_view(fetched.slot, b, g, n)
+            k[:, :, n:], v[:, :, n:] = k_new, v_new  # after the fetched rows: no copy of them to join
             keep = torch.cat([fetched.keep, torch.ones(b, g, 1, dtype=torch.bool, device=k.device)], dim=2)
         row = self.host.token_bytes
         record_layer(step, layer, kv_len=step.start + 1, fetched=n, attended=n + 1, bytes_h2d=n * row,
                      bytes_d2h=row)
         return k, v, keep
+
+    def slot_view(self, slot: int, b: int, g: int, n: int) -> tuple[Tensor, Tensor]:
+        """A device slot as K and V [B, G, n + 1, d]: n fetched rows, then the newest."""
+        size = b * g * (n + 1) * self.ctx.head_dim
+        return tuple(buf[:size].view(b, g, n + 1, self.ctx.head_dim) for buf in self.slots[slot])  # type: ignore
 
     def measure_quality(self, layer: int, q: Tensor, k_new: Tensor, fetched: Prefetch, step: Step) -> None:
         """Against exact attention over every cached row (measurement only, not timed as policy work):

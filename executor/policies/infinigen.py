@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +30,34 @@ from torch import Tensor
 from infinisim.core.errors import InfinisimError
 from infinisim.core.policies import InfiniGenKnobs, partial_width
 from infinisim.executor.kvcache import PolicyContext
-from infinisim.executor.model import Step, apply_rope
+from infinisim.executor.model import Step
 from infinisim.executor.policies.base import Policy
 from infinisim.executor.policies.fetching import SelectedRows, WholeCache
 from infinisim.executor.pool import HostPool
-from infinisim.executor.selection import choose_rows, decode_logits, partial_columns, select_top, skew_matrix
+from infinisim.executor.selection import (
+    alpha_counts_per_kv_head,
+    budget_tokens,
+    choose_rows,
+    decode_logits,
+    partial_columns,
+    rope_skew,
+    select_top,
+    skew_matrix,
+    turned,
+)
+
+
+@dataclass(frozen=True)
+class CachedRows:
+    """A decode step's cached rows as every layer sees them."""
+
+    valid: Tensor  # bool [B, start]: not padding, not evicted
+    budgets: Tensor  # [B] the most rows a layer fetches per sequence
+    all_valid: bool  # no row masked: the masks need not be applied
+
+    @classmethod
+    def of(cls, valid: Tensor, budget: float) -> CachedRows:
+        return cls(valid, budget_tokens(budget, valid.sum(-1)), bool(valid.all()))
 
 
 class InfiniGen(Policy):
@@ -48,6 +71,8 @@ class InfiniGen(Policy):
         self.rows = SelectedRows(ctx, self.whole, self.knobs.max_fetch(ctx.capacity))
         self.r = partial_width(self.knobs.partial_ratio, ctx.head_dim)
         self.skew: dict[int, Tensor] = {}  # layer -> [G, d, r]: A restricted to the partial columns
+        self.key_skew: dict[int, Tensor] = {}  # layer -> the same / sqrt(d): partial keys carry the score scale
+        self.skew_turned: dict[int, Tensor] = {}  # layer -> turned(skew): RoPE and the skew as one matrix a step
         # layer -> [B, G, r, capacity] on the device: keys along the last axis, so the speculated
         # scores are one matmul streaming the cache row by row (6x faster on a CPU than [.., capacity, r])
         self.partial_keys: dict[int, Tensor] = {}
@@ -55,6 +80,7 @@ class InfiniGen(Policy):
         pool = self.knobs.pool_capacity
         self.pool = HostPool(pool, self.knobs.eviction, ctx.batch, ctx.capacity) if pool is not None else None
         self.stored: Tensor | None = None  # this step's pool membership on the device
+        self.cached: CachedRows | None = None  # this decode step's, the same for every layer
         self.spec_stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
 
     def cached_valid(self, step: Step) -> Tensor:
@@ -81,9 +107,9 @@ class InfiniGen(Policy):
             cols = partial_columns(qh @ a, self.r)
             partial.append(a[:, cols])
         skew = torch.stack(partial).to(q.dtype)  # [G, d, r]
-        self.skew[layer] = skew
+        self.skew[layer], self.key_skew[layer], self.skew_turned[layer] = skew, skew / math.sqrt(d), turned(skew)
         keys = torch.empty(b, g, self.r, self.ctx.capacity, dtype=q.dtype, device=q.device)
-        keys[..., :t] = torch.einsum("bgtd,gdr->bgrt", k, skew)
+        keys[..., :t] = torch.einsum("bgtd,gdr->bgrt", k, self.key_skew[layer])
         self.partial_keys[layer] = keys
         attention = self.ctx.model.layers[layer].attention
         if self.ctx.model.spec.family == "opt":
@@ -118,7 +144,8 @@ class InfiniGen(Policy):
     # ------------------------------------------------------------------ decode
 
     def speculate(self, layer: int, residual: Tensor, step: Step) -> Tensor:
-        """Approximate attention logits of `layer` for this step's query: [B, H, start]."""
+        """Approximate attention logits of `layer` for this step's query (scaled by 1/sqrt(d) through
+        the partial keys; -inf where a key is not valid): [B, H, start]."""
         block = self.ctx.model.layers[layer]
         attention = block.attention
         b, h, g, d = residual.shape[0], attention.n_heads, attention.n_kv_heads, attention.head_dim
@@ -127,29 +154,37 @@ class InfiniGen(Policy):
             weight, bias = self.partial_wq[layer]
             q_partial = F.linear(x, weight, bias).view(b, h, self.r)
         else:
-            q = attention.wq(x).view(b, 1, h, d).transpose(1, 2)
-            q = apply_rope(q, *step.rope)[:, :, 0]  # [B, H, d]
-            q_partial = torch.einsum("bghd,gdr->bghr", q.view(b, g, h // g, d), self.skew[layer]).reshape(b, h, -1)
+            cos, sin = (t[:, 0] for t in step.rope)  # [B, d]: the new token's position per sequence
+            q = attention.wq(x).view(b, g, h // g, d)
+            q_partial = q @ rope_skew(self.skew[layer], self.skew_turned[layer], cos, sin)  # [B, G, H/G, r]
         keys = self.partial_keys[layer][..., :step.start]  # [B, G, r, L]
-        scores = q_partial.view(b, g, h // g, self.r) @ keys  # [B, G, H/G, L]
-        scores = scores.reshape(b, h, step.start).float().div_(math.sqrt(d))  # in place: a fresh tensor
-        return scores.masked_fill_(~self.cached_valid(step)[:, None, :], float("-inf"))
+        scores = (q_partial.view(b, g, h // g, self.r) @ keys).view(b, h, step.start).float()  # [B, H, L]
+        return scores if self.cached.all_valid else scores.masked_fill_(~self.cached.valid[:, None, :], float("-inf"))
 
-    def choose(self, layer: int, scores: Tensor, rank_scores: Tensor, step: Step) -> tuple[Tensor, Tensor]:
+    def choose(self, scores: Tensor, rank_scores: Tensor) -> tuple[Tensor, Tensor]:
         """How many (from the speculated `scores`) and which (by `rank_scores`) rows to fetch."""
-        k = self.knobs
-        indices, keep, alpha_counts = choose_rows(scores, rank_scores, self.cached_valid(step), k.alpha, k.budget,
-                                                  self.ctx.n_kv_heads, k.gqa_combine)
-        step.recorder.count(layer, alpha_counts=alpha_counts.flatten().tolist())
-        return indices, keep
+        c = self.cached
+        return choose_rows(scores, rank_scores, c.valid, self.knobs.alpha, c.budgets, self.ctx.n_kv_heads,
+                           self.knobs.gqa_combine, c.all_valid)
+
+    def record_alpha_counts(self, layer: int, scores: Tensor, step: Step) -> None:
+        """Measurement for the trace, outside the timed phases: the uncapped counts at alpha 1..9 the
+        simulator re-derives other alphas' shares from."""
+        every = self.ctx.measure.alpha_counts_every
+        if every and (step.index - 1) % every == 0:
+            counts = alpha_counts_per_kv_head(scores, self.ctx.n_kv_heads)
+            step.recorder.count(layer, alpha_counts=counts.flatten().tolist())
 
     def start_step(self, layer: int, step: Step) -> None:
-        """Before the first layer of a decode step: the pool takes in last step's rows and makes room."""
-        if layer != 0 or self.pool is None:
+        """Before the first layer of a decode step: the pool takes in last step's rows and makes
+        room; which cached rows are valid, how many, and each sequence's budget, for every layer."""
+        if layer != 0:
             return
-        self.pool.admit(step.valid, step.start)
-        step.recorder.count(None, evicted=self.pool.make_room(1))
-        self.stored = self.pool.stored.to(step.valid.device)
+        if self.pool is not None:
+            self.pool.admit(step.valid, step.start)
+            step.recorder.count(None, evicted=self.pool.make_room(1))
+            self.stored = self.pool.stored.to(step.valid.device)
+        self.cached = CachedRows.of(self.cached_valid(step), self.knobs.budget)
 
     def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: Step) -> None:
         if self.pool is not None:
@@ -167,10 +202,11 @@ class InfiniGen(Policy):
         """At the start of layer target-1: speculate layer `target`'s rows, start their prefetch."""
         with self.on_spec_stream(), step.recorder.span(target, "spec", self.spec_stream):
             scores = self.speculate(target, residual, step)
-            indices, keep = self.choose(target, scores, scores, step)
+            indices, keep = self.choose(scores, scores)
             indices = indices.cpu()  # the host gather needs them; on CUDA this waits for the spec stream only
         if self.spec_stream is not None:
             keep.record_stream(torch.cuda.current_stream())  # made on the spec stream, read by the compute stream
+        self.record_alpha_counts(target, scores, step)
         self.fetch(target, indices, keep, step)
 
     @contextmanager
@@ -192,7 +228,7 @@ class InfiniGen(Policy):
         if self.speculates(layer):
             with step.recorder.span(layer, "attn"):
                 self.partial_keys[layer][..., step.start] = torch.einsum("bgd,gdr->bgr", k_new[:, :, 0],
-                                                                          self.skew[layer])
+                                                                          self.key_skew[layer])
         return k, v, keep
 
 
@@ -206,12 +242,13 @@ class Oracle(InfiniGen):
         """Only the count is speculated ahead; the rows are chosen at the layer, by exact scores."""
         with step.recorder.span(target, "spec"):
             self.speculated = self.speculate(target, residual, step)
+        self.record_alpha_counts(target, self.speculated, step)
 
     def decode_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                   ) -> tuple[Tensor, Tensor, Tensor]:
         if step.n_new == 1 and self.speculates(layer):
-            exact = exact_scores(q, self.whole.host.k[layer][:, :, :step.start], self.cached_valid(step))
-            indices, keep = self.choose(layer, self.speculated, exact, step)
+            exact = exact_scores(q, self.whole.host.k[layer][:, :, :step.start], self.cached.valid)
+            indices, keep = self.choose(self.speculated, exact)
             self.fetch(layer, indices, keep, step)
         return super().decode_kv(layer, q, k_new, v_new, step)
 
