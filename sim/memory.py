@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from infinisim.hwprofiles.profile import Profile
 from infinisim.sim.workload import Workload
-from infinisim.traces.spec import DTYPE_BYTES
+from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,16 @@ class MemoryPlan:
         return None
 
 
+def activation_bytes(spec: ModelSpec, dtype: str, tokens: int, rows: int) -> float:
+    """The widest activations of a forward over `tokens` (FFN hidden states, residual, q/k/v) and the
+    logits of `rows` sequences; attention kernels that do not keep the T x T scores."""
+    return float(tokens * (2 * spec.ffn_hidden + 4 * spec.hidden) * DTYPE_BYTES[dtype] + rows * spec.vocab_size * 4)
+
+
 def memory_plan(w: Workload, profile: Profile) -> MemoryPlan:
-    s, e = w.spec, DTYPE_BYTES[w.dtype]
+    s = w.spec
     device = {"weights": float(s.weight_bytes(w.dtype)),
-              # the prefill's widest activations (FFN hidden states, residual, q/k/v) and the logits;
-              # attention kernels that do not keep the T x T scores (flash / memory-efficient)
-              "activations": float(w.batch * w.prompt_len * (2 * s.ffn_hidden + 4 * s.hidden) * e
-                                   + w.batch * s.vocab_size * 4)}
+              "activations": activation_bytes(s, w.dtype, w.batch * w.prompt_len, w.batch)}
     policy_device, host = w.kv_policy.memory_parts(w)
     device.update(policy_device)
     return MemoryPlan(sum(device.values()), sum(host.values()), device, host, profile.device.memory,

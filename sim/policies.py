@@ -43,10 +43,13 @@ class SimPolicy:
 
     # ---------------------------------------------------------------- what a decode step moves
 
-    def decode_counts(self, kv_len: np.ndarray, prompt_len: int, speculated: Any
+    fetch_follows_prompt = False  # a decode step's rows are sized by the prompt, not the cache (H2O)
+
+    def decode_counts(self, kv_len: np.ndarray, prompt_len: Any, speculated: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per [step, layer]: rows fetched and attended per sequence; per layer: speculating.
-        kv_len: [steps, layers] cache positions after each step (the newest row included)."""
+        kv_len: [steps, layers] cache positions after each step (the newest row included);
+        prompt_len: a number, or one per step ([steps, 1])."""
         raise NotImplementedError
 
     def selecting(self, w: Workload) -> np.ndarray:
@@ -121,7 +124,7 @@ class Resident(SimPolicy):
     name = "resident"
     host_ops = 3
 
-    def decode_counts(self, kv_len: np.ndarray, prompt_len: int, speculated: Any
+    def decode_counts(self, kv_len: np.ndarray, prompt_len: Any, speculated: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.zeros_like(kv_len), kv_len.copy(), np.zeros(kv_len.shape[1], dtype=bool)
 
@@ -140,7 +143,7 @@ class Full(SimPolicy):
     name = "full"
     host_ops = 7
 
-    def decode_counts(self, kv_len: np.ndarray, prompt_len: int, speculated: Any
+    def decode_counts(self, kv_len: np.ndarray, prompt_len: Any, speculated: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return _whole(kv_len)
 
@@ -155,7 +158,7 @@ class Int4(SimPolicy):
     host_ops = 13
     copy_tensors = 6  # codes, scales and minimums of K and V
 
-    def decode_counts(self, kv_len: np.ndarray, prompt_len: int, speculated: Any
+    def decode_counts(self, kv_len: np.ndarray, prompt_len: Any, speculated: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return _whole(kv_len)
 
@@ -172,11 +175,12 @@ class H2O(SimPolicy):
     name = "h2o"
     host_ops = 14
     knobs: H2OKnobs
+    fetch_follows_prompt = True
 
-    def kept(self, prompt_len: int) -> int:
+    def kept(self, prompt_len: Any) -> Any:
         return budget_cap(self.knobs.budget, prompt_len)  # the set never grows
 
-    def decode_counts(self, kv_len: np.ndarray, prompt_len: int, speculated: Any
+    def decode_counts(self, kv_len: np.ndarray, prompt_len: Any, speculated: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         fetched = np.full_like(kv_len, self.kept(prompt_len))
         return fetched, fetched + 1, np.zeros(kv_len.shape[1], dtype=bool)
@@ -215,7 +219,7 @@ class InfiniGen(SimPolicy):
     host_ops = 14
     knobs: InfiniGenKnobs
 
-    def decode_counts(self, kv_len: np.ndarray, prompt_len: int, speculated: Any
+    def decode_counts(self, kv_len: np.ndarray, prompt_len: Any, speculated: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`speculated`: the share of its cached tokens each speculating layer wants (a number, or
         one per layer; NaN layers take the mean), capped by the budget as the executor caps it."""

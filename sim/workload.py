@@ -145,7 +145,7 @@ def synthetic(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, policy
     uncapped share of the cache each speculating layer wants (a number, or one per layer, e.g. from
     speculated_fraction_per_layer); the budget caps it, as in the executor. `knobs`: the policy's
     (None: its default; other policies' knobs are ignored)."""
-    kv = policy(policy_name)
+    policy(policy_name)  # an unknown name is the first error
     if dtype not in DTYPE_BYTES:
         raise InfinisimError(f"unknown dtype {dtype!r} ({', '.join(DTYPE_BYTES)})", field="--dtype")
     for name, value in (("--batch", batch), ("--prompt-len", prompt_len), ("--gen-len", gen_len)):
@@ -158,12 +158,25 @@ def synthetic(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, policy
     if spec.family == "opt" and prompt_len + gen_len > spec.max_positions:
         raise InfinisimError(f"prompt + generation = {prompt_len + gen_len} exceeds {spec.name}'s "
                              f"{spec.max_positions} positions", field="--prompt-len")
-    simulated = SIM_POLICIES[policy_name](kv.make_knobs(knobs))
     steps = np.arange(gen_len - 1)  # decode steps after the prefill's first token
-    kv_len = np.repeat((prompt_len + 1 + steps)[:, None], spec.n_layers, axis=1)
-    fetched, attended, speculating = simulated.decode_counts(kv_len, prompt_len, speculated_fraction)
+    return at_lengths(spec, batch, prompt_len, prompt_len + 1 + steps, policy_name, dtype, knobs, speculated_fraction)
+
+
+def at_lengths(spec: ModelSpec, batch: int, prompt_len: int, kv_len: np.ndarray, policy_name: str,
+               dtype: str = "float16", knobs: dict[str, Any] | None = None,
+               speculated_fraction: float | np.ndarray | None = None, sized_by: np.ndarray | None = None
+               ) -> Workload:
+    """A workload whose decode steps have the given cache lengths ([steps], the newest row included)
+    after a prompt of `prompt_len`: `synthetic`'s consecutive steps, or any others (the serving
+    simulator times one step per length this way). `sized_by` ([steps]): the prompt each step's
+    fetch is sized by, for a policy whose fetch follows the prompt (H2O's kept set)."""
+    kv = policy(policy_name)
+    simulated = SIM_POLICIES[policy_name](kv.make_knobs(knobs))
+    grid = np.repeat(np.asarray(kv_len, dtype=np.int64)[:, None], spec.n_layers, axis=1)
+    prompts = prompt_len if sized_by is None else np.asarray(sized_by, dtype=np.int64)[:, None]
+    fetched, attended, speculating = simulated.decode_counts(grid, prompts, speculated_fraction)
     row = simulated.row_bytes(spec, dtype, batch)
     bytes_h2d = fetched.astype(np.int64) * row
     bytes_d2h = np.full_like(bytes_h2d, row if kv.offloaded else 0)
-    return Workload(spec, dtype, batch, prompt_len, policy_name, simulated.knobs, kv_len, fetched.astype(np.int64),
+    return Workload(spec, dtype, batch, prompt_len, policy_name, simulated.knobs, grid, fetched.astype(np.int64),
                     attended.astype(np.int64), bytes_h2d, bytes_d2h, speculating)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded model (ours and transformers'), and the paper's prompt text."""
+"""Shared fixtures: the embedded model (ours and transformers'), the paper's prompt text, a real request trace."""
 
 from __future__ import annotations
 
@@ -41,3 +41,16 @@ def pg19_text() -> str:
         pytest.fail(f"{PG19} is missing: the shared data folder must sit beside the repo "
                     "(or set INFINISIM_PG19 to the file)")
     return PG19.read_text(encoding="utf-8")
+
+
+AZURE_CONV = Path(os.environ.get("INFINISIM_AZURE_CONV",
+                                 REPO.parent / "shared" / "data" / "azure-llm-2023" / "conv.csv"))
+
+
+@pytest.fixture(scope="session")
+def azure_conv() -> Path:
+    """The Azure LLM inference trace (conversation service, 2023; CC-BY, see its README)."""
+    if not AZURE_CONV.exists():
+        pytest.fail(f"{AZURE_CONV} is missing: the shared data folder must sit beside the repo "
+                    "(or set INFINISIM_AZURE_CONV to the file)")
+    return AZURE_CONV
