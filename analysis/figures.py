@@ -102,8 +102,10 @@ def plan_breakdown(rows: pd.DataFrame, name: str, title: str, ran: str) -> Figur
 
 
 def panels(rows: pd.DataFrame, x: str, ys: Sequence[tuple[str, str]], hue: str, name: str, title: str, ran: str,
-           xlabel: str | None = None, categorical: bool = False, reference: float | None = None) -> Figure:
-    """One panel per (column, label) in `ys`, one line per value of `hue`, against `x`."""
+           xlabel: str | None = None, categorical: bool = False, reference: float | None = None,
+           log_x: bool = False) -> Figure:
+    """One panel per (column, label) in `ys`, one line per value of `hue` (coloured by its first
+    word, a policy), against `x`."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(ys), figsize=(max(6.5, 4.6 * len(ys)), 3.6), squeeze=False)
     order = list(dict.fromkeys(rows[x])) if categorical else None
@@ -114,9 +116,11 @@ def panels(rows: pd.DataFrame, x: str, ys: Sequence[tuple[str, str]], hue: str, 
                 continue
             xs = [order.index(v) for v in group[x]] if order else group[x]
             style = "o" if order else "o-"  # no lines between categories: they are not a scale
-            ax.plot(xs, group[column], style, ms=5, label=str(key), color=policy_colour(str(key)))
+            ax.plot(xs, group[column], style, ms=5, label=str(key), color=policy_colour(str(key).split()[0]))
         if order:
             ax.set_xticks(range(len(order)), order)
+        if log_x:
+            ax.set_xscale("log")
         if reference is not None:
             ax.axhline(reference, color="grey", lw=0.8, ls=":")
         ax.set_xlabel(xlabel or x)
@@ -205,3 +209,23 @@ def pareto_plot(rows: pd.DataFrame, front: pd.DataFrame, name: str, ran: str) ->
     title = "latency vs throughput: every config that fits, and the Pareto front per hardware (line)"
     ax.set_title(title, fontsize=9)
     return Figure(name, title, ran, _png(fig))
+
+
+def latency_cdfs(latency: dict[str, pd.DataFrame], name: str, ran: str) -> Figure:
+    """Per policy, the share of requests served within each TTFT and each TPOT (empirical CDFs)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for ax, column, label, scale in ((axes[0], "ttft_s", "time to first token (s)", 1.0),
+                                     (axes[1], "tpot_s", "time per output token (ms)", 1e3)):
+        for policy, table in latency.items():
+            values = np.sort(table[column].dropna().to_numpy()) * scale
+            if len(values):
+                ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=policy,
+                        color=policy_colour(policy))
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("share of requests")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Latency per request, by policy", fontsize=10)
+    return Figure(name, "Latency per request, by policy (CDF)", ran, _png(fig))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -117,3 +118,36 @@ def write_table(rows: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:
     with atomic_path(parquet) as tmp:
         rows.to_parquet(tmp)
     return csv, parquet
+
+
+def make_capacity(configs: list[Any], out: str | Path, *, cache: str | Path | None = None,
+                  workers: int | None = None, scheduler: str | None = None, serial: bool = False,
+                  quality: list[str] | None = None, command: str = "", attribution: str | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[pd.DataFrame, tuple[Path, ...]]:
+    """The largest request rate of each serving config within its SLO (`analysis.serving.find_capacity`),
+    cached per config, with the accuracy to expect; writes capacity.csv, capacity.parquet and
+    capacity.json (every rate each search tried) into `out`."""
+    from infinisim.analysis.serving import find_capacity
+
+    points = None
+    if quality:
+        from infinisim.analysis.accuracy import quality_points
+
+        points = quality_points(quality)
+    out = Path(out)
+    rows = run_sweep(configs, cache or out / "capacity-cache.jsonl", workers, scheduler, serial, progress,
+                     evaluate_one=find_capacity)
+    tried = {row["key"]: row.get("tried", []) for row in rows.to_dict(orient="records")}
+    rows = rows.drop(columns=["tried"], errors="ignore")
+    if points is not None:
+        from infinisim.analysis.accuracy import add_expected_accuracy
+
+        rows = add_expected_accuracy(rows, points)
+    csv, parquet = out / "capacity.csv", out / "capacity.parquet"
+    with atomic_path(csv) as tmp:
+        rows.to_csv(tmp, index=False)
+    with atomic_path(parquet) as tmp:
+        rows.to_parquet(tmp)
+    meta = write_json({"command": command, "quality": quality or [], "attribution": attribution, "tried": tried},
+                      out / "capacity.json")
+    return rows, (csv, parquet, meta)

@@ -238,19 +238,21 @@ def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
-def run_sweep(configs: list[Config], cache: str | Path | None = None, workers: int | None = None,
+def run_sweep(configs: list[Any], cache: str | Path | None = None, workers: int | None = None,
               scheduler: str | None = None, serial: bool = False,
-              on_result: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+              on_result: Callable[[int, int], None] | None = None,
+              evaluate_one: Callable[[Any], dict[str, Any]] | None = None) -> pd.DataFrame:
     """Evaluate every config not in the cache, serially, over local processes (default) or on a Dask
     cluster (`scheduler`: "tcp://host:port", or "local" for a LocalCluster), appending each row to
-    the cache as it arrives. Returns all rows in config order."""
+    the cache as it arrives. Returns all rows in config order. `evaluate_one`: a pure function of a
+    config with a `key()` (default `evaluate`; the serving capacity search brings its own)."""
     cache_path = Path(cache) if cache else None
     done = _read_cache(cache_path) if cache_path else {}
     todo = [c for c in configs if c.key() not in done]
     total, finished = len(configs), len(configs) - len(todo)
     sink = None  # opened with the first result: a sweep that cannot start writes nothing
     try:
-        for row in _results(todo, workers, scheduler, serial):
+        for row in _results(todo, workers, scheduler, serial, evaluate_one or evaluate):
             done[row["key"]] = row
             if cache_path and sink is None:
                 cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,20 +273,20 @@ def run_sweep(configs: list[Config], cache: str | Path | None = None, workers: i
     return pd.DataFrame([done[c.key()] for c in configs])
 
 
-def _results(todo: list[Config], workers: int | None, scheduler: str | None, serial: bool
-             ) -> Iterator[dict[str, Any]]:
+def _results(todo: list[Any], workers: int | None, scheduler: str | None, serial: bool,
+             fn: Callable[[Any], dict[str, Any]]) -> Iterator[dict[str, Any]]:
     if not todo:
         return
     if serial:
-        yield from map(evaluate, todo)
+        yield from map(fn, todo)
     elif scheduler:
-        yield from _dask(todo, scheduler)
+        yield from _dask(todo, scheduler, fn)
     else:
         from concurrent.futures import ProcessPoolExecutor
 
         n = workers or os.cpu_count() or 1
         with ProcessPoolExecutor(n, initializer=_die_with_parent) as pool:
-            yield from pool.map(evaluate, todo, chunksize=max(1, min(64, len(todo) // (4 * n))))
+            yield from pool.map(fn, todo, chunksize=max(1, min(64, len(todo) // (4 * n))))
 
 
 def _die_with_parent() -> None:
@@ -297,7 +299,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _dask(todo: list[Config], scheduler: str) -> Iterator[dict[str, Any]]:
+def _dask(todo: list[Any], scheduler: str, fn: Callable[[Any], dict[str, Any]]) -> Iterator[dict[str, Any]]:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -309,7 +311,7 @@ def _dask(todo: list[Config], scheduler: str) -> Iterator[dict[str, Any]]:
             raise InfinisimError(f"cannot reach the Dask scheduler ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:120]})", field="--scheduler") from None
         with client:
-            futures = client.map(evaluate, todo, pure=False)
+            futures = client.map(fn, todo, pure=False)
             for future in as_completed(futures):
                 yield future.result()
     finally:

@@ -44,8 +44,10 @@ def rope_skew(skew: Tensor, skew_turned: Tensor, cos: Tensor, sin: Tensor) -> Te
     """RoPE at one position per sequence, then the skew, as one matrix: rope(q) @ A = q @ M with
     M = A cos + turned(A) sin (RoPE's angles repeat over the two halves of the head dimension).
 
-    skew, skew_turned: [G, d, r]; cos, sin: [B, d] -> M [B, G, d, r], in the skew's dtype."""
-    return (skew * cos[:, None, :, None] + skew_turned * sin[:, None, :, None]).to(skew.dtype)
+    skew, skew_turned: [..., d, r] (e.g. [G, d, r], or [layers, G, d, r]); cos, sin: [B, d] ->
+    M [B, ..., d, r], in the skew's dtype."""
+    shape = (cos.shape[0], *([1] * (skew.dim() - 2)), cos.shape[1], 1)
+    return (skew * cos.view(shape) + skew_turned * sin.view(shape)).to(skew.dtype)
 
 
 def decode_logits(q: Tensor, keys: Tensor) -> Tensor:
@@ -103,8 +105,9 @@ def fetch_counts(scores: Tensor, alpha: float, budgets: Tensor) -> Tensor:
     """Tokens to fetch per sequence for one layer: the count of keys scoring within alpha of their
     head's best (score > best - alpha), averaged over heads, capped by the sequence's budget, at
     least 1. scores: [B, H, L] (-inf where not valid); budgets: [B] -> [B]."""
-    within = (scores > scores.amax(dim=-1, keepdim=True) - alpha).sum(dim=(1, 2))
-    return torch.minimum((within.float() / scores.shape[1]).ceil_().long(), budgets).clamp_(min=1)
+    b, h, _ = scores.shape
+    within = (scores > scores.amax(dim=-1, keepdim=True) - alpha).view(b, -1).sum(-1, dtype=torch.int32)
+    return torch.minimum((within + (h - 1)) // h, budgets).clamp_(min=1)  # the mean over heads, rounded up
 
 
 def budget_tokens(budget: float, valid_lens: Tensor) -> Tensor:
@@ -138,7 +141,11 @@ def select_top(kv_scores: Tensor, counts: Tensor, valid: Tensor, all_valid: bool
     a sequence's own count, or on padding, come back marked False in `keep`. Returns (indices
     [B, G, n], keep [B, G, n]).
     """
-    n = int(counts.max())
+    listed = counts.tolist()
+    n, fewest = max(listed), min(listed)
+    if fewest == n and all_valid:  # every sequence keeps all n (the budget's cap binds alike): order is no matter
+        indices = torch.topk(kv_scores, n, dim=-1, sorted=False).indices
+        return indices, torch.ones(indices.shape, dtype=torch.bool, device=indices.device)
     indices = torch.topk(kv_scores, n, dim=-1).indices  # best first
     keep = torch.arange(n, device=kv_scores.device) < counts[:, None, None]
     if all_valid:

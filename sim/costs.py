@@ -91,7 +91,8 @@ class Costs:
         m = self.batch if m is None else m
         flops = 2.0 * m * k * n
         nbytes = self.e * (k * n + m * k + m * n)
-        return max(flops / self.matmul_rate(k, n), nbytes / self.weight_stream_bw(m, k))
+        compute, stream = flops / self.matmul_rate(k, n), nbytes / self.weight_stream_bw(m, k)
+        return np.maximum(compute, stream) if np.ndim(m) else max(compute, stream)  # m: rows, or rows per lane
 
     def elementwise(self, nbytes: float) -> float:
         return nbytes / self.stream_bw
@@ -239,7 +240,10 @@ def interpolate_log(sizes: list[float], values: list[float], size: Any) -> Any:
         return values[-1]
     i = bisect.bisect_right(sizes, size)
     w = (math.log(size) - math.log(sizes[i - 1])) / (math.log(sizes[i]) - math.log(sizes[i - 1]))
-    return math.exp((1 - w) * math.log(values[i - 1]) + w * math.log(values[i]))
+    low, high = values[i - 1], values[i]
+    if np.ndim(low) or np.ndim(high):  # values that are themselves arrays (another axis interpolated first)
+        return np.exp((1 - w) * np.log(low) + w * np.log(high))
+    return math.exp((1 - w) * math.log(low) + w * math.log(high))
 
 
 def choose(condition: Any, yes: Any, no: Any) -> Any:

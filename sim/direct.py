@@ -212,6 +212,38 @@ def run_through(host: Generator[Any, Any, Any]) -> None:
         raise RuntimeError("the direct simulation's host code yielded an event")
 
 
+class PrefillLanes(DirectSimulation):
+    """Prefills of several prompt lengths at once, a lane each (the workload's prompt_len is an array
+    and its kv_len row per lane the first decode step's), each followed by that first decode step,
+    which can still find the prompt's KV being written back. Phases per [lane, 0 prefill | 1 step]."""
+
+    def phase_array(self, shape: tuple[int, int, int]) -> np.ndarray:
+        lanes, layers, phases = shape[0] - 1, shape[1], shape[2]
+        return np.zeros((layers, phases, 2, lanes)).transpose(3, 2, 0, 1)
+
+    def run(self) -> SimResult:
+        lanes = len(self.w.prompt_len)
+        self.step_s = np.zeros((2, lanes))
+        self.host_t, self.step = np.zeros(lanes), (slice(None), 0)
+        run_through(self.prefill())
+        start, self.step = self.host_t, (slice(None), 1)
+        run_through(self.decode_step(slice(None)))
+        self.step_s[1] = self.host_t - start
+        self.count_ops()
+        return self.result(self.ops)
+
+
+def prefill_lanes(workload: Workload, profile: Profile, memory: MemoryPlan) -> np.ndarray | None:
+    """[2, lanes]: each lane's prefill seconds and its first decode step's; None where the direct
+    computation does not apply (the caller then simulates one prompt at a time)."""
+    if not (profile.link.duplex or profile.synchronous):
+        return None
+    try:
+        return PrefillLanes(workload, profile, memory).run().step_s
+    except NotDirect:
+        return None
+
+
 def simulate_direct(workload: Workload, profile: Profile, memory: MemoryPlan) -> SimResult | None:
     """The discrete-event simulation's result, computed directly; None where that is not exact
     (the caller then simulates event by event)."""

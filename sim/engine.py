@@ -230,7 +230,7 @@ class Simulation:
         if not np.any(seconds > 0):
             return
         start, self.host_t = self.host_t, self.host_t + seconds
-        self.phase_s[self.step, layer, P[phase]] += seconds
+        self.phase_s[self.step][..., layer, P[phase]] += seconds
         if self.timeline:
             self.spans.append(("host", phase, self.step, layer, start, start + seconds))
 

@@ -21,20 +21,20 @@ policy's simulator class allocates per sequence), on top of the weights and the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from infinisim.core.errors import InfinisimError
 from infinisim.hwprofiles.profile import Profile
-from infinisim.sim.direct import simulate_direct
+from infinisim.sim.direct import prefill_lanes, simulate_direct
 from infinisim.sim.engine import simulate
 from infinisim.sim.memory import activation_bytes, memory_plan
 from infinisim.sim.workload import Workload, at_lengths, synthetic
 from infinisim.traces.spec import ModelSpec
 
-BLOCK = 512  # decode lengths simulated per array pass
+BLOCK = 2048  # decode lengths simulated per array pass
 CHUNK_GRID = 64  # prompt lengths simulated for chunked prefill (interpolated between)
 
 
@@ -63,6 +63,16 @@ class MemoryBudget:
         if self.shared:
             return self.device_fixed + device_used + host_used <= self.host_capacity
         return self.device_fixed + device_used <= self.device_capacity and host_used <= self.host_capacity
+
+    def rows_left(self, device_used: float, host_used: float) -> float:
+        """How many more cached rows (of any sequence) fit: memory grows by per_token a row."""
+        def room(free: float, per_row: float) -> float:
+            return math.inf if per_row <= 0 else max(0.0, free) / per_row
+        if self.shared:
+            return room(self.host_capacity - self.device_fixed - device_used - host_used,
+                        self.device.per_token + self.host.per_token)
+        return min(room(self.device_capacity - self.device_fixed - device_used, self.device.per_token),
+                   room(self.host_capacity - host_used, self.host.per_token))
 
 
 def _step_times(w: Workload, profile: Profile) -> np.ndarray:
@@ -99,6 +109,19 @@ class IterationCosts:
         frac = min(max(x - low, 0.0), 1.0)
         return table[low] + frac * (table[low + 1] - table[low])
 
+    def decode_run(self, batch: int, x: float, steps: int, rising: bool) -> np.ndarray:
+        """Seconds of `steps` consecutive decode steps of the same sequences from mean length x (each
+        step one row longer when `rising`; a fetch that follows the prompt stays)."""
+        xs = x + np.arange(steps) if rising else np.full(steps, x)
+        low = np.maximum(2, np.floor(xs)).astype(np.int64)
+        table = self._decode.setdefault(batch, {})
+        for whole in range(int(low[0]), int(low[-1]) + 2):
+            if whole not in table:
+                self._fill(batch, whole, table)
+        a = np.array([table[v] for v in low.tolist()])
+        b = np.array([table[v + 1] for v in low.tolist()])
+        return a + np.clip(xs - low, 0.0, 1.0) * (b - a)
+
     def _fill(self, batch: int, x: int, table: dict[int, float]) -> None:
         start = x - x % BLOCK
         xs = np.arange(max(start, 2), start + BLOCK + 1)
@@ -119,15 +142,29 @@ class IterationCosts:
     def prefill(self, n: int) -> tuple[float, float]:
         """(seconds of one prompt of n tokens, the write-back spill into the next decode step)."""
         if n not in self._prefill:
-            if self.spec.family == "opt" and n + 1 > self.spec.max_positions:
-                raise InfinisimError(f"a prompt of {n} tokens exceeds {self.spec.name}'s {self.spec.max_positions} "
-                                     "positions", field="prompt_len")
-            steps = _step_times(synthetic(self.spec, 1, n, 2, self.policy, self.dtype, self.knobs, self.speculated),
-                                self.profile)
-            self.simulations += 1
-            idle = self.decode(1, n if self.by_prompt else n + 1)
-            self._prefill[n] = (float(steps[0]), max(0.0, float(steps[1]) - idle))
+            self.prefill_many([n])
         return self._prefill[n]
+
+    def prefill_many(self, lengths: Any) -> None:
+        """Simulate the prefills of these prompt lengths, all at once where the direct computation
+        applies (a lane each), else one by one."""
+        todo = np.array(sorted({int(n) for n in lengths} - set(self._prefill)), dtype=np.int64)
+        if not len(todo):
+            return
+        if self.spec.family == "opt" and todo[-1] + 1 > self.spec.max_positions:
+            raise InfinisimError(f"a prompt of {todo[-1]} tokens exceeds {self.spec.name}'s "
+                                 f"{self.spec.max_positions} positions", field="prompt_len")
+        w = replace(at_lengths(self.spec, 1, int(todo[-1]), todo + 1, self.policy, self.dtype, self.knobs,
+                               self.speculated, sized_by=todo), prompt_len=todo)
+        steps = prefill_lanes(w, self.profile, memory_plan(replace(w, prompt_len=int(todo[-1])), self.profile))
+        if steps is None:  # one at a time, event by event
+            steps = np.array([_step_times(synthetic(self.spec, 1, int(n), 2, self.policy, self.dtype, self.knobs,
+                                                    self.speculated), self.profile)[:2] for n in todo]).T
+            self.simulations += len(todo) - 1
+        self.simulations += 1
+        for n, prefill, first in zip(todo.tolist(), steps[0].tolist(), steps[1].tolist(), strict=True):
+            idle = self.decode(1, n if self.by_prompt else n + 1)
+            self._prefill[n] = (prefill, max(0.0, first - idle))
 
     def prefill_interpolated(self, n: float) -> float:
         """Seconds of a prompt of n tokens between simulated multiples of CHUNK_GRID (0 at 0): what a

@@ -12,7 +12,8 @@ from infinisim.core.errors import InfinisimError
 from infinisim.hwprofiles.profile import load_profile
 from infinisim.sim.engine import simulate
 from infinisim.sim.iterations import IterationCosts
-from infinisim.sim.serving import SLO, Scheduler, latencies, parse_slo, simulate_serving, summarize_serving
+from infinisim.sim.latency import SLO, latencies, parse_slo, summarize_serving
+from infinisim.sim.serving import Scheduler, simulate_serving
 from infinisim.sim.workload import synthetic
 from infinisim.traces.requests import Request, RequestStream, read_requests, scaled, synthetic_stream, to_rate
 from infinisim.traces.spec import named_model
@@ -145,3 +146,30 @@ def test_the_azure_trace_reads(azure_conv):
     stream = read_requests(azure_conv)
     assert len(stream) > 19000 and stream.requests[0].arrival_s == 0
     assert 5.0 < stream.rate < 6.0  # about 5.5 requests per second over an hour
+
+
+def test_a_hopeless_stream_stops_early_with_the_same_verdict():
+    stream = synthetic_stream(50.0, 400, seed=4, prompt_len=1024, gen_len=100)  # far beyond one L4
+    c = IterationCosts(named_model("llama-3-8b"), load_profile("l4"), "resident", "float16")
+    slo = SLO(2.0, 0.1)
+    whole = simulate_serving(stream, c)
+    early = simulate_serving(stream, c, stop_at=slo)
+    assert early.stopped and not whole.stopped
+    assert not summarize_serving(whole, slo)["meets_slo"]
+    assert len(early.series["batch"]) < len(whole.series["batch"]) / 2  # it gave up well before the end
+    fine = synthetic_stream(0.2, 40, seed=4, prompt_len=256, gen_len=20)
+    assert not simulate_serving(fine, c, stop_at=slo).stopped and summarize_serving(simulate_serving(fine, c), slo)[
+        "meets_slo"]
+
+
+@pytest.mark.parametrize("policy", ["resident", "infinigen", "h2o"])
+def test_decode_runs_at_once_equal_one_step_at_a_time(policy):
+    stream = synthetic_stream(3.0, 60, seed=5, lengths=stream_of((0.0, 900, 60), (0.0, 300, 150), (0.0, 2000, 20)))
+    share = 0.1 if policy == "infinigen" else None
+    c = costs(policy, share, device_gb=_room_for(costs(policy, share), 3, 900, 100))  # tight: preemptions happen
+    fast, slow = simulate_serving(stream, c), simulate_serving(stream, c, fast_forward=False)
+    assert fast.preemptions == slow.preemptions > 0
+    for key in fast.requests:
+        np.testing.assert_allclose(fast.requests[key], slow.requests[key], rtol=1e-12, atol=1e-9)
+    for key in fast.series:
+        np.testing.assert_allclose(fast.series[key], slow.series[key], rtol=1e-9, atol=1e-9)

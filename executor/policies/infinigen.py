@@ -73,6 +73,8 @@ class InfiniGen(Policy):
         self.skew: dict[int, Tensor] = {}  # layer -> [G, d, r]: A restricted to the partial columns
         self.key_skew: dict[int, Tensor] = {}  # layer -> the same / sqrt(d): partial keys carry the score scale
         self.skew_turned: dict[int, Tensor] = {}  # layer -> turned(skew): RoPE and the skew as one matrix a step
+        self.rotated: dict[int, Tensor] = {}  # this decode step's rope_skew of every Llama speculating layer
+        self.stacked: tuple[list[int], Tensor | None, Tensor | None] | None = None  # their skews, stacked
         # layer -> [B, G, r, capacity] on the device: keys along the last axis, so the speculated
         # scores are one matmul streaming the cache row by row (6x faster on a CPU than [.., capacity, r])
         self.partial_keys: dict[int, Tensor] = {}
@@ -154,9 +156,8 @@ class InfiniGen(Policy):
             weight, bias = self.partial_wq[layer]
             q_partial = F.linear(x, weight, bias).view(b, h, self.r)
         else:
-            cos, sin = (t[:, 0] for t in step.rope)  # [B, d]: the new token's position per sequence
             q = attention.wq(x).view(b, g, h // g, d)
-            q_partial = q @ rope_skew(self.skew[layer], self.skew_turned[layer], cos, sin)  # [B, G, H/G, r]
+            q_partial = q @ self.rotated[layer]  # [B, G, H/G, r]
         keys = self.partial_keys[layer][..., :step.start]  # [B, G, r, L]
         scores = (q_partial.view(b, g, h // g, self.r) @ keys).view(b, h, step.start).float()  # [B, H, L]
         return scores if self.cached.all_valid else scores.masked_fill_(~self.cached.valid[:, None, :], float("-inf"))
@@ -185,6 +186,15 @@ class InfiniGen(Policy):
             step.recorder.count(None, evicted=self.pool.make_room(1))
             self.stored = self.pool.stored.to(step.valid.device)
         self.cached = CachedRows.of(self.cached_valid(step), self.knobs.budget)
+        if self.stacked is None:  # the Llama family's speculating layers: their skews, once, side by side
+            llama = [i for i in self.skew if i not in self.partial_wq]
+            self.stacked = (llama, *(torch.stack([t[i] for i in llama]) if llama else None
+                                     for t in (self.skew, self.skew_turned)))
+        layers, skews, turned_skews = self.stacked
+        if layers:  # the new token's RoPE and every layer's skew, as one matrix per layer: one op for all layers
+            cos, sin = (t[:, 0] for t in step.rope)  # [B, d]
+            stacked = rope_skew(skews, turned_skews, cos, sin)  # [B, layers, G, d, r]
+            self.rotated = dict(zip(layers, stacked.unbind(1), strict=True))
 
     def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: Step) -> None:
         if self.pool is not None:

@@ -1,6 +1,6 @@
 """`infinisim`: one front door to the executor, the simulator and the analysis.
 
-Each verb group has its module (run, simulate, validate, plan, profiles, report); a verb parses
+Each verb group has its module (run, simulate, serve, validate, plan, profiles, report); a verb parses
 its flags, calls one function of the layers below and prints. Errors below surface as one line
 (`InfinisimError`: file and field), exit status 1; usage errors exit 2.
 """
@@ -17,6 +17,7 @@ from infinisim.cli.plan import add_plan_parser
 from infinisim.cli.profiles import add_calibrate_parser, add_profiles_parser
 from infinisim.cli.report import add_report_parser, add_reproduce_parser
 from infinisim.cli.run import add_models_parser, add_run_parser
+from infinisim.cli.serve import add_serve_parser
 from infinisim.cli.simulate import add_replay_parser, add_simulate_parser
 from infinisim.cli.validate import add_validate_parser
 from infinisim.core.errors import InfinisimError
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure, simulate and plan KV-cache offloading (InfiniGen and baselines) for LLM inference.")
     parser.add_argument("--version", action="version", version=f"infinisim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_run_parser, add_validate_parser, add_replay_parser, add_simulate_parser, add_plan_parser,
+    for add in (add_run_parser, add_validate_parser, add_replay_parser, add_simulate_parser, add_serve_parser,
+                add_plan_parser,
                 add_report_parser, add_reproduce_parser, add_calibrate_parser, add_profiles_parser,
                 add_models_parser):
         add(sub)

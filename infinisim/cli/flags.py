@@ -179,3 +179,80 @@ def add_share_flags(p: argparse.ArgumentParser, axes: bool = False) -> None:
     share.add_argument("--from-trace", metavar="TRACE",
                        help="speculating policies: take the speculated share from this infinigen trace's "
                             "within-alpha counts, re-applied at --alpha" + (" (each value swept)" if axes else ""))
+
+
+def window(text: str) -> tuple[float, float]:
+    """'START,DURATION' in seconds of a request trace."""
+    parts = names(text)
+    try:
+        start, length = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START,DURATION in seconds, got {text!r}") from None
+    if not (math.isfinite(start) and math.isfinite(length) and start >= 0 and length > 0):
+        raise argparse.ArgumentTypeError(f"expected a start >= 0 and a duration > 0, got {text!r}")
+    return start, length
+
+
+def add_stream_flags(p: argparse.ArgumentParser, search: bool = False) -> None:
+    """Where the requests come from: a trace in the Azure LLM inference format, or synthetic ones."""
+    group = p.add_argument_group("requests")
+    group.add_argument("--requests", metavar="FILE",
+                       help="request trace, CSV in the Azure LLM inference trace format (columns TIMESTAMP, "
+                            "ContextTokens, GeneratedTokens), e.g. ../shared/data/azure-llm-2023/conv.csv"
+                            + ("" if search else "; without it, synthetic requests at --rate"))
+    if not search:
+        group.add_argument("--rate", type=positive_float, help="mean arrivals per second: the trace's scaled to it, "
+                                                               "or the synthetic stream's")
+    group.add_argument("--rate-scale", type=positive_float, default=1.0,
+                       help="a trace's arrivals this many times as frequent (default 1)" +
+                            ("; the search scales from there" if search else ""))
+    group.add_argument("--window", type=window, metavar="START,DURATION",
+                       help="only the trace's requests arriving in this span (seconds from its first)")
+    group.add_argument("--max-requests", type=positive, default=1000 if search else None,
+                       help="the stream's first N requests" + (" (default 1000: each rate tried simulates them)"
+                                                                if search else " (default: all)"))
+    if search:
+        return
+    group.add_argument("--count", type=positive, default=1000, help="synthetic: how many requests (default 1000)")
+    group.add_argument("--lengths-from", metavar="FILE",
+                       help="synthetic: draw (prompt, output) length pairs from this request trace")
+    group.add_argument("--prompt-len", type=positive, default=1024,
+                       help="synthetic without --lengths-from: prompt tokens of every request (default 1024)")
+    group.add_argument("--gen-len", type=positive, default=128,
+                       help="synthetic without --lengths-from: output tokens of every request (default 128)")
+    group.add_argument("--arrivals", choices=["poisson", "gamma"], default="poisson",
+                       help="synthetic: Poisson arrivals, or Gamma gaps (burstier with --cv above 1); default poisson")
+    group.add_argument("--cv", type=positive_float, default=1.0,
+                       help="synthetic gamma arrivals: coefficient of variation of the gaps (default 1)")
+    group.add_argument("--seed", type=int, default=0, help="synthetic: random seed (default 0)")
+
+
+def add_scheduler_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("server (continuous batching, as vLLM schedules)")
+    group.add_argument("--max-seqs", type=positive, default=256, help="running sequences at most (default 256)")
+    group.add_argument("--max-batched-tokens", type=positive, default=8192,
+                       help="tokens one iteration processes at most: prompts, or decodes + prompt chunks "
+                            "(default 8192)")
+    group.add_argument("--prefill", choices=["whole", "chunked"], default="whole",
+                       help="whole: an iteration prefills whole prompts and the decodes wait (vLLM's default "
+                            "without chunking); chunked: every iteration decodes and fills the token budget with "
+                            "prompt chunks (default whole)")
+    group.add_argument("--slo", default="ttft=2s,tpot=100ms,p=99",
+                       help="service level: ttft=TIME,tpot=TIME,p=PERCENTILE (TIME in s or ms; default "
+                            "ttft=2s,tpot=100ms,p=99): met when that percentile of time-to-first-token and of "
+                            "time-per-output-token are within them")
+
+
+def stream_spec(args: argparse.Namespace) -> Any:
+    from infinisim.analysis.serving import StreamSpec
+
+    return StreamSpec(args.requests, getattr(args, "rate", None), args.rate_scale, args.window, args.max_requests,
+                      getattr(args, "count", 1000), getattr(args, "lengths_from", None),
+                      getattr(args, "prompt_len", 1024), getattr(args, "gen_len", 128),
+                      getattr(args, "arrivals", "poisson"), getattr(args, "cv", 1.0), getattr(args, "seed", 0))
+
+
+def scheduler(args: argparse.Namespace) -> Any:
+    from infinisim.sim.serving import Scheduler
+
+    return Scheduler(args.max_seqs, args.max_batched_tokens, args.prefill)

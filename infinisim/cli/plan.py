@@ -44,6 +44,11 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="simulate every config event by event (slower; the default computes the same answer "
                         "directly, docs/SIMULATOR.md)")
     p.add_argument("--json", action="store_true", help="print the best configs as JSON instead of a summary")
+    flags.add_stream_flags(p, search=True)
+    flags.add_scheduler_flags(p)
+    p.epilog = ("With --requests: capacity planning for a request stream instead of a static batch: per hardware x "
+                "model x policy x knobs, the largest request rate (the stream's arrivals scaled) served within "
+                "--slo, by a search over the rate (the batch and length axes do not apply). " + flags.EPILOG)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -57,6 +62,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from infinisim.hwprofiles.profile import builtin_profiles
 
     check_output_dir(args.out, "--out")
+    if args.requests:
+        return _capacity(args)
     if args.sweep:
         sweep = load_sweep(args.sweep)
     elif not args.model:
@@ -114,3 +121,55 @@ def cmd_plan(args: argparse.Namespace) -> int:
               "fetched fraction; blank where no trace brackets it)")
     print(f"\nwrote {plan.files[0]} and {plan.files[1]}")
     return 0 if len(fit) else 1  # as simulate: nothing fits is a failure, the table says why
+
+
+def _capacity(args: argparse.Namespace) -> int:
+    from infinisim.analysis.planner import make_capacity
+    from infinisim.analysis.serving import capacity_configs
+    from infinisim.analysis.sweep import Sweep
+    from infinisim.hwprofiles.profile import builtin_profiles
+    from infinisim.sim.latency import parse_slo
+    from infinisim.traces.requests import attribution
+
+    for name in ("batch", "prompt_len", "gen_len", "target_ms", "min_throughput", "sweep"):
+        if getattr(args, name):
+            raise InfinisimError("does not apply with --requests (the stream sets the lengths and the server the "
+                                 "batch; the SLO is the target)", field="--" + name.replace("_", "-"))
+    if not args.model:
+        raise InfinisimError("give --model", field="--model")
+    slo, stream = parse_slo(args.slo), flags.stream_spec(args)
+    base = stream.build()  # a bad trace fails here, before any search
+    sweep = Sweep(args.profile or list(builtin_profiles()), args.model, [1], [1], [1],
+                  flags.policy_names(args.policy or DEFAULT_POLICIES), dtype=args.dtype or "float16")
+    sweep.knobs.update(flags.knobs_given(args))
+    sweep.speculated_fraction = args.speculated_fraction
+    if args.from_trace:
+        from infinisim.sim.workload import speculated_by_alpha
+        from infinisim.traces.trace import read_trace
+
+        sweep.speculated_by_alpha = speculated_by_alpha(read_trace(args.from_trace))
+    missing = sweep.needs_share()
+    if missing:
+        raise InfinisimError(f"{missing[0]} needs a speculated fraction: --speculated-fraction, or --from-trace",
+                             field="--speculated-fraction")
+    configs = capacity_configs(sweep, stream, slo, flags.scheduler(args))
+    print(f"{len(configs)} capacity searches over {len(base)} requests ({base.source}); SLO {slo.describe()}",
+          file=sys.stderr)
+    with Progress("plan", len(configs), "searches") as bar:
+        rows, files = make_capacity(configs, args.out, cache=args.cache, workers=args.workers,
+                                    scheduler=args.scheduler, serial=args.serial, quality=args.quality,
+                                    command=args.command_line, attribution=attribution(base),
+                                    progress=lambda done, total: bar.update(done))
+    shown = [c for c in ("profile", "model", "policy", "budget", "max_rate", "at_max_ttft_p99_s", "at_max_tpot_p99_s",
+                         "at_max_throughput_rps", "at_max_mean_batch", "at_max_preemptions", "fetched_fraction",
+                         "expected_recall", "expected_ppl_ratio", "does_not_fit") if c in rows.columns]
+    if args.json:
+        print_json(rows[shown].to_dict(orient="records"))
+    else:
+        print(f"largest request rate within {slo.describe()}:")
+        print(table(rows[shown].rename(columns=lambda c: c.removeprefix("at_max_"))))
+        credit = attribution(base)
+        if credit:
+            print(f"({credit})")
+        print(f"\nwrote {files[0]} and {files[1]}")
+    return 0 if rows["fits"].any() else 1

@@ -17,6 +17,8 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", help="folder written by `infinisim plan --out`")
     p.add_argument("--validation", help="folder (or validation.json) written by `infinisim validate --out`")
     p.add_argument("--trace", nargs="+", help="traces written by `infinisim run` (quality traces add accuracy plots)")
+    p.add_argument("--serving", help="folder written by `infinisim serve --out` (latency CDFs) or `infinisim plan "
+                                     "--requests --out` (capacity table, p99 latency vs request rate)")
     p.add_argument("--profile", default="a6000-pcie3",
                    help="profile the timeline excerpt replays a trace on (default a6000-pcie3; 'none' to skip)")
     p.add_argument("--title", default="infinisim report", help="the page's title (default: infinisim report)")
@@ -28,15 +30,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Build one self-contained HTML page (images embedded, nothing fetched) and a Markdown twin from
     a plan folder (Pareto plot, speedup vs batch / prompt / model, simulated breakdown), a validation
     folder (predicted vs measured per step) and traces (measured breakdown, accuracy vs fetched
-    fraction for quality traces, a simulated timeline excerpt). Give at least one."""
+    fraction for quality traces, a simulated timeline excerpt) and serving results (latency CDFs per
+    policy; the capacity table and p99 latency vs request rate). Give at least one."""
     from infinisim.analysis.report import write_report
     from infinisim.analysis.sections import report_sections
 
-    if not (args.plan or args.validation or args.trace):
-        raise InfinisimError("give --plan, --validation or --trace (or several)", field="report")
+    if not (args.plan or args.validation or args.trace or args.serving):
+        raise InfinisimError("give --plan, --validation, --trace or --serving (or several)", field="report")
     check_output_dir(args.out, "--out")
     profile = None if args.profile == "none" else args.profile
     sections = report_sections(args.plan, args.validation, args.trace, profile)
+    if args.serving:
+        from infinisim.analysis.serving_sections import serving_sections
+
+        sections += serving_sections(args.serving)
     intro = f"Made by `{args.command_line}`. Every figure names the command that produced its data."
     page, md = write_report(sections, args.out, args.title, intro)
     print(f"wrote {page} ({len(sections)} sections) and {md}")
