@@ -175,3 +175,13 @@ def synthetic_stream(rate: float, n: int, seed: int = 0, arrival: str = "poisson
     requests = tuple(Request(i, float(t), int(p), int(g)) for i, (t, (p, g)) in enumerate(zip(times, pairs,
                                                                                                strict=True)))
     return RequestStream(requests, f"{n} requests, {what} arrivals at {rate:g}/s, {drawn}, seed {seed}")
+
+
+AZURE_ATTRIBUTION = ("requests from the Azure LLM inference trace 2023 (Azure Public Dataset, CC-BY 4.0; Patel, "
+                     "Choukse, Zhang, Shah, Goiri, Maleki, Bianchini, \"Splitwise: Efficient generative LLM inference "
+                     "using phase splitting\", ISCA 2024)")
+
+
+def attribution(stream: RequestStream) -> str | None:
+    """The credit its authors ask for, wherever results drawn from the Azure trace are shown."""
+    return AZURE_ATTRIBUTION if "azure" in stream.source.lower() else None
