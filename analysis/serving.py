@@ -133,7 +133,7 @@ def request_table(result: ServingResult) -> dict[str, list[Any]]:
     lat = latencies(result)
     r = result.requests
     columns = {"id": r["id"], "arrival_s": r["arrival_s"], "prompt_len": r["prompt_len"], "gen_len": r["gen_len"],
-               **lat, "preemptions": r["preemptions"]}
+               **lat, "preemptions": r["preemptions"], "too_long": r["too_long"]}
     return {k: np.asarray(v).tolist() for k, v in columns.items()}
 
 

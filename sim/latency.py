@@ -45,8 +45,8 @@ def summarize_serving(result: ServingResult, slo: SLO = SLO()) -> dict[str, Any]
     """The latency table (p50/p90/p99 of each latency), throughput, and goodput under the SLO."""
     lat = latencies(result)
     out: dict[str, Any] = {"requests": len(result.stream), "completed": int(np.isfinite(lat["e2e_s"]).sum()),
-                           "rejected": result.rejected, "preemptions": result.preemptions,
-                           "makespan_s": result.makespan_s}
+                           "rejected": result.rejected, "too_long": result.too_long,
+                           "preemptions": result.preemptions, "makespan_s": result.makespan_s}
     for name, values in lat.items():
         finite = values[np.isfinite(values)]
         for p in (50, 90, 99):
@@ -54,16 +54,20 @@ def summarize_serving(result: ServingResult, slo: SLO = SLO()) -> dict[str, Any]
     span = result.makespan_s or math.nan
     tokens = float(result.requests["gen_len"][np.isfinite(lat["e2e_s"])].sum())
     meets = (lat["ttft_s"] <= slo.ttft_s) & ((lat["tpot_s"] <= slo.tpot_s) | np.isnan(lat["tpot_s"]))
+    servable = ~result.requests["too_long"]
     out.update(throughput_rps=out["completed"] / span, output_tokens_per_s=tokens / span,
-               goodput_rps=float(meets.sum()) / span, slo_attainment=float(meets.mean()),
-               meets_slo=_meets(lat, slo), slo=slo.describe(), mean_batch=float(np.mean(result.series["batch"]))
-               if len(result.series["batch"]) else 0.0)
+               goodput_rps=float(meets.sum()) / span, slo_attainment=float(meets[servable].mean())
+               if servable.any() else 0.0,
+               meets_slo=_meets({k: v[servable] for k, v in lat.items()}, slo), slo=slo.describe(),
+               mean_batch=float(np.mean(result.series["batch"])) if len(result.series["batch"]) else 0.0)
     return out
 
 
 def _meets(lat: dict[str, np.ndarray], slo: SLO) -> bool:
     """The SLO's percentile of TTFT and of TPOT within their bounds (requests not completed count as
-    infinitely late)."""
+    infinitely late; those longer than the model's positions are the model's limit, not the server's)."""
+    if not len(lat["ttft_s"]):
+        return False
     ttft = np.where(np.isfinite(lat["ttft_s"]), lat["ttft_s"], np.inf)
     tpot = lat["tpot_s"][~np.isnan(lat["tpot_s"])]
     ok_ttft = np.percentile(ttft, slo.percentile, method="higher") <= slo.ttft_s

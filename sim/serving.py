@@ -89,6 +89,7 @@ class ServingResult:
     rejected: int  # requests that could never fit the KV memory alone
     simulations: int  # step simulations the iteration tables took
     stopped: bool = False  # given up once the SLO could no longer be met (`stop_at`): the rest not served
+    too_long: int = 0  # requests longer than the model's positions: refused, not counted against the SLO
 
     @property
     def makespan_s(self) -> float:
@@ -359,19 +360,23 @@ def simulate_serving(stream: RequestStream, costs: IterationCosts, scheduler: Sc
     if not memory.fits(0.0, 0.0):
         raise InfinisimError(f"does not fit: the weights and activations need {memory.device_fixed / 1e9:.1f} GB of "
                              f"{memory.device_capacity / 1e9:.1f} GB device memory", field="--model")
-    costs.prefill_many(r.prompt_len for r in stream.requests)  # every first prefill, in one simulation
+    limit = costs.spec.max_positions  # longer requests are refused, as a server refuses beyond its model's length
+    servable = RequestStream(tuple(r for r in stream.requests if r.prompt_len + r.gen_len <= limit), stream.source)
+    costs.prefill_many(r.prompt_len for r in servable.requests)  # every first prefill, in one simulation
     env = simpy.Environment()
-    n_tpot = sum(1 for r in stream.requests if r.gen_len > 1)
-    server = Server(env, costs, scheduler, memory, stop_at, len(stream), n_tpot, fast_forward)
-    env.process(arrivals(env, stream, server))
-    done = env.process(serve(env, server, len(stream)))
+    n_tpot = sum(1 for r in servable.requests if r.gen_len > 1)
+    server = Server(env, costs, scheduler, memory, stop_at, len(servable), n_tpot, fast_forward)
+    env.process(arrivals(env, servable, server))
+    done = env.process(serve(env, server, len(servable)))
     env.run(until=done)
     served = {q.req.id: q for q in server.finished + server.rejected}
     seqs = [served.get(r.id) or Seq(r) for r in stream.requests]
     columns = {"id": lambda q: q.req.id, "arrival_s": lambda q: q.req.arrival_s,
                "prompt_len": lambda q: q.req.prompt_len, "gen_len": lambda q: q.req.gen_len,
                "admitted_s": lambda q: q.admitted_s, "first_token_s": lambda q: q.first_token_s,
-               "finished_s": lambda q: q.finished_s, "preemptions": lambda q: q.preemptions}
+               "finished_s": lambda q: q.finished_s, "preemptions": lambda q: q.preemptions,
+               "too_long": lambda q: q.req.prompt_len + q.req.gen_len > limit}
     requests = {name: np.array([get(q) for q in seqs]) for name, get in columns.items()}
     return ServingResult(stream, requests, {k: np.asarray(v) for k, v in server.series.items()}, server.preemptions,
-                         len(server.rejected), costs.simulations, len(served) < len(stream))
+                         len(server.rejected), costs.simulations, len(served) < len(servable),
+                         len(stream) - len(servable))

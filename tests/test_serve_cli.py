@@ -26,7 +26,10 @@ def test_serve_prints_the_latency_table_and_writes_its_files(tmp_path, azure_con
     meta = _strict((tmp_path / "s" / "serving.json").read_text())
     assert [r["policy"] for r in meta["rows"]] == ["resident", "full", "infinigen"] and meta["attribution"]
     table = pd.read_csv(tmp_path / "s" / "requests-infinigen.csv")
-    assert len(table) == 40 and (table["ttft_s"] > 0).all()
+    too_long = table["prompt_len"] + table["gen_len"] > 2048  # beyond OPT's positions: refused, and said so
+    assert len(table) == 40 and too_long.any() and (table["ttft_s"][~too_long] > 0).all()
+    assert table["ttft_s"][too_long].isna().all() and table["too_long"].equals(too_long)
+    assert f"({too_long.sum()} requests longer than opt-6.7b's positions were refused" in proc.stdout
     report = infinisim("report", "--serving", str(tmp_path / "s"), "--out", str(tmp_path / "r"))
     assert report.returncode == 0, report.stderr
     assert "Latency per request" in (tmp_path / "r" / "report.md").read_text()

@@ -82,9 +82,12 @@ def test_preemption_is_counted_and_the_preempted_request_completes():
 def test_a_request_that_never_fits_is_rejected_not_waited_for():
     base = costs()
     gb = _room_for(base, 1, 500, 10)
-    result = simulate_serving(stream_of((0.0, 500, 10), (0.5, 20000, 10), (1.0, 500, 10)), costs(device_gb=gb))
-    assert result.rejected == 1 and np.isnan(result.requests["finished_s"][1])
+    result = simulate_serving(stream_of((0.0, 500, 10), (0.5, 6000, 10), (1.0, 500, 10), (1.5, 20000, 10)),
+                              costs(device_gb=gb))
+    assert result.rejected == 1 and np.isnan(result.requests["finished_s"][1])  # beyond the KV memory
+    assert result.too_long == 1 and result.requests["too_long"].tolist() == [False, False, False, True]  # > 8192
     assert np.isfinite(result.requests["finished_s"][[0, 2]]).all()
+    assert summarize_serving(result)["completed"] == 2
 
 
 def test_same_seed_same_result_and_chunked_prefill():

@@ -81,6 +81,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print_json({"stream": stream.source, "attribution": credit, "rows": rows})
     else:
         print_table(rows)
+        if rows and rows[0]["too_long"]:
+            print(f"({rows[0]['too_long']} requests longer than {args.model}'s positions were refused and are not in "
+                  "the table)")
         if credit:
             print(f"({credit})")
     return 0 if any(r["completed"] for r in rows) else 1
