@@ -23,7 +23,8 @@ from infinisim.core.errors import InfinisimError
 from infinisim.core.policies import policy
 from infinisim.sim.iterations import IterationCosts
 from infinisim.sim.latency import SLO, latencies, summarize_serving
-from infinisim.sim.serving import Scheduler, ServingResult, simulate_serving
+from infinisim.sim.server import Scheduler
+from infinisim.sim.serving import ServingResult, simulate_serving
 from infinisim.sim.workload import fetched_fraction, synthetic
 from infinisim.traces.requests import RequestStream, read_requests, scaled, synthetic_stream, to_rate
 from infinisim.traces.spec import named_model

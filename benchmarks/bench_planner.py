@@ -1,9 +1,9 @@
 """Planner throughput: a 10,880-config sweep, serially and over local processes.
 
 8 profiles x 4 models x 5 batch sizes x 4 prompt lengths x 5 policies (7 budgets for h2o and
-infinigen), 4 generated tokens each (short generations keep the benchmark to minutes; the cost
-per config grows with steps x layers). No cache, so both runs compute everything; their tables
-must be identical.
+infinigen), 128 generated tokens each (the planner's direct computation hardly grows with them;
+`--gen-len 4` was this benchmark's setting when every config ran event by event). No cache, so
+both runs compute everything; their tables must be identical.
 
     .venv/bin/python benchmarks/bench_planner.py [--workers 2] [--out PATH]
 """
@@ -23,7 +23,7 @@ from infinisim.hwprofiles.profile import builtin_profiles
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--gen-len", type=int, default=4)
+    p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--out", default="benchmarks/results/planner.json")
     args = p.parse_args()
 

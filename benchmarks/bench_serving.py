@@ -1,5 +1,5 @@
 """The serving simulator's speed: the whole Azure conversation trace (19,366 requests over an hour)
-served by one config, and a 100-config capacity search (plan --requests) over local processes.
+served by one config, and a 108-config capacity search (plan --requests) over local processes.
 
 Targets (issue 12): the whole trace in under 30 s per config; 100 capacity searches in under 10
 minutes on this 2-core machine. Writes JSON (default benchmarks/results/serving.json).
@@ -21,15 +21,17 @@ from infinisim.analysis.sweep import Sweep
 from infinisim.hwprofiles.profile import load_profile
 from infinisim.sim.iterations import IterationCosts
 from infinisim.sim.latency import SLO, summarize_serving
-from infinisim.sim.serving import Scheduler, simulate_serving
+from infinisim.sim.server import Scheduler
+from infinisim.sim.serving import simulate_serving
 from infinisim.traces.requests import attribution, read_requests
 from infinisim.traces.spec import named_model
 
 WHOLE = [("llama-3-8b", "a100-80gb-pcie4", "resident"), ("llama-3-8b", "a100-80gb-pcie4", "infinigen"),
          ("llama-3-8b", "l4", "full"), ("opt-13b", "a6000-pcie3", "h2o")]
-# 4 profiles x 2 models x (resident, full, int4, h2o at 2 budgets, infinigen at 2 budgets) = 112 searches
-SEARCH = Sweep(["a6000-pcie3", "a100-80gb-pcie4", "l4", "h100-sxm"], ["llama-3-8b", "opt-13b"], [1], [1], [1],
-               ["resident", "full", "int4", "h2o", "infinigen"], {"budget": [0.1, 0.2]}, speculated_fraction=0.1)
+# 6 profiles x 2 models x (resident, full, int4, h2o at 3 budgets, infinigen at 3 budgets) = 108 searches
+SEARCH = Sweep(["a6000-pcie3", "a100-40gb-pcie4", "a100-80gb-pcie4", "l4", "h100-pcie5", "h100-sxm"],
+               ["llama-3-8b", "opt-13b"], [1], [1], [1], ["resident", "full", "int4", "h2o", "infinigen"],
+               {"budget": [0.1, 0.2, 0.3]}, speculated_fraction=0.1)
 
 
 def log(msg: str) -> None:

@@ -92,7 +92,7 @@ class Costs:
         flops = 2.0 * m * k * n
         nbytes = self.e * (k * n + m * k + m * n)
         compute, stream = flops / self.matmul_rate(k, n), nbytes / self.weight_stream_bw(m, k)
-        return np.maximum(compute, stream) if np.ndim(m) else max(compute, stream)  # m: rows, or rows per lane
+        return np.maximum(compute, stream) if isinstance(m, np.ndarray) else max(compute, stream)  # rows (per lane)
 
     def elementwise(self, nbytes: float) -> float:
         return nbytes / self.stream_bw
@@ -135,7 +135,7 @@ class Costs:
     def device_copy(self, nbytes: float) -> float:
         """A copy within device memory. On a GPU: read and write at the streaming bandwidth; on a
         CPU-only machine the device is RAM, so it is the measured memcpy rate at that size."""
-        if not np.any(nbytes > 0):
+        if not any_positive(nbytes):
             return 0.0
         if self.profile.kind == "cpu":  # the machine's own memcpy, also when its copies cross an emulated link
             return copy_time(self.profile.memcpy or self.profile, nbytes, "h2d")
@@ -219,7 +219,7 @@ class Costs:
     def copy(self, nbytes: float, direction: str, n_tensors: int, pinned: bool = True) -> Work:
         """Copies of n_tensors equal tensors (K and V, or int4's codes, scales and minimums),
         nbytes in all, host->device ('h2d') or device->host ('d2h')."""
-        if not np.any(nbytes > 0):
+        if not any_positive(nbytes):
             return Work(0.0)
         one = copy_time(self.profile, nbytes / n_tensors, direction, pinned)
         return Work(n_tensors * one, n_tensors * COPY_OPS[direction])
@@ -227,6 +227,11 @@ class Costs:
     def gather(self, nbytes: float) -> Work:
         """Host gather of scattered KV rows into the staging buffer."""
         return Work(np.maximum(nbytes, 0) / self.profile.host.gather_bandwidth, GATHER_OPS)
+
+
+def any_positive(x: Any) -> bool:
+    """x > 0 for a number, or for any element of an array (the direct simulation's steps at once)."""
+    return bool((x > 0).any()) if isinstance(x, np.ndarray) else x > 0
 
 
 def interpolate_log(sizes: list[float], values: list[float], size: Any) -> Any:

@@ -26,7 +26,7 @@ import numpy as np
 import simpy
 
 from infinisim.hwprofiles.profile import Profile
-from infinisim.sim.costs import Costs, Work
+from infinisim.sim.costs import Costs, Work, any_positive
 from infinisim.sim.memory import MemoryPlan, memory_plan
 from infinisim.sim.workload import Workload
 
@@ -186,16 +186,16 @@ class Simulation:
     # ---------------------------------------------------------------- bookkeeping
 
     def account(self, stream: str, parts: list[tuple[str, int, Any]], start: Any, waited: Any, step: Any) -> None:
-        step_row = self.phase_s[step]  # a view: [layers + 1, phases], or [steps, ...] for a slice of steps
+        row = step if isinstance(step, tuple) else (step,)  # a step, a slice of steps, or (lanes, step)
         for phase, layer, seconds in parts:
-            step_row[..., layer, P[phase]] += seconds
+            self.phase_s[(*row, layer, P[phase])] += seconds
         if self.timeline:
             t = start
             for phase, layer, seconds in parts:
                 self.spans.append((stream, phase, step, layer, t, t + seconds))
                 t = t + seconds  # not in place: `start` may be an array
         if stream == "compute" and parts[0][1] != self.w.spec.n_layers:
-            step_row[..., parts[0][1], P["wait"]] += waited
+            self.phase_s[(*row, parts[0][1], P["wait"])] += waited
             if self.timeline and waited > 0:
                 self.spans.append((stream, "wait", step, parts[0][1], start - waited, start))
 
@@ -227,16 +227,16 @@ class Simulation:
     def host_work(self, phase: str, layer: int, work: Work) -> None:
         """Work on the host thread itself: the gather of selected rows, bookkeeping between phases."""
         seconds = work.seconds + work.kernels * self.launch_s
-        if not np.any(seconds > 0):
+        if not any_positive(seconds):
             return
         start, self.host_t = self.host_t, self.host_t + seconds
-        self.phase_s[self.step][..., layer, P[phase]] += seconds
+        self.phase_s[(*(self.step if isinstance(self.step, tuple) else (self.step,)), layer, P[phase])] += seconds
         if self.timeline:
             self.spans.append(("host", phase, self.step, layer, start, start + seconds))
 
     def copy(self, direction: str, layer: int, nbytes: float, after: tuple[simpy.Event | None, ...]
              ) -> Generator[simpy.Event, Any, simpy.Event | None]:
-        if not np.any(nbytes > 0):
+        if not any_positive(nbytes):
             return None
         work = self.costs.copy(nbytes, direction, self.kv.copy_tensors, self.w.host_pinned)
         return (yield from self.launch(direction, [(direction, layer, work)], after))

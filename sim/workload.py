@@ -113,7 +113,8 @@ def speculated_fraction_per_layer(trace: Trace, alpha: float) -> np.ndarray:
     max (uncapped; alpha rounded to 1..9, the counts a trace holds). NaN for non-speculating layers."""
     a = round(alpha)
     if not 1 <= a <= 9:
-        raise InfinisimError(f"alpha {alpha} outside the 1..9 a trace records", field="alpha")
+        raise InfinisimError(f"alpha {alpha:g} is outside the 1..9 a trace records its counts at (a trace run at "
+                             "another alpha needs --alpha)", field="--alpha")
     decode = trace.layers[trace.layers["step"] > 0]
     out = np.full(trace.model.n_layers, np.nan)
     for layer, rows in decode.groupby("layer"):

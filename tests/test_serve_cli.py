@@ -36,12 +36,15 @@ def test_serve_prints_the_latency_table_and_writes_its_files(tmp_path, azure_con
 
 
 def test_serve_json_is_strict_and_synthetic_streams_run(tmp_path):
-    proc = infinisim("serve", *SMALL, "--policy", "h2o,int4", "--rate", "2", "--count", "30", "--prompt-len", "256",
-                     "--gen-len", "12", "--arrivals", "gamma", "--cv", "2", "--prefill", "chunked",
-                     "--max-batched-tokens", "512", "--json")
+    trace = tmp_path / "ig.trace.parquet"
+    assert infinisim("run", "--model", "smollm2-135m", "--random-weights", "--prompt-len", "64", "--gen-len", "3",
+                     "--policy", "infinigen", "--trace", str(trace)).returncode == 0
+    proc = infinisim("serve", *SMALL, "--policy", "h2o,int4,infinigen", "--from-trace", str(trace), "--alpha", "6",
+                     "--rate", "2", "--count", "30", "--prompt-len", "256", "--gen-len", "12", "--arrivals", "gamma",
+                     "--cv", "2", "--prefill", "chunked", "--max-batched-tokens", "512", "--json")
     assert proc.returncode == 0, proc.stderr
     data = _strict(proc.stdout)
-    assert [r["completed"] for r in data["rows"]] == [30, 30] and data["attribution"] is None
+    assert [r["completed"] for r in data["rows"]] == [30, 30, 30] and data["attribution"] is None
 
 
 def test_capacity_plan_and_its_report(tmp_path, azure_conv):

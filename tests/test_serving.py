@@ -13,7 +13,8 @@ from infinisim.hwprofiles.profile import load_profile
 from infinisim.sim.engine import simulate
 from infinisim.sim.iterations import IterationCosts
 from infinisim.sim.latency import SLO, latencies, parse_slo, summarize_serving
-from infinisim.sim.serving import Scheduler, simulate_serving
+from infinisim.sim.server import Scheduler
+from infinisim.sim.serving import simulate_serving
 from infinisim.sim.workload import synthetic
 from infinisim.traces.requests import Request, RequestStream, read_requests, scaled, synthetic_stream, to_rate
 from infinisim.traces.spec import named_model
@@ -176,3 +177,26 @@ def test_decode_runs_at_once_equal_one_step_at_a_time(policy):
         np.testing.assert_allclose(fast.requests[key], slow.requests[key], rtol=1e-12, atol=1e-9)
     for key in fast.series:
         np.testing.assert_allclose(fast.series[key], slow.series[key], rtol=1e-9, atol=1e-9)
+
+
+def test_capacity_search_serial_processes_and_dask_agree_and_resume(tmp_path):
+    from infinisim.analysis.planner import make_capacity
+    from infinisim.analysis.serving import StreamSpec, capacity_configs
+    from infinisim.analysis.sweep import Sweep
+
+    sweep = Sweep(["a6000-pcie3", "l4"], ["opt-6.7b"], [1], [1], [1], ["resident", "infinigen"],
+                  speculated_fraction=0.1)
+    stream = StreamSpec(rate=1.0, count=40, prompt_len=300, gen_len=30, seed=3)
+    configs = capacity_configs(sweep, stream, SLO(2.0, 0.1), Scheduler())
+    serial, _ = make_capacity(configs, tmp_path / "serial", serial=True)
+    local, _ = make_capacity(configs, tmp_path / "local", workers=2)
+    dask, _ = make_capacity(configs, tmp_path / "dask", scheduler="local")
+    assert serial["fits"].all() and (serial["max_rate"] > 0).all()
+    assert serial["max_rate"].tolist() == local["max_rate"].tolist() == dask["max_rate"].tolist()
+    cache = (tmp_path / "serial" / "capacity-cache.jsonl").read_text().splitlines()
+    (tmp_path / "serial" / "capacity-cache.jsonl").write_text("\n".join(cache[:2]) + "\n" + cache[2][:30])  # cut
+    calls = []
+    resumed, _ = make_capacity(configs, tmp_path / "serial", serial=True,
+                               progress=lambda done, total: calls.append(done))
+    assert resumed["max_rate"].tolist() == serial["max_rate"].tolist()
+    assert calls == [3, 4]  # two from the cache, the cut one and the last searched again

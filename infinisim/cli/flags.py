@@ -253,6 +253,6 @@ def stream_spec(args: argparse.Namespace) -> Any:
 
 
 def scheduler(args: argparse.Namespace) -> Any:
-    from infinisim.sim.serving import Scheduler
+    from infinisim.sim.server import Scheduler
 
     return Scheduler(args.max_seqs, args.max_batched_tokens, args.prefill)

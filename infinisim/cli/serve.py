@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from infinisim.cli import flags
 from infinisim.cli.output import Progress, print_json
 from infinisim.core.files import atomic_path, check_output_dir, write_json
@@ -52,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     profile = with_link(load_profile(args.profile), args.link)
     share: Any = args.speculated_fraction
     if args.from_trace:
-        share = float(speculated_from_trace(read_trace(args.from_trace), args.alpha, spec).mean())
+        share = float(np.nanmean(speculated_from_trace(read_trace(args.from_trace), args.alpha, spec)))  # per layer
     stream = flags.stream_spec(args).build()
     knobs = flags.knobs_given(args)
     configs = [ServeConfig(profile.name, args.model, name, tuple(sorted(
@@ -90,22 +92,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v * 1e3:.0f}"
-
     print(f"{'policy':<10} {'done':>5} {'TTFT p50':>9} {'p90':>7} {'p99':>7} {'TPOT p50':>9} {'p90':>6} {'p99':>6} "
-          f"{'e2e p50 s':>9} {'p99':>7} {'req/s':>6} {'tok/s':>7} {'goodput':>7} {'batch':>6} {'preempt':>7}  SLO")
+          f"{'e2e p50':>8} {'p99':>7} {'req/s':>6} {'tok/s':>7} {'goodput':>7} {'batch':>6} {'preempt':>7}  SLO")
     for r in rows:
-        print(f"{r['policy']:<10} {r['completed']:>5} {ms(r['ttft_p50_s']):>9} {ms(r['ttft_p90_s']):>7} "
-              f"{ms(r['ttft_p99_s']):>7} {ms(r['tpot_p50_s']):>9} {ms(r['tpot_p90_s']):>6} {ms(r['tpot_p99_s']):>6} "
-              f"{_s(r['e2e_p50_s']):>9} {_s(r['e2e_p99_s']):>7} {r['throughput_rps']:>6.2f} "
+        print(f"{r['policy']:<10} {r['completed']:>5} {_s(r['ttft_p50_s']):>9} {_s(r['ttft_p90_s']):>7} "
+              f"{_s(r['ttft_p99_s']):>7} {_ms(r['tpot_p50_s']):>9} {_ms(r['tpot_p90_s']):>6} {_ms(r['tpot_p99_s']):>6} "
+              f"{_s(r['e2e_p50_s']):>8} {_s(r['e2e_p99_s']):>7} {r['throughput_rps']:>6.2f} "
               f"{r['output_tokens_per_s']:>7.0f} {r['goodput_rps']:>7.2f} {r['mean_batch']:>6.1f} "
               f"{r['preemptions']:>7}  {'met' if r['meets_slo'] else 'missed'}")
     if rows:
-        print(f"(TTFT and TPOT in ms; goodput: requests/s meeting the SLO, {rows[0]['slo']}; batch: mean sequences "
-              "decoded per iteration)")
+        print(f"(TTFT and end-to-end in s, TPOT in ms; goodput: requests/s meeting the SLO, {rows[0]['slo']}; batch: "
+              "mean sequences decoded per iteration)")
 
 
 def _s(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f}"
+    return "-" if v is None else f"{v:.2f}" if v < 10 else f"{v:.0f}"
 
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:.0f}"
