@@ -302,14 +302,22 @@ def _die_with_parent() -> None:
 def _dask(todo: list[Any], scheduler: str, fn: Callable[[Any], dict[str, Any]]) -> Iterator[dict[str, Any]]:
     from distributed import Client, LocalCluster, as_completed
 
+    def unreachable(exc: Exception) -> InfinisimError:
+        return InfinisimError(f"cannot reach the Dask scheduler ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:120]})", field="--scheduler")
+
+    if scheduler != "local":
+        try:
+            _probe(scheduler)  # a refused or unroutable address fails now, not after Client's 10 s of retries
+        except (OSError, ValueError) as exc:
+            raise unreachable(exc) from None
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                            dashboard_address=None) if scheduler == "local" else None
     try:
         try:
             client = Client(cluster if cluster else scheduler, timeout="10s")
         except (OSError, TimeoutError, ValueError) as exc:
-            raise InfinisimError(f"cannot reach the Dask scheduler ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:120]})", field="--scheduler") from None
+            raise unreachable(exc) from None
         with client:
             futures = client.map(fn, todo, pure=False)
             for future in as_completed(futures):
@@ -317,3 +325,13 @@ def _dask(todo: list[Any], scheduler: str, fn: Callable[[Any], dict[str, Any]]) 
     finally:
         if cluster:
             cluster.close()
+
+
+def _probe(address: str) -> None:
+    """Open and close a TCP connection to a tcp://HOST:PORT scheduler (other schemes are left to Dask)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme == "tcp" and parts.hostname and parts.port:
+        socket.create_connection((parts.hostname, parts.port), timeout=5).close()

@@ -23,6 +23,19 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def five_layer_smollm2():
+    """SmolLM2's geometry (heads, KV heads, head_dim, vocabulary) in 5 random layers: InfiniGen's three
+    dense layers, then two that speculate. For tests of mechanics that do not depend on depth."""
+    from dataclasses import replace
+
+    from infinisim.executor.weights import materialize
+    from infinisim.traces.spec import named_model
+
+    return materialize(replace(named_model("smollm2-135m"), n_layers=5), None, "float32", torch.device("cpu"),
+                       "random")
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2():
     """transformers' LlamaForCausalLM and tokenizer on the same GGUF (the independent reference)."""
     from transformers import AutoTokenizer, LlamaForCausalLM

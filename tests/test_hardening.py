@@ -123,11 +123,10 @@ def test_plan_where_nothing_fits_says_why(tmp_path):
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_every_policy_runs_prompts_of_1_to_16_tokens(name):
-    loaded = load_model("smollm2-135m", "float32", "cpu", random_weights=True)
+def test_every_policy_runs_prompts_of_1_to_16_tokens(name, five_layer_smollm2):
     for length in range(1, 17):
         prompts = [list(range(5, 5 + length)), [7] * max(1, length // 2)]  # a padded batch too
-        gen = generate(loaded.model, prompts, make_policy(name), SamplingConfig(3, stop_at_eos=False))
+        gen = generate(five_layer_smollm2, prompts, make_policy(name), SamplingConfig(3, stop_at_eos=False))
         assert len(gen.steps) == 3 and all(len(t) == 3 for t in gen.new_tokens)
 
 

@@ -162,7 +162,7 @@ def test_report_is_self_contained_and_every_image_decodes(quality_traces, tmp_pa
 
 def test_report_errors(tmp_path, capsys):
     assert main(["report", "--out", str(tmp_path / "r")]) == 1
-    assert "give --plan, --validation or --trace" in capsys.readouterr().err
+    assert "give --plan, --validation, --trace or --serving" in capsys.readouterr().err
     assert main(["report", "--plan", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
     assert f"{tmp_path}: no plan.parquet here" in capsys.readouterr().err
     bad = tmp_path / "validation.json"
