@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.kvcache import Measurement
 from infinisim.executor.loaders import load_model
 from infinisim.executor.model import Transformer
 from infinisim.executor.recording import run_policy
@@ -71,7 +72,7 @@ def infinigen_shares(text_path: Path, prompt_len: int) -> tuple[np.ndarray, str]
         ids, source = loaded.tokenizer.encode(bundled_text()[:40000]).ids, "pydoc_data.topics"
     _, trace = run_policy(loaded.model, [ids[:prompt_len]], "infinigen", SamplingConfig(32, stop_at_eos=False),
                           {"model": "smollm2-135m", "weights": "embedded"},
-                          knobs={**PAPER_INFINIGEN, "alpha": PAPER_ALPHA})
+                          knobs={**PAPER_INFINIGEN, "alpha": PAPER_ALPHA}, measure=Measurement(alpha_counts_every=1))
     return speculated_fraction_per_layer(trace, PAPER_ALPHA), source
 
 

@@ -49,6 +49,18 @@ def test_round_trip(tiny_trace, tmp_path):
     assert len(speculated[1]) == 3 * 9 and len(speculated[2]) == 0  # KV heads x alphas, every 8th decode step
 
 
+def test_quality_runs_count_alpha_on_every_step(five_layer_smollm2):
+    """--quality traces feed the planner's alpha axis: their counts cover every decode step (the share
+    varies up to 2x between steps); timing runs keep every 8th."""
+    _, trace = run_policy(five_layer_smollm2, [list(range(10, 60))], "infinigen", SamplingConfig(10, stop_at_eos=False),
+                          {"model": "x", "weights": "random"}, measure=Measurement(quality=True))
+    assert trace.run["alpha_counts_every"] == 1
+    speculating = trace.layers[(trace.layers.layer == 4) & (trace.layers.step > 0)]
+    assert len(speculating) == 9 and (speculating.alpha_counts.map(len) == 3 * 9).all()
+    assert Measurement().alpha_counts_every == 8
+    assert Measurement(quality=True, alpha_counts_every=2).alpha_counts_every == 2
+
+
 def test_selection_coding_round_trip():
     indices = np.array([[[7, 2, 5, 0], [3, 1, 9, 4]], [[6, 0, 2, 8], [5, 4, 3, 2]]])  # [B=2, G=2, n=4]
     keep = np.array([[[1, 1, 1, 0], [1, 1, 1, 1]], [[1, 0, 0, 0], [0, 0, 0, 0]]], dtype=bool)
