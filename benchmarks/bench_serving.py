@@ -1,4 +1,4 @@
-"""The serving simulator's speed: the whole Azure conversation trace (19,366 requests over an hour)
+"""The serving simulator's speed: the whole Azure conversation trace (19,365 requests over an hour)
 served by one config, and a 108-config capacity search (plan --requests) over local processes.
 
 Targets (issue 12): the whole trace in under 30 s per config; 100 capacity searches in under 10
