@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 # decode-step phases grouped the way a reader asks about them
-GROUPS = {"compute": ("embed", "attn", "ffn", "head"), "host": ("host",), "speculation": ("spec",),
+GROUPS = {"compute": ("embed", "attn", "ffn", "head", "comm"), "host": ("host",), "speculation": ("spec",),
           "gather": ("gather",), "transfer": ("h2d", "d2h"), "wait": ("wait",)}
 COLOURS = {"compute": "#4c72b0", "host": "#b5b5b5", "speculation": "#dd8452", "gather": "#937860",
            "transfer": "#55a868", "wait": "#c44e52"}
@@ -97,7 +97,7 @@ def breakdown(labels: Sequence[str], phase_ms: Sequence[dict[str, float]], step_
 def plan_breakdown(rows: pd.DataFrame, name: str, title: str, ran: str) -> Figure:
     """`breakdown` of rows of the planner's table (one per policy: decode_ms and a `<phase>_ms` column per phase)."""
     phases = [p for members in GROUPS.values() for p in members]
-    return breakdown(list(rows["policy"]), [{p: row[f"{p}_ms"] for p in phases} for _, row in rows.iterrows()],
+    return breakdown(list(rows["policy"]), [{p: row.get(f"{p}_ms", 0.0) for p in phases} for _, row in rows.iterrows()],
                      list(rows["decode_ms"]), name, title, ran)
 
 

@@ -130,7 +130,8 @@ def trace_sections(paths: Sequence[str | Path], profile: str | None) -> list[Sec
     ran = "; ".join(commands)
     summaries = [summarize(t) for _, t in traces]
     labels = [_label(t) for _, t in traces]
-    phases = [{p: s[f"decode_{p}_ms"] for members in figures.GROUPS.values() for p in members} for s in summaries]
+    phases = [{p: s.get(f"decode_{p}_ms", 0.0) for members in figures.GROUPS.values() for p in members}
+              for s in summaries]
     machine = traces[0][1].environment.get("device_name") or traces[0][1].run.get("device", "")
     sections.append(Section(
         "Where a decode step's time goes (measured)",

@@ -47,6 +47,8 @@ class Config:
     speculated_by_alpha: tuple[float, ...] | None = None  # ... or that share per alpha 1..9 (from a trace)
     fingerprint: str = ""  # of everything else the result depends on: profile contents, model spec, code
     exact: bool = False  # simulated event by event (else computed directly: the same answer, sim/direct.py)
+    weights_on_host: float | str = 0.0  # share of every block's weights streamed from host memory, or "auto"
+    tp: int = 1  # tensor parallelism over the profile's GPUs
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
@@ -65,10 +67,13 @@ class Sweep:
     speculated_fraction: float | None = None
     speculated_by_alpha: tuple[float, ...] | None = None
     exact: bool = False  # every config event by event (the reference), not by the direct computation
+    weights_on_host: list[float | str] = field(default_factory=lambda: [0.0])  # shares, or "auto"
+    tp: list[int] = field(default_factory=lambda: [1])
 
     def size(self) -> int:
         """How many configs the sweep expands to, at most (before duplicates collapse)."""
         base = len(self.profiles) * len(self.models) * len(self.batches) * len(self.prompt_lens) * len(self.gen_lens)
+        base *= len(self.weights_on_host) * len(self.tp)
         return base * sum(math.prod(len(v) for k, v in self.knobs.items() if k in policy(name).knob_names)
                           for name in self.policies)
 
@@ -80,15 +85,17 @@ class Sweep:
                                  field="sweep")
         prints = {(p, m): fingerprint(p, m) for p in self.profiles for m in self.models}
         out: dict[str, Config] = {}
-        for profile, model, batch, prompt, gen, name in itertools.product(
-                self.profiles, self.models, self.batches, self.prompt_lens, self.gen_lens, self.policies):
+        for profile, model, batch, prompt, gen, name, weights, tp in itertools.product(
+                self.profiles, self.models, self.batches, self.prompt_lens, self.gen_lens, self.policies,
+                self.weights_on_host, self.tp):
             kv = policy(name)
             axes = [[(knob, v) for v in values] for knob, values in sorted(self.knobs.items())
                     if knob in kv.knob_names]
             for combo in itertools.product(*axes):
                 c = Config(profile, model, batch, prompt, gen, name, tuple(combo), self.dtype,
                            self.speculated_fraction if kv.speculating else None,
-                           self.speculated_by_alpha if kv.speculating else None, prints[profile, model], self.exact)
+                           self.speculated_by_alpha if kv.speculating else None, prints[profile, model], self.exact,
+                           weights, tp)
                 out.setdefault(c.key(), c)
         return list(out.values())
 
@@ -193,12 +200,15 @@ def knob_columns(config: Config, alpha: float | None) -> dict[str, Any]:
 
 def evaluate(config: Config) -> dict[str, Any]:
     """Simulate one config (or say why it does not fit). Pure: the same config, the same row."""
+    from infinisim.sim.memory import place_weights
     from infinisim.sim.run import simulate_if_fits
     from infinisim.sim.workload import synthetic
     from infinisim.traces.spec import named_model
 
     hidden = ("knobs", "speculated_by_alpha", "fingerprint", "exact")
     row: dict[str, Any] = {"key": config.key(), **{k: v for k, v in asdict(config).items() if k not in hidden}}
+    auto = config.weights_on_host == "auto"
+    row.update(weights_on_host=0.0 if auto else float(config.weights_on_host), weights_auto=auto)
     alpha = None
     try:
         kv = policy(config.policy)
@@ -211,7 +221,11 @@ def evaluate(config: Config) -> dict[str, Any]:
             share = config.speculated_by_alpha[min(9, max(1, round(alpha))) - 1]
         row.update(knob_columns(config, alpha), profile=profile.name)
         w = synthetic(spec, config.batch, config.prompt_len, config.gen_len, config.policy, config.dtype,
-                      knobs.to_dict(), share)
+                      knobs.to_dict(), share, row["weights_on_host"], config.tp)
+        profile.for_tensor_parallel(config.tp)  # a profile with fewer GPUs: this config is invalid
+        if auto:
+            w = place_weights(w, profile)
+            row["weights_on_host"] = w.weights_on_host
     except InfinisimError as exc:
         return {**row, "fits": False, "does_not_fit": f"invalid: {exc}"}
     outcome = simulate_if_fits(w, profile, exact=config.exact)

@@ -42,7 +42,8 @@ def log(msg: str) -> None:
 
 
 def random_config(rng: random.Random, gen: tuple[int, int]) -> tuple[str, str, int, int, int, str, float | None]:
-    profile, model, policy = rng.choice(list(builtin_profiles())), rng.choice(list(MODELS)), rng.choice(list(POLICIES))
+    profiles = list(builtin_profiles(single_gpu=True))
+    profile, model, policy = rng.choice(profiles), rng.choice(list(MODELS)), rng.choice(list(POLICIES))
     spec = named_model(model)
     top = spec.max_positions - gen[1] if spec.family == "opt" else 32768
     prompt = round(math.exp(rng.uniform(math.log(128), math.log(top))))

@@ -27,8 +27,9 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/planner.json")
     args = p.parse_args()
 
-    sweep = Sweep(list(builtin_profiles()), ["opt-6.7b", "opt-13b", "llama-3-8b", "mistral-7b"], [1, 4, 8, 16, 32],
-                  [512, 1024, 1536, 1920], [args.gen_len], ["resident", "full", "int4", "h2o", "infinigen"],
+    sweep = Sweep(list(builtin_profiles(single_gpu=True)), ["opt-6.7b", "opt-13b", "llama-3-8b", "mistral-7b"],
+                  [1, 4, 8, 16, 32], [512, 1024, 1536, 1920], [args.gen_len],
+                  ["resident", "full", "int4", "h2o", "infinigen"],
                   knobs={"budget": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5]}, speculated_fraction=0.1)
     configs = sweep.configs()
     print(f"{len(configs)} configs", file=sys.stderr)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from infinisim.core.errors import InfinisimError
-from infinisim.hwprofiles.profile import parse_quantity
+from infinisim.hwprofiles.units import parse_quantity
 
 PCIE3_X16 = 12.5e9  # B/s a pinned copy reaches over PCIe 3.0 x16 (the a6000-pcie3 profile's h2d)
 PCIE3_LATENCY = 10e-6  # s per copy (same profile)

@@ -18,54 +18,9 @@ import yaml
 
 from infinisim.core.errors import InfinisimError
 from infinisim.core.files import check_mapping, read_yaml, write_text_atomic
+from infinisim.hwprofiles.units import format_quantity, parse_quantity
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data"
-
-_SCALE = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
-          "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40}
-_UNITS = {  # dimension -> unit (after the prefix) -> factor to the base unit
-    "bytes": {"B": 1.0},
-    "bandwidth": {"B/s": 1.0},
-    "time": {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9},
-    "flops": {"FLOP/s": 1.0, "FLOPS": 1.0},
-}
-_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z/]*)\s*$")
-
-
-def parse_quantity(value: Any, dimension: str) -> float:
-    """'12.5 GB/s' -> 12.5e9. A plain number is taken in the base unit. Raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a {dimension} quantity, got {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    if not isinstance(value, str) or not (m := _QUANTITY.match(value)):
-        raise ValueError(f"expected a number with a {dimension} unit, got {value!r}")
-    number, unit = float(m.group(1)), m.group(2)
-    if dimension == "time" and unit in _UNITS["time"]:
-        return number * _UNITS["time"][unit]
-    for prefix, scale in _SCALE.items():
-        base = unit[len(prefix):] if unit.startswith(prefix) else None
-        if base is not None and base in _UNITS[dimension]:
-            return number * scale * _UNITS[dimension][base]
-    units = ", ".join(_UNITS[dimension])
-    raise ValueError(f"unit {unit!r} is not a {dimension} unit (use {units}, with K/M/G/T or Ki/Mi/Gi prefixes)")
-
-
-_PREFIXES = (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
-_BASE_UNITS = {"bytes": "B", "bandwidth": "B/s", "flops": "FLOP/s"}
-_TIME_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9))
-
-
-def format_quantity(value: float, dimension: str) -> str | float:
-    """12.5e9, "bandwidth" -> '12.5 GB/s': what parse_quantity reads back (6 significant digits)."""
-    if dimension == "number":
-        return int(value) if float(value).is_integer() else value
-    if dimension == "time":
-        unit, scale = next(((u, f) for u, f in _TIME_UNITS if abs(value) >= f), _TIME_UNITS[-1])
-        return f"{value / scale:.6g} {unit}"
-    prefix, scale = next(((p, f) for p, f in _PREFIXES if abs(value) >= f), ("", 1.0))
-    return f"{value / scale:.6g} {prefix}{_BASE_UNITS[dimension]}"
-
 
 def _q(dimension: str, low: float = 0.0, high: float = math.inf, doc: str = "", optional: bool = False) -> Any:
     meta = {"dimension": dimension, "range": (low, high), "doc": doc}
@@ -128,6 +83,19 @@ class Host:
 
 
 @dataclass(frozen=True)
+class Node:
+    """Several identical GPUs in one machine (tensor parallelism): how they talk to each other, and how
+    many share one upstream host link (a PCIe switch). Each GPU has the profile's device and link."""
+
+    gpus: int = _n(2, 64, "GPUs in the node")
+    interconnect: str
+    interconnect_bandwidth: float = _q("bandwidth", 1e8, doc="GPU-to-GPU bus bandwidth per GPU per direction "
+                                                             "(what a ring all-reduce moves at)")
+    interconnect_latency: float = _q("time", 0, 1e-3, doc="one step of a ring all-reduce")
+    gpus_per_host_link: int = _n(1, 64, "GPUs behind one upstream host link (a PCIe switch); 1: each its own")
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     kind: str  # "gpu", or "cpu": a CPU-only machine (the executor's "device" is a second buffer in RAM)
@@ -138,6 +106,7 @@ class Profile:
     host: Host
     path: str = ""
     memcpy: Profile | None = None  # with an emulated link: the profile as calibrated (copies within RAM)
+    node: Node | None = None  # a multi-GPU machine (tensor parallelism); None: one GPU
 
     @property
     def host_computes(self) -> bool:
@@ -161,6 +130,36 @@ class Profile:
                     pageable_bandwidth=bandwidth, latency=latency, duplex=duplex, emulated=True)
         return replace(self, link=link, name=f"{self.name}+link", memcpy=self.memcpy or self)
 
+    def for_tensor_parallel(self, tp: int) -> Profile:
+        """What one of `tp` GPUs offloading at once sees: its link's share of a shared upstream link
+        and of the host's memory bandwidth (all GPUs copy and gather at the same time)."""
+        if tp == 1:
+            return self
+        if self.node is None or tp > self.node.gpus:
+            have = self.node.gpus if self.node else 1
+            raise InfinisimError(f"tensor parallelism {tp} needs {tp} GPUs; profile {self.name} has {have}",
+                                 field="--tp")
+        sharing = min(tp, self.node.gpus_per_host_link)
+        dram = self.host.memory_bandwidth / tp
+
+        def share(bandwidth: float) -> float:
+            return min(bandwidth / sharing, dram)
+
+        link = replace(self.link, h2d_bandwidth=share(self.link.h2d_bandwidth),
+                       d2h_bandwidth=share(self.link.d2h_bandwidth),
+                       pageable_bandwidth=share(self.link.pageable_bandwidth),
+                       sweep=tuple((b, share(h), share(d)) for b, h, d in self.link.sweep))
+        host = replace(self.host, gather_bandwidth=min(self.host.gather_bandwidth, dram))
+        return replace(self, link=link, host=host)
+
+    def all_reduce_seconds(self, nbytes: Any, tp: int) -> Any:
+        """A ring all-reduce of `nbytes` over `tp` GPUs: 2(tp-1) steps of latency, 2(tp-1)/tp of the
+        bytes over the interconnect each way."""
+        if tp == 1 or self.node is None:
+            return 0.0
+        node = self.node
+        return 2 * (tp - 1) * node.interconnect_latency + 2 * (tp - 1) / tp * nbytes / node.interconnect_bandwidth
+
     def matmul_rate(self, dtype: str) -> float:
         peak = self.device.matmul_flops_fp32 if dtype == "float32" else self.device.matmul_flops
         return peak * self.device.matmul_efficiency
@@ -169,8 +168,10 @@ class Profile:
         """The YAML form, quantities with their units (as the shipped profiles are written)."""
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "description": self.description,
                                "sources": list(self.sources)}
-        for part in ("device", "link", "host"):
+        for part in ("device", "link", "host", "node"):
             obj = getattr(self, part)
+            if obj is None:
+                continue
             section: dict[str, Any] = {}
             for f in fields(obj):
                 value, dimension = getattr(obj, f.name), f.metadata.get("dimension")
@@ -230,7 +231,7 @@ def _section(cls: type, data: Any, path: Path, where: str) -> Any:
         if not low <= value <= high:
             raise InfinisimError(f"{raw!r} is out of range [{low:g}, {high:g}] ({f.metadata['doc']})", path,
                                  f"{where}.{name}")
-        values[name] = int(value) if name == "cores" else value
+        values[name] = int(value) if name in ("cores", "gpus", "gpus_per_host_link") else value
     return cls(**values)
 
 
@@ -289,7 +290,7 @@ TOP_KEYS = ("name", "kind", "description", "sources", "device", "link", "host")
 
 
 def profile_from_dict(data: Any, path: Path) -> Profile:
-    check_mapping(data, path, TOP_KEYS, TOP_KEYS, "a profile must be a YAML mapping")
+    check_mapping(data, path, (*TOP_KEYS, "node"), TOP_KEYS, "a profile must be a YAML mapping")
     if not isinstance(data["name"], str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", data["name"]):
         raise InfinisimError("must be a name of letters, digits, '.', '_' or '-'", path, "name")
     if data["kind"] not in ("gpu", "cpu"):
@@ -301,11 +302,16 @@ def profile_from_dict(data: Any, path: Path) -> Profile:
         raise InfinisimError("must be a non-empty list of strings (where each number comes from)", path, "sources")
     return Profile(data["name"], data["kind"], data["description"], tuple(sources),
                    _section(Device, data["device"], path, "device"), _section(Link, data["link"], path, "link"),
-                   _section(Host, data["host"], path, "host"), str(path))
+                   _section(Host, data["host"], path, "host"), str(path),
+                   node=_section(Node, data["node"], path, "node") if "node" in data else None)
 
 
-def builtin_profiles() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
+def builtin_profiles(single_gpu: bool = False) -> dict[str, Path]:
+    """The shipped profiles by name (`single_gpu`: without the multi-GPU nodes)."""
+    found = {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
+    if single_gpu:
+        return {name: path for name, path in found.items() if "node" not in (read_yaml(path, "profile file") or {})}
+    return found
 
 
 def load_profile(name_or_path: str | Path) -> Profile:

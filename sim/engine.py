@@ -30,8 +30,8 @@ from infinisim.sim.costs import Costs, Work, any_positive
 from infinisim.sim.memory import MemoryPlan, memory_plan
 from infinisim.sim.workload import Workload
 
-PHASES = ("embed", "attn", "ffn", "spec", "gather", "h2d", "d2h", "wait", "head", "bookkeeping")
-COMPUTE = ("embed", "attn", "ffn", "head")  # the compute stream's own work
+PHASES = ("embed", "attn", "ffn", "spec", "gather", "h2d", "d2h", "wait", "head", "bookkeeping", "comm")
+COMPUTE = ("embed", "attn", "ffn", "head", "comm")  # the compute stream's own work (comm: tensor-parallel all-reduce)
 P = {name: i for i, name in enumerate(PHASES)}
 
 
@@ -153,6 +153,7 @@ class Simulation:
     """One run of a workload on a profile."""
 
     def __init__(self, workload: Workload, profile: Profile, memory: MemoryPlan, timeline: bool = False):
+        profile = profile.for_tensor_parallel(workload.tp)  # one GPU's view: its share of shared links
         self.w, self.profile, self.memory = workload, profile, memory
         self.kv = workload.kv_policy
         self.costs = Costs(profile, workload.spec, workload.dtype, workload.batch)
@@ -166,7 +167,10 @@ class Simulation:
         self.step: Any = 0  # the decode step (0: the prefill) the phases go to
         self.host_t: Any = 0.0
         self.qkv, self.ffn = self.costs.qkv(), self.costs.ffn()  # the same in every decode layer
+        self.reduce = self.all_reduce(workload.batch)  # after attention and after the FFN, tensor-parallel
         self.pending: dict[int, Any] = {}  # layer -> its prefetch in flight
+        self.streamed = workload.weights_on_host * workload.spec.layer_weight_bytes(workload.dtype)
+        self.weights_in: dict[int, Any] = {}  # layer -> the copy of its host-side weights in flight
         self.slot_free: list[Any] = [None, None]  # the last copy out of each prefetch slot
         self.timeline = timeline
         self.spans: list[tuple[str, str, int, int, float, float]] = []
@@ -241,6 +245,26 @@ class Simulation:
         work = self.costs.copy(nbytes, direction, self.kv.copy_tensors, self.w.host_pinned)
         return (yield from self.launch(direction, [(direction, layer, work)], after))
 
+    def all_reduce(self, rows: int) -> list[tuple[str, int, Work]]:
+        """Tensor parallelism: the ring all-reduce of `rows` hidden vectors (the compute stream waits for
+        it: the next op needs the sum), as a part of a layer's compute op; none on one GPU."""
+        if self.w.tp == 1:
+            return []
+        nbytes = rows * self.w.spec.hidden * self.costs.e
+        return [("comm", -1, Work(self.profile.all_reduce_seconds(nbytes, self.w.tp), 1))]
+
+    def stream_weights(self, layer: int) -> Generator[simpy.Event, Any, None]:
+        """Weight offloading (FlexGen): the host-side share of block `layer + 1` goes in while `layer`
+        computes, into the buffer block `layer - 1` used (so after the compute issued so far); the
+        last layer streams the next step's first block (with an even layer count, where the two
+        buffers alternate across the step's end; else the step's start does)."""
+        n = self.w.spec.n_layers
+        nxt = layer + 1 if layer + 1 < n else (0 if n % 2 == 0 else None)
+        if nxt is None or nxt in self.weights_in or not any_positive(self.streamed):
+            return
+        work = self.costs.copy(self.streamed, "h2d", self.w.spec.layer_weight_tensors, True)
+        self.weights_in[nxt] = yield from self.launch("h2d", [("h2d", nxt, work)], (self.streams["compute"].tail,))
+
     # ---------------------------------------------------------------- the run
 
     def run(self) -> SimResult:
@@ -264,6 +288,7 @@ class Simulation:
     def prefill(self) -> Generator[simpy.Event, Any, None]:
         w, c, head = self.w, self.costs, self.w.spec.n_layers
         start, t = self.host_t, w.prompt_len
+        yield from self.stream_weights(-1)  # the first block
         yield from self.launch("compute", [("embed", head, c.embed())])
         written = (w.bytes_d2h[0, 0] if w.n_steps else 0) * self.kv.prefill_written(w)
         works = (c.prefill_qkv(t), c.prefill_attend(t), c.ffn(w.batch * t), written)
@@ -274,15 +299,18 @@ class Simulation:
 
     def prefill_layer(self, works: tuple[Work, Work, Work, float], layer: int) -> Generator[simpy.Event, Any, None]:
         qkv, attend, ffn, written = works
-        parts = [("attn", layer, qkv), ("attn", layer, attend),
-                 *self.kv.prefill_parts(self.costs, self.w, layer, self.w.prompt_len), ("ffn", layer, ffn)]
-        done = yield from self.launch("compute", parts)
+        yield from self.stream_weights(layer)
+        reduce = [(phase, layer, work) for phase, _, work in self.all_reduce(self.w.batch * self.w.prompt_len)]
+        parts = [("attn", layer, qkv), ("attn", layer, attend), *reduce,
+                 *self.kv.prefill_parts(self.costs, self.w, layer, self.w.prompt_len), ("ffn", layer, ffn), *reduce]
+        done = yield from self.launch("compute", parts, (self.weights_in.pop(layer, None),))
         if self.kv.traits.offloaded:  # the prompt's rows go to host memory
             yield from self.copy("d2h", layer, written, (done,))
 
     def decode_step(self, s: Any) -> Generator[simpy.Event, Any, None]:
         n = self.w.spec.n_layers
         self.pending, self.slot_free = {}, [None, None]
+        yield from self.stream_weights(-1)  # the first block, unless the last step's last layer sent it
         yield from self.launch("compute", [("embed", n, self.costs.embed())])
         yield from self.layers("decode", functools.partial(self.decode_layer, s))
         done = yield from self.launch("compute", [("head", n, self.costs.head())])
@@ -296,11 +324,13 @@ class Simulation:
 
     def decode_layer(self, s: Any, layer: int) -> Generator[simpy.Event, Any, None]:
         self.host_work("bookkeeping", layer, Work(0.0, self.kv.host_ops))
+        yield from self.stream_weights(layer)
         yield from self.kv.before_layer(self, s, layer)
-        yield from self.launch("compute", [("attn", layer, self.qkv)])
+        yield from self.launch("compute", [("attn", layer, self.qkv)], (self.weights_in.pop(layer, None),))
         waits, extra = yield from self.kv.attend_kv(self, s, layer)
         attend = self.costs.attend(self.w.attended[s, layer])
-        parts = [("attn", layer, attend), *extra, ("ffn", layer, self.ffn)]
+        reduce = [(phase, layer, work) for phase, _, work in self.reduce]
+        parts = [("attn", layer, attend), *extra, *reduce, ("ffn", layer, self.ffn), *reduce]
         yield from self.launch("compute", parts, (self.streams["compute"].tail, *waits))
 
     def prefetch(self, s: int, layer: int) -> Generator[simpy.Event, Any, None]:
@@ -320,18 +350,3 @@ def simulate(workload: Workload, profile: Profile, timeline: bool = False, memor
              ) -> SimResult:
     """Simulate the workload's run on the profile (`memory`: its plan, when already computed)."""
     return Simulation(workload, profile, memory or memory_plan(workload, profile), timeline).run()
-
-
-def chrome_trace(result: SimResult) -> dict[str, Any]:
-    """Chrome/Perfetto trace events (load in chrome://tracing or ui.perfetto.dev)."""
-    threads = {"host": 0, "compute": 1, "spec": 2, "h2d": 3, "d2h": 4}
-    events: list[dict[str, Any]] = [
-        {"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": name}}
-        for name, tid in threads.items()]
-    n = result.workload.spec.n_layers
-    for stream, phase, step, layer, start, end in result.spans:
-        label = phase if layer == n else f"{phase} L{layer}"
-        events.append({"name": label, "cat": phase, "ph": "X", "pid": 0, "tid": threads[stream],
-                       "ts": start * 1e6, "dur": (end - start) * 1e6, "args": {"step": step, "layer": layer}})
-    return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"policy": result.workload.policy, "profile": result.profile.name}}

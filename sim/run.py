@@ -16,7 +16,7 @@ import numpy as np
 from infinisim.core.files import write_json
 from infinisim.hwprofiles.profile import Profile
 from infinisim.sim.direct import simulate_direct
-from infinisim.sim.engine import SimResult, chrome_trace, simulate
+from infinisim.sim.engine import SimResult, simulate
 from infinisim.sim.memory import MemoryPlan, memory_plan
 from infinisim.sim.workload import Workload, fetched_fraction, speculated_fraction_per_layer
 from infinisim.traces.spec import ModelSpec
@@ -38,7 +38,8 @@ class Outcome:
         """One row: the simulated totals and phase breakdown (and each decode step's time, with
         `per_step`), or why it does not fit."""
         w = self.workload
-        shared = {"knobs": w.knobs.to_dict(), "fetched_fraction": fetched_fraction(w)}
+        shared = {"knobs": w.knobs.to_dict(), "fetched_fraction": fetched_fraction(w),
+                  "weights_on_host": w.weights_on_host, "tp": w.tp}
         if self.result is not None:
             steps = {"decode_step_ms": (self.result.decode_step_s * 1e3).round(4).tolist()} if per_step else {}
             return {**self.result.summary(), **shared, "does_not_fit": "", **steps}
@@ -101,3 +102,18 @@ def write_timelines(outcomes: list[Outcome], path: str | Path) -> list[Path]:
             f"{path.stem}-{w.policy}-b{w.batch}-p{w.prompt_len}{path.suffix}")
         written.append(write_json(chrome_trace(o.result), target))
     return written
+
+
+def chrome_trace(result: SimResult) -> dict[str, Any]:
+    """Chrome/Perfetto trace events (load in chrome://tracing or ui.perfetto.dev)."""
+    threads = {"host": 0, "compute": 1, "spec": 2, "h2d": 3, "d2h": 4}
+    events: list[dict[str, Any]] = [
+        {"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": name}}
+        for name, tid in threads.items()]
+    n = result.workload.spec.n_layers
+    for stream, phase, step, layer, start, end in result.spans:
+        label = phase if layer == n else f"{phase} L{layer}"
+        events.append({"name": label, "cat": phase, "ph": "X", "pid": 0, "tid": threads[stream],
+                       "ts": start * 1e6, "dur": (end - start) * 1e6, "args": {"step": step, "layer": layer}})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"policy": result.workload.policy, "profile": result.profile.name}}

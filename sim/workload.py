@@ -44,6 +44,9 @@ class Workload:
     speculating: np.ndarray  # [layers] bool: rows chosen by speculation (infinigen/oracle)
     source: str = "synthetic"
     measured: dict[str, Any] = field(default_factory=dict)  # a trace's own times, for validation
+    weights_on_host: float = 0.0  # share of each block's weights kept in host memory, streamed in a layer ahead
+    tp: int = 1  # tensor parallelism: `spec` is then one GPU's shard (ModelSpec.shard), all GPUs alike
+    unsharded: ModelSpec | None = None  # the whole model (synthetic workloads: what another degree would shard)
 
     @property
     def n_steps(self) -> int:
@@ -140,12 +143,13 @@ def speculated_by_alpha(trace: Trace) -> tuple[float, ...]:
 
 
 def synthetic(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, policy_name: str, dtype: str = "float16",
-              knobs: dict[str, Any] | None = None, speculated_fraction: float | np.ndarray | None = None
-              ) -> Workload:
+              knobs: dict[str, Any] | None = None, speculated_fraction: float | np.ndarray | None = None,
+              weights_on_host: float = 0.0, tp: int = 1) -> Workload:
     """A workload from a description. For a speculating policy, `speculated_fraction` is the
     uncapped share of the cache each speculating layer wants (a number, or one per layer, e.g. from
     speculated_fraction_per_layer); the budget caps it, as in the executor. `knobs`: the policy's
-    (None: its default; other policies' knobs are ignored)."""
+    (None: its default; other policies' knobs are ignored). `tp`: tensor parallelism, the workload of one
+    of `tp` GPUs."""
     policy(policy_name)  # an unknown name is the first error
     if dtype not in DTYPE_BYTES:
         raise InfinisimError(f"unknown dtype {dtype!r} ({', '.join(DTYPE_BYTES)})", field="--dtype")
@@ -159,8 +163,13 @@ def synthetic(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, policy
     if spec.family == "opt" and prompt_len + gen_len > spec.max_positions:
         raise InfinisimError(f"prompt + generation = {prompt_len + gen_len} exceeds {spec.name}'s "
                              f"{spec.max_positions} positions", field="--prompt-len")
+    if not 0 <= weights_on_host <= 1:
+        raise InfinisimError(f"must be within [0, 1], got {weights_on_host}", field="--weights-on-host")
     steps = np.arange(gen_len - 1)  # decode steps after the prefill's first token
-    return at_lengths(spec, batch, prompt_len, prompt_len + 1 + steps, policy_name, dtype, knobs, speculated_fraction)
+    w = at_lengths(spec.shard(tp), batch, prompt_len, prompt_len + 1 + steps, policy_name, dtype, knobs,
+                   speculated_fraction)
+    w.weights_on_host, w.tp, w.unsharded = float(weights_on_host), tp, spec
+    return w
 
 
 def at_lengths(spec: ModelSpec, batch: int, prompt_len: int, kv_len: np.ndarray, policy_name: str,

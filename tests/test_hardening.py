@@ -321,3 +321,12 @@ def test_truncated_gguf_is_one_line(tmp_path):
         bad.write_bytes(data[:cut])
         with pytest.raises(InfinisimError, match=r"cut\d+\.gguf: (not a GGUF model file|.*truncated)"):
             load_model(str(bad))
+
+
+def test_a_closed_pipe_is_not_a_traceback():
+    """`infinisim ... | head -1`: the reader leaves early; the verb stops quietly (141, as SIGPIPE)."""
+    proc = subprocess.Popen([*CLI, "simulate", "--model", "opt-125m", "--profile", "l4", "--prompt-len", "512"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before it writes anything
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and "Traceback" not in err and "Exception ignored" not in err, err

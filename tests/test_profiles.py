@@ -9,7 +9,8 @@ import yaml
 
 from infinisim.cli import main
 from infinisim.core.errors import InfinisimError
-from infinisim.hwprofiles.profile import builtin_profiles, load_profile, parse_quantity, write_profile
+from infinisim.hwprofiles.profile import builtin_profiles, load_profile, write_profile
+from infinisim.hwprofiles.units import parse_quantity
 
 SHIPPED = ("a6000-pcie3", "a100-40gb-pcie4", "a100-80gb-pcie4", "h100-pcie5", "h100-sxm", "h200", "l4", "rtx4090")
 

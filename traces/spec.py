@@ -48,6 +48,10 @@ class ModelSpec:
                              f"{self.n_kv_heads} KV heads")
 
     def param_count(self) -> int:
+        return self.n_layers * self.layer_param_count() + self.embedding_param_count()
+
+    def layer_param_count(self) -> int:
+        """One transformer block's parameters (what weight offloading streams, layer by layer)."""
         d, hd = self.hidden, self.head_dim
         attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
         if self.family == "opt":
@@ -58,20 +62,43 @@ class ModelSpec:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
             ffn = 3 * d * self.ffn_hidden
             norms = 2 * d
-        per_layer = attn + ffn + norms
+        return attn + ffn + norms
+
+    def embedding_param_count(self) -> int:
+        """Embeddings, the final norm and the LM head (they stay on the device)."""
+        d = self.hidden
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if self.family == "opt":
-            embed += (self.max_positions + 2) * d + 2 * d
-        else:
-            embed += d
-        return self.n_layers * per_layer + embed
+            return embed + (self.max_positions + 2) * d + 2 * d
+        return embed + d
 
     def weight_bytes(self, dtype: str) -> int:
         return self.param_count() * DTYPE_BYTES[dtype]
 
+    def layer_weight_bytes(self, dtype: str) -> int:
+        return self.layer_param_count() * DTYPE_BYTES[dtype]
+
+    @property
+    def layer_weight_tensors(self) -> int:
+        """Weight tensors in one block (one copy each when a block is streamed): q, k, v, o and the FFN's
+        matrices, the norms (OPT: and a bias per projection)."""
+        return 4 + 2 + 4 + 2 + 4 if self.family == "opt" else 4 + 3 + 2 + (3 if self.qkv_bias else 0)
+
     def kv_bytes_per_token(self, dtype: str) -> int:
         """K and V of one token across all layers."""
         return self.n_layers * 2 * self.n_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+
+    def shard(self, tp: int) -> ModelSpec:
+        """What one of `tp` GPUs holds under tensor parallelism (Megatron-style): its share of the query
+        and KV heads (their KV with them), of the FFN's columns and of the vocabulary; the hidden size
+        and the norms whole."""
+        if tp == 1:
+            return self
+        if tp < 1 or self.n_heads % tp or self.n_kv_heads % tp:
+            raise InfinisimError(f"{self.name} has {self.n_heads} query and {self.n_kv_heads} KV heads: tensor "
+                                 f"parallelism must divide both, got {tp}", field="--tp")
+        return dataclasses.replace(self, n_heads=self.n_heads // tp, n_kv_heads=self.n_kv_heads // tp,
+                                   ffn_hidden=-(-self.ffn_hidden // tp), vocab_size=-(-self.vocab_size // tp))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -8,6 +8,7 @@ its flags, calls one function of the layers below and prints. Errors below surfa
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -48,3 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninfinisim: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `infinisim ... | head`: the reader left; say nothing more, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

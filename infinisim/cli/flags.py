@@ -169,6 +169,32 @@ def add_link_flag(p: argparse.ArgumentParser, replay: bool = False) -> None:
                         "it picks is printed and kept in the trace); default: none")
 
 
+def weight_share(text: str) -> float | str:
+    """--weights-on-host: a share of every block's weights in [0, 1], or 'auto'."""
+    return "auto" if text.strip() == "auto" else fraction(text)
+
+
+def weight_shares(text: str) -> list[float | str]:
+    return [weight_share(t) for t in names(text)]
+
+
+def add_weights_flag(p: argparse.ArgumentParser, axes: bool = False) -> None:
+    p.add_argument("--weights-on-host", metavar="FRACTION|auto", type=weight_shares if axes else weight_share,
+                   default=[0.0] if axes else 0.0,
+                   help="weight offloading (FlexGen): this share of every transformer block's weights stays in "
+                        "host memory and is streamed over the link one layer ahead of its use, overlapped with "
+                        "compute; auto: the smallest share (in hundredths) that fits the device"
+                        + (" (several: each swept)" if axes else "") + "; default 0")
+
+
+def add_tp_flag(p: argparse.ArgumentParser, axes: bool = False) -> None:
+    p.add_argument("--tp", type=int_list if axes else positive, default=[1] if axes else 1,
+                   help="tensor parallelism: split heads (and their KV), FFN columns and vocabulary over this many "
+                        "GPUs of a multi-GPU profile (`infinisim profiles list`: 8x-h100-sxm, 4x-l4, ...), a ring "
+                        "all-reduce after attention and after the FFN; each GPU offloads its own KV over its own "
+                        "link" + (" (several: each swept)" if axes else "") + "; default 1")
+
+
 def add_share_flags(p: argparse.ArgumentParser, axes: bool = False) -> None:
     """Where a speculating policy's share of the cache comes from, in the simulator."""
     share = p.add_mutually_exclusive_group()

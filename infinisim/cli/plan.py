@@ -27,6 +27,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=flags.DTYPES, help="weights and KV cache (default float16)")
     flags.add_knob_flags(p, axes=True)
     flags.add_share_flags(p, axes=True)
+    flags.add_weights_flag(p, axes=True)
+    flags.add_tp_flag(p, axes=True)
     p.add_argument("--quality", nargs="+", metavar="TRACE",
                    help="quality traces (`infinisim run --quality`) of the policies planned: the table gets the "
                         "recall, top-k overlap and perplexity ratio to expect at each config's fetched fraction, "
@@ -77,6 +79,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sweep.knobs.update(flags.knobs_given(args))
     sweep.dtype = args.dtype or sweep.dtype
     sweep.exact = args.exact
+    if args.weights_on_host != [0.0]:
+        sweep.weights_on_host = args.weights_on_host
+    if args.tp != [1]:
+        sweep.tp = args.tp
     if args.speculated_fraction is not None:
         sweep.speculated_fraction = args.speculated_fraction
     if args.from_trace:

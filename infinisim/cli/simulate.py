@@ -57,6 +57,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     flags.add_link_flag(p, replay=True)
     flags.add_knob_flags(p)
     flags.add_share_flags(p)
+    flags.add_weights_flag(p)
+    flags.add_tp_flag(p)
     _add_output_flags(p)
 
 
@@ -66,6 +68,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     trace's within-alpha counts (--from-trace) at --alpha."""
     from infinisim.core.policies import POLICIES
     from infinisim.hwprofiles.profile import load_profile
+    from infinisim.sim.memory import place_weights
     from infinisim.sim.run import speculated_from_trace
     from infinisim.sim.workload import synthetic
     from infinisim.traces.spec import named_model
@@ -82,8 +85,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise InfinisimError(f"{needing[0]} needs --speculated-fraction or --from-trace (a trace's within-alpha "
                              "counts)", field="--speculated-fraction")
     knobs = flags.knobs_given(args)
-    workloads = [synthetic(spec, batch, prompt_len, args.gen_len, name, args.dtype, knobs, speculated)
+    auto = args.weights_on_host == "auto"
+    profile.for_tensor_parallel(args.tp)  # a profile without that many GPUs is the first error
+    workloads = [synthetic(spec, batch, prompt_len, args.gen_len, name, args.dtype, knobs, speculated,
+                           0.0 if auto else args.weights_on_host, args.tp)
                  for name in policies for prompt_len in args.prompt_len for batch in args.batch]
+    if auto:
+        workloads = [place_weights(w, profile) for w in workloads]
     return _simulate_and_print(workloads, profile, args)
 
 
@@ -126,21 +134,25 @@ def _simulate_and_print(workloads: list[Any], profile: Any, args: argparse.Names
 
 
 def print_results(results: list[dict[str, Any]]) -> None:
+    from infinisim.sim.engine import COMPUTE
+
     print(f"{'policy':<10} {'batch':>5} {'prompt':>6} {'prefill s':>9} {'ms/step':>9} {'total s':>8} {'tok/s':>8} "
           f"{'compute':>8} {'wait':>7} {'host':>7} {'spec':>7} {'gather':>7} {'copy':>7} {'link':>5} {'dev GB':>7} "
-          f"{'host GB':>7}")
+          f"{'host GB':>7} {'w/host':>6} {'tp':>3}")
     for r in results:
         head = f"{r['policy']:<10} {r['batch']:>5} {r['prompt_len']:>6}"
         if not r["fits"]:
             print(f"{head}  does not fit: {r['does_not_fit']}")
             continue
         ph = r["decode_phase_ms"]
-        compute = ph["attn"] + ph["ffn"] + ph["embed"] + ph["head"]
+        compute = sum(ph.get(phase, 0.0) for phase in COMPUTE)
         print(f"{head} {r['prefill_s']:>9.3f} {r['decode_ms_mean']:>9.2f} {r['total_s']:>8.2f} "
               f"{r['tokens_per_s']:>8.1f} {compute:>8.2f} {ph['wait']:>7.2f} {ph['host']:>7.2f} {ph['spec']:>7.2f} "
               f"{ph['gather']:>7.2f} {ph['h2d'] + ph['d2h']:>7.2f} {r['link_utilisation']:>5.0%} "
-              f"{r['device_peak_gb']:>7.2f} {r['host_peak_gb']:>7.2f}")
+              f"{r['device_peak_gb']:>7.2f} {r['host_peak_gb']:>7.2f} {r['weights_on_host']:>6.2f} {r['tp']:>3}")
     print("(ms per decode step. The compute stream's step is compute (attention, FFN, embed, head) + wait (stalled "
           "on copies) + host (starved while the host issues work: launches, gathers, synchronisations). spec, "
           "gather and copy (H2D + D2H busy time) run beside it on a GPU, and in turn on a CPU-only profile, where "
-          "all the columns add up to the step. link: share of the run the link was busy)")
+          "all the columns add up to the step. link: share of the run the link was busy; w/host: the share of "
+          "every block's weights streamed from host memory, --weights-on-host; tp: GPUs, each row one GPU's "
+          "view: dev GB per GPU, host GB for all, compute with the all-reduces)")
