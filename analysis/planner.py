@@ -101,12 +101,21 @@ def best_under(rows: pd.DataFrame, target_ms: float | None = None, min_tokens_pe
     return ok.loc[ok.groupby("profile")["tokens_per_s"].idxmax()].sort_values("profile")
 
 
+PLACEMENT = ("tp", "weights_on_host")  # where the model runs: GPUs, and the share of weights on the host
+
+
+def placement_columns(rows: pd.DataFrame) -> list[str]:
+    """The placement columns worth showing: those that vary in the plan."""
+    return [c for c in PLACEMENT if c in rows.columns and rows[c].nunique() > 1]
+
+
 def largest_batch(rows: pd.DataFrame, target_ms: float) -> pd.DataFrame:
     """Per profile, model, policy, prompt and generation length: the largest batch that fits and meets the target."""
     ok = rows[rows["fits"] & (rows["decode_ms"] <= target_ms)]
     if ok.empty:
         return ok
-    cols = ["profile", "model", "policy", "prompt_len", "gen_len"]
+    cols = ["profile", "model", "policy", "prompt_len", "gen_len",
+            *(c for c in PLACEMENT if c in ok.columns)]  # each GPU count and weight placement on its own
     return ok.loc[ok.groupby(cols, dropna=False)["batch"].idxmax()].sort_values(cols)
 
 

@@ -59,7 +59,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     per hardware under a latency target, and the largest batch that meets it. Runs over local
     processes (default), serially, or on a Dask cluster; results are cached per config, so an
     interrupted or repeated sweep resumes."""
-    from infinisim.analysis.planner import make_plan
+    from infinisim.analysis.planner import make_plan, placement_columns
     from infinisim.analysis.sweep import Sweep, load_sweep
     from infinisim.hwprofiles.profile import builtin_profiles
 
@@ -111,14 +111,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.min_throughput:
         target += f", >= {args.min_throughput:g} tok/s"
     print(f"\nbest per hardware ({target}):")
-    cols = ["profile", "model", "policy", "batch", "prompt_len", "budget", "decode_ms", "tokens_per_s", "device_gb"]
+    placed = placement_columns(rows)
+    cols = ["profile", "model", "policy", "batch", "prompt_len", "budget", *placed, "decode_ms", "tokens_per_s",
+            "device_gb"]
     if args.quality:
         cols += ["fetched_fraction", "expected_recall", "expected_ppl_ratio"]
     print(table(best[cols]) if not best.empty else "  none")
     if args.target_ms:
         biggest = plan.largest_batch()
         print(f"\nlargest batch meeting {args.target_ms:g} ms/step:")
-        print(table(biggest[["profile", "model", "policy", "prompt_len", "batch", "decode_ms", "tokens_per_s"]])
+        print(table(biggest[["profile", "model", "policy", "prompt_len", *placed, "batch", "decode_ms",
+                             "tokens_per_s"]])
               if not biggest.empty else "  none")
     front = plan.front()
     print(f"\nPareto front (latency vs throughput): {len(front)} configs over {front['profile'].nunique()} profiles")
