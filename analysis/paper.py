@@ -259,6 +259,7 @@ def _model_section(speed: Speed) -> tuple[Section | None, tuple[str, str, str]]:
     if len(fit):
         fit = by_model_size(speedups(fit, ["model"]))
         table = fit.pivot(index="policy", columns="model", values="speedup").reindex(list(BASELINES))
+        table = table[[m for m in PAPER["models"] if m in table.columns]]  # by size, as the figure
         section = Section(
             "Speedup vs model size (batch 4)", "Speedup over full per model." + note,
             figures.panels(fit, "model", [("speedup", "speedup over full")], "policy", "paper-models",
