@@ -187,6 +187,17 @@ def add_weights_flag(p: argparse.ArgumentParser, axes: bool = False) -> None:
                         + (" (several: each swept)" if axes else "") + "; default 0")
 
 
+def add_simulated_config_flags(p: argparse.ArgumentParser, policy_default: str, several: str) -> None:
+    """What a simulated config is, for the verbs that simulate one named model on one profile."""
+    p.add_argument("--model", required=True, help="named architecture (`infinisim models`)")
+    p.add_argument("--profile", required=True, help="a shipped profile's name or a YAML file")
+    add_policy_flags(p, policy_default, several)
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="weights and KV cache (default float16)")
+    add_link_flag(p, replay=True)
+    add_knob_flags(p)
+    add_share_flags(p)
+
+
 def add_tp_flag(p: argparse.ArgumentParser, axes: bool = False) -> None:
     p.add_argument("--tp", type=int_list if axes else positive, default=[1] if axes else 1,
                    help="tensor parallelism: split heads (and their KV), FFN columns and vocabulary over this many "

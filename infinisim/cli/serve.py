@@ -17,15 +17,9 @@ from infinisim.core.files import atomic_path, check_output_dir, write_json
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = flags.verb(sub, "serve", cmd_serve, "simulate serving a request stream: TTFT, TPOT, throughput, goodput")
-    p.add_argument("--model", required=True, help="named architecture (`infinisim models`)")
-    p.add_argument("--profile", required=True, help="a shipped profile's name or a YAML file")
-    flags.add_policy_flags(p, "resident", "each serves the same stream")
-    p.add_argument("--dtype", choices=flags.DTYPES, default="float16", help="weights and KV cache (default float16)")
-    flags.add_link_flag(p, replay=True)
+    flags.add_simulated_config_flags(p, "resident", "each serves the same stream")
     flags.add_stream_flags(p)
     flags.add_scheduler_flags(p)
-    flags.add_knob_flags(p)
-    flags.add_share_flags(p)
     p.add_argument("--out", help="folder to write serving.json and one requests-<policy>.csv per policy into")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
 

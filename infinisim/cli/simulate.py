@@ -47,16 +47,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p = flags.verb(sub, "simulate", cmd_simulate, "simulate a described workload on a hardware profile")
-    p.add_argument("--model", required=True, help="named architecture (`infinisim models`)")
-    p.add_argument("--profile", required=True, help="a shipped profile's name or a YAML file")
+    flags.add_simulated_config_flags(p, "full", "each simulated")
     p.add_argument("--batch", type=flags.int_list, default=[1], help="batch size, or several: 4,8,12 (default 1)")
     p.add_argument("--prompt-len", type=flags.int_list, default=[2048], help="prompt tokens, or several (default 2048)")
     p.add_argument("--gen-len", type=flags.positive, default=128, help="generated tokens per sequence (default 128)")
-    flags.add_policy_flags(p, "full", "each simulated")
-    p.add_argument("--dtype", choices=flags.DTYPES, default="float16", help="weights and KV cache (default float16)")
-    flags.add_link_flag(p, replay=True)
-    flags.add_knob_flags(p)
-    flags.add_share_flags(p)
     flags.add_weights_flag(p)
     flags.add_tp_flag(p)
     _add_output_flags(p)
