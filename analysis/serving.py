@@ -94,6 +94,7 @@ class ServeConfig:
     dtype: str = "float16"
     speculated_fraction: float | None = None
     scheduler: Scheduler = field(default_factory=Scheduler)
+    tp: int = 1  # tensor parallelism over the profile's GPUs
 
     def costs(self, profile: Any = None) -> IterationCosts:
         from infinisim.hwprofiles.profile import load_profile
@@ -104,7 +105,7 @@ class ServeConfig:
             raise InfinisimError(f"{self.policy} needs --speculated-fraction or --from-trace (a trace's within-alpha "
                                  "counts)", field="--speculated-fraction")
         return IterationCosts(named_model(self.model), profile or load_profile(self.profile), self.policy, self.dtype,
-                              dict(self.knobs), share)
+                              dict(self.knobs), share, self.tp)
 
     def fetched_fraction(self, stream: RequestStream) -> float:
         """The share a selecting layer fetches at the stream's mean lengths (accuracy's axis)."""
@@ -121,8 +122,8 @@ def serve(stream: RequestStream, configs: list[ServeConfig], slo: SLO, profile: 
     out = []
     for i, config in enumerate(configs):
         result = simulate_serving(stream, config.costs(profile), config.scheduler)
-        row = {"policy": config.policy, "profile": config.profile, "model": config.model, **dict(config.knobs),
-               **summarize_serving(result, slo)}
+        row = {"policy": config.policy, "profile": config.profile, "model": config.model, "tp": config.tp,
+               **dict(config.knobs), **summarize_serving(result, slo)}
         out.append((row, result))
         if progress:
             progress(i + 1, len(configs))
@@ -159,7 +160,7 @@ def find_capacity(config: CapacityConfig) -> dict[str, Any]:
     Pure: the same config, the same row (with every rate tried and its p99s)."""
     c = config.serve
     row: dict[str, Any] = {"key": config.key(), "profile": c.profile, "model": c.model, "policy": c.policy,
-                           **{k: v for k, v in c.knobs}, "slo": config.slo.describe()}
+                           "tp": c.tp, **{k: v for k, v in c.knobs}, "slo": config.slo.describe()}
     try:
         base = config.stream.build()
         costs = c.costs()
@@ -219,7 +220,7 @@ def capacity_configs(sweep: Any, stream: StreamSpec, slo: SLO, scheduler: Schedu
         if c.speculated_by_alpha is not None:
             alpha = policy(c.policy).make_knobs(dict(c.knobs)).alpha_for(named_model(c.model).family)
             share = c.speculated_by_alpha[min(9, max(1, round(alpha))) - 1]
-        serve_config = ServeConfig(c.profile, c.model, c.policy, c.knobs, c.dtype, share, scheduler)
+        serve_config = ServeConfig(c.profile, c.model, c.policy, c.knobs, c.dtype, share, scheduler, c.tp)
         config = CapacityConfig(serve_config, stream, slo, c.fingerprint, key)
         out.setdefault(config.key(), config)
     return list(out.values())

@@ -87,15 +87,29 @@ class IterationCosts:
     share), from tables filled as the serving simulation asks for them."""
 
     def __init__(self, spec: ModelSpec, profile: Profile, policy: str, dtype: str = "float16",
-                 knobs: dict[str, Any] | None = None, speculated: float | np.ndarray | None = None):
-        self.spec, self.profile, self.policy, self.dtype = spec, profile, policy, dtype
+                 knobs: dict[str, Any] | None = None, speculated: float | np.ndarray | None = None, tp: int = 1):
+        """`tp`: tensor parallelism; every table is then one GPU's (its shard of the model, its share of
+        the host's memory)."""
+        profile.for_tensor_parallel(tp)  # a profile with fewer GPUs is the first error
+        self.whole, self.spec, self.tp = spec, spec.shard(tp), tp
+        self.profile, self.policy, self.dtype = profile, policy, dtype
         self.knobs, self.speculated = knobs, speculated
-        probe = synthetic(spec, 1, 16, 2, policy, dtype, knobs, speculated)  # checks the knobs and the share
+        probe = self._synthetic(1, 16, 2)  # checks the knobs and the share
         self.kv = probe.kv_policy
         self.by_prompt = self.kv.fetch_follows_prompt
         self._decode: dict[int, dict[int, float]] = {}  # batch -> {x: seconds}
         self._prefill: dict[int, tuple[float, float]] = {}  # prompt -> (seconds, spill)
         self.simulations = 0
+
+    def _synthetic(self, batch: int, prompt: int, gen: int) -> Workload:
+        return synthetic(self.whole, batch, prompt, gen, self.policy, self.dtype, self.knobs, self.speculated,
+                         tp=self.tp)
+
+    def _at_lengths(self, batch: int, prompt: int, lengths: Any, sized_by: Any = None) -> Workload:
+        w = at_lengths(self.spec, batch, prompt, lengths, self.policy, self.dtype, self.knobs, self.speculated,
+                       sized_by=sized_by)
+        w.tp = self.tp
+        return w
 
     # ---------------------------------------------------------------- decode steps
 
@@ -129,10 +143,9 @@ class IterationCosts:
         # one extra step first: a decode step right after a prefill is not from idle streams
         lengths = np.concatenate([xs[:1], xs])
         if self.by_prompt:  # the fetch follows the prompt: x is the prompt, the cache just past it
-            w = at_lengths(self.spec, batch, 1, lengths + 1, self.policy, self.dtype, self.knobs, self.speculated,
-                           sized_by=lengths)
+            w = self._at_lengths(batch, 1, lengths + 1, sized_by=lengths)
         else:
-            w = at_lengths(self.spec, batch, 1, lengths, self.policy, self.dtype, self.knobs, self.speculated)
+            w = self._at_lengths(batch, 1, lengths)
         seconds = _step_times(w, self.profile)[2:]
         self.simulations += 1
         table.update(zip(xs.tolist(), seconds.tolist(), strict=True))
@@ -154,12 +167,10 @@ class IterationCosts:
         if self.spec.family == "opt" and todo[-1] + 1 > self.spec.max_positions:
             raise InfinisimError(f"a prompt of {todo[-1]} tokens exceeds {self.spec.name}'s "
                                  f"{self.spec.max_positions} positions", field="prompt_len")
-        w = replace(at_lengths(self.spec, 1, int(todo[-1]), todo + 1, self.policy, self.dtype, self.knobs,
-                               self.speculated, sized_by=todo), prompt_len=todo)
+        w = replace(self._at_lengths(1, int(todo[-1]), todo + 1, sized_by=todo), prompt_len=todo)
         steps = prefill_lanes(w, self.profile, memory_plan(replace(w, prompt_len=int(todo[-1])), self.profile))
         if steps is None:  # one at a time, event by event
-            steps = np.array([_step_times(synthetic(self.spec, 1, int(n), 2, self.policy, self.dtype, self.knobs,
-                                                    self.speculated), self.profile)[:2] for n in todo]).T
+            steps = np.array([_step_times(self._synthetic(1, int(n), 2), self.profile)[:2] for n in todo]).T
             self.simulations += len(todo) - 1
         self.simulations += 1
         for n, prefill, first in zip(todo.tolist(), steps[0].tolist(), steps[1].tolist(), strict=True):
@@ -184,8 +195,7 @@ class IterationCosts:
         p, c, d = 256, 768, 256  # within every model's positions (OPT: 2048)
 
         def parts(prompt: int, capacity: int) -> tuple[float, float]:
-            w = synthetic(self.spec, 1, prompt, capacity - prompt + 1, self.policy, self.dtype, self.knobs,
-                          self.speculated)
+            w = self._synthetic(1, prompt, capacity - prompt + 1)
             device, host = w.kv_policy.memory_parts(w)
             return sum(device.values()), sum(host.values())
 
@@ -196,5 +206,5 @@ class IterationCosts:
         host = SequenceMemory(host0 - host.of(p, c), host.per_prompt, host.per_token)
         fixed = float(self.spec.weight_bytes(self.dtype)) + activation_bytes(self.spec, self.dtype,
                                                                              max_batched_tokens, max_seqs)
-        return MemoryBudget(fixed, self.profile.device.memory, self.profile.host.memory, self.profile.kind == "cpu",
-                            device, host)
+        return MemoryBudget(fixed, self.profile.device.memory, self.profile.host.memory / self.tp,
+                            self.profile.kind == "cpu", device, host)  # one GPU's view: its share of the host

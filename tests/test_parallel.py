@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_simulator import ideal_profile
@@ -102,3 +103,30 @@ def test_node_profiles_round_trip_and_are_checked(tmp_path):
         load_profile(tmp_path / "bad.yaml")
     for name in ("8x-a100-sxm", "4x-l4", "2x-rtx4090"):
         assert load_profile(name).node.gpus in (2, 4, 8)
+
+
+def test_serving_over_a_tensor_parallel_node(tmp_path, capsys, azure_conv):
+    """serve --tp and plan --requests --tp: Llama-3.1-70B does not fit one H100 at all, and serves the
+    trace over 4 of the node's GPUs; more GPUs sustain a higher rate."""
+    from infinisim.analysis.serving import ServeConfig
+    from infinisim.sim.serving import simulate_serving
+    from infinisim.traces.requests import RequestStream, read_requests
+
+    whole = read_requests(azure_conv)
+    stream = RequestStream(whole.requests[:60], whole.source)
+    node = load_profile("8x-h100-sxm")
+    result = simulate_serving(stream, ServeConfig("8x-h100-sxm", "llama-3.1-70b", "resident", tp=4).costs(node))
+    assert np.isfinite(result.requests["finished_s"]).all() and result.rejected == 0
+    with pytest.raises(InfinisimError, match="--tp"):
+        ServeConfig("h100-sxm", "llama-3.1-70b", "resident", tp=2).costs()
+    assert main(["serve", "--model", "llama-3.1-70b", "--profile", "8x-h100-sxm", "--tp", "4", "--policy", "resident",
+                 "--requests", str(azure_conv), "--window", "0,60", "--json"]) == 0
+    assert '"tp": 4' in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-3.1-70b", "--profile", "8x-h100-sxm", "--policy", "resident",
+                 "--tp", "4,8", "--requests", str(azure_conv), "--max-requests", "200", "--serial",
+                 "--out", str(tmp_path)]) == 0
+    rows = pd.read_csv(tmp_path / "capacity.csv").sort_values("tp")
+    assert list(rows["tp"]) == [4, 8] and rows["max_rate"].iloc[1] > rows["max_rate"].iloc[0] > 0
+    assert main(["plan", "--model", "llama-3-8b", "--profile", "l4", "--weights-on-host", "auto",
+                 "--requests", str(azure_conv), "--out", str(tmp_path / "w")]) == 1
+    assert "--weights-on-host" in capsys.readouterr().err

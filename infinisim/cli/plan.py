@@ -144,6 +144,9 @@ def _capacity(args: argparse.Namespace) -> int:
         if getattr(args, name):
             raise InfinisimError("does not apply with --requests (the stream sets the lengths and the server the "
                                  "batch; the SLO is the target)", field="--" + name.replace("_", "-"))
+    if args.weights_on_host != [0.0]:
+        raise InfinisimError("not with --requests yet (serving tables are computed without events, weight streaming "
+                             "needs them)", field="--weights-on-host")
     if not args.model:
         raise InfinisimError("give --model", field="--model")
     slo, stream = parse_slo(args.slo), flags.stream_spec(args)
@@ -151,6 +154,7 @@ def _capacity(args: argparse.Namespace) -> int:
     sweep = Sweep(args.profile or list(builtin_profiles()), args.model, [1], [1], [1],
                   flags.policy_names(args.policy or DEFAULT_POLICIES), dtype=args.dtype or "float16")
     sweep.knobs.update(flags.knobs_given(args))
+    sweep.tp = args.tp
     sweep.speculated_fraction = args.speculated_fraction
     if args.from_trace:
         from infinisim.sim.workload import speculated_by_alpha
@@ -169,7 +173,9 @@ def _capacity(args: argparse.Namespace) -> int:
                                     scheduler=args.scheduler, serial=args.serial, quality=args.quality,
                                     command=args.command_line, attribution=attribution(base),
                                     progress=lambda done, total: bar.update(done))
-    shown = [c for c in ("profile", "model", "policy", "budget", "max_rate", "at_max_ttft_p99_s", "at_max_tpot_p99_s",
+    placed = ["tp"] if len(args.tp) > 1 else []
+    shown = [c for c in ("profile", "model", "policy", *placed, "budget", "max_rate", "at_max_ttft_p99_s",
+                         "at_max_tpot_p99_s",
                          "at_max_throughput_rps", "at_max_mean_batch", "at_max_preemptions", "fetched_fraction",
                          "expected_recall", "expected_ppl_ratio", "does_not_fit") if c in rows.columns]
     if args.json:

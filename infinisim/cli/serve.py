@@ -18,6 +18,7 @@ from infinisim.core.files import atomic_path, check_output_dir, write_json
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = flags.verb(sub, "serve", cmd_serve, "simulate serving a request stream: TTFT, TPOT, throughput, goodput")
     flags.add_simulated_config_flags(p, "resident", "each serves the same stream")
+    flags.add_tp_flag(p)
     flags.add_stream_flags(p)
     flags.add_scheduler_flags(p)
     p.add_argument("--out", help="folder to write serving.json and one requests-<policy>.csv per policy into")
@@ -52,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stream = flags.stream_spec(args).build()
     knobs = flags.knobs_given(args)
     configs = [ServeConfig(profile.name, args.model, name, tuple(sorted(
-        (k, v) for k, v in knobs.items() if k in policy(name).knob_names)), args.dtype, share, schedule)
+        (k, v) for k, v in knobs.items() if k in policy(name).knob_names)), args.dtype, share, schedule, args.tp)
         for name in policies]
     for c in configs:
         c.costs(profile)  # every policy's knobs and share checked before any serving
@@ -77,6 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print_json({"stream": stream.source, "attribution": credit, "rows": rows})
     else:
         print_table(rows)
+        if args.tp > 1:
+            print(f"({args.model} over {args.tp} GPUs of {profile.name}, tensor-parallel)")
         if rows and rows[0]["too_long"]:
             print(f"({rows[0]['too_long']} requests longer than {args.model}'s positions were refused and are not in "
                   "the table)")
