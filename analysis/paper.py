@@ -24,17 +24,30 @@ import pandas as pd
 from infinisim.analysis import figures
 from infinisim.analysis.accuracy import points_from
 from infinisim.analysis.report import Section
-from infinisim.analysis.sections import BREAKDOWN_TEXT, accuracy_section, by_model_size, speedups, timeline_section
+from infinisim.analysis.sections import (
+    BASELINE,
+    BREAKDOWN_TEXT,
+    accuracy_section,
+    by_model_size,
+    speedups,
+    timeline_section,
+)
 from infinisim.analysis.sweep import Config, evaluate
 from infinisim.core.files import write_json, write_text_atomic
+from infinisim.core.policies import POLICIES
 
 MAX_KV = 400  # the paper's cap: at most 400 KV entries fetched per layer
 PAPER = {"model": "opt-13b", "prompt_len": 1920, "gen_len": 128, "alpha": 4, "partial_ratio": 0.2,
-         "h2o_budget": 0.2, "batches": [4, 8, 12, 16, 20], "prompt_lens": [384, 768, 1152, 1536, 1920],
+         "batches": [4, 8, 12, 16, 20], "prompt_lens": [384, 768, 1152, 1536, 1920],
          "models": ["opt-6.7b", "opt-13b", "opt-30b"], "alphas": list(range(1, 10)),
          "partial_ratios": [round(0.1 * i, 1) for i in range(1, 11)],
          "weights_on_host": {"opt-30b": 0.3}}  # the model-size figure: 30% of OPT-30B's weights on the CPU
 BASELINES = ("full", "int4", "h2o", "infinigen")
+SUBJECT = "infinigen"  # the paper's method: its claims are this policy's rows against the others'
+# The paper's setting of each policy's knobs in its speed runs (a policy takes the knobs it has)
+PAPER_KNOBS = {"infinigen": {"alpha": float(PAPER["alpha"]), "budget": float(MAX_KV), "dense_layers": 1,
+                             "partial_ratio": PAPER["partial_ratio"]},
+               "h2o": {"budget": 0.2}}
 
 
 @dataclass(frozen=True)
@@ -86,14 +99,12 @@ def _configs(profile: str, speculated_at: dict[int, float], speculated_by_ratio:
 
     def config(policy: str, model: str = p["model"], batch: int = 8, prompt: int = p["prompt_len"],
                alpha: int = p["alpha"], ratio: float = p["partial_ratio"], speculated: float | None = None) -> Config:
-        weights = p["weights_on_host"].get(model, 0.0)
-        if policy == "infinigen":
-            knobs = (("alpha", float(alpha)), ("budget", float(MAX_KV)), ("dense_layers", 1), ("partial_ratio", ratio))
-            return Config(profile, model, batch, prompt, p["gen_len"], policy, knobs,
-                          speculated_fraction=speculated if speculated is not None else speculated_at[alpha],
-                          weights_on_host=weights)
-        knobs = (("budget", p["h2o_budget"]),) if policy == "h2o" else ()
-        return Config(profile, model, batch, prompt, p["gen_len"], policy, knobs, weights_on_host=weights)
+        kv = POLICIES[policy]
+        swept = {k: v for k, v in (("alpha", float(alpha)), ("partial_ratio", ratio)) if k in kv.knob_names}
+        knobs = tuple(sorted({**PAPER_KNOBS.get(policy, {}), **swept}.items()))
+        share = (speculated if speculated is not None else speculated_at[alpha]) if kv.speculating else None
+        return Config(profile, model, batch, prompt, p["gen_len"], policy, knobs, speculated_fraction=share,
+                      weights_on_host=p["weights_on_host"].get(model, 0.0))
 
     out = [config(pol, batch=b) for b in p["batches"] for pol in BASELINES]
     out += [config(pol, prompt=n) for n in p["prompt_lens"] for pol in BASELINES]
@@ -133,11 +144,12 @@ def measure(settings: PaperSettings, out: Path, log: Callable[[str], None]) -> M
     paper_knobs = {"alpha": float(p["alpha"]), "budget": MAX_KV / p["prompt_len"],  # 400 of 1920, as a share
                    "partial_ratio": p["partial_ratio"], "dense_layers": 1}
     dense = [("resident", {}), ("int4", {})]
-    by_fraction = [(pol, {"alpha": 1000.0, "budget": f, "dense_layers": 1} if pol != "h2o" else {"budget": f})
-                   for f in fractions for pol in ("infinigen", "oracle", "h2o")]
-    by_alpha = {a: ("infinigen", {**paper_knobs, "alpha": float(a)}) for a in alphas}
-    by_ratio = {r: ("infinigen", {**paper_knobs, "partial_ratio": r}) for r in ratios}
-    planned = [*dense, *by_fraction, *by_alpha.values(), *by_ratio.values(), ("infinigen", paper_knobs)]
+    exactly = {"alpha": 1000.0, "dense_layers": 1}  # every speculating layer fetches exactly its budget
+    by_fraction = [(pol, {k: v for k, v in {**exactly, "budget": f}.items() if k in POLICIES[pol].knob_names})
+                   for f in fractions for pol in (SUBJECT, "oracle", "h2o")]
+    by_alpha = {a: (SUBJECT, {**paper_knobs, "alpha": float(a)}) for a in alphas}
+    by_ratio = {r: (SUBJECT, {**paper_knobs, "partial_ratio": r}) for r in ratios}
+    planned = [*dense, *by_fraction, *by_alpha.values(), *by_ratio.values(), (SUBJECT, paper_knobs)]
     total = len({f"{pol} {knobs}" for pol, knobs in planned})
     log(f"accuracy on SmolLM2 through the executor ({'quick' if settings.quick else 'full'} set: {total} runs) ...")
     ex = QualityRuns(settings, out, log, total)
@@ -145,7 +157,7 @@ def measure(settings: PaperSettings, out: Path, log: Callable[[str], None]) -> M
     by_fraction = [ex.run(*run) for run in by_fraction]
     by_alpha = {a: ex.run(*run) for a, run in by_alpha.items()}
     by_ratio = {r: ex.run(*run) for r, run in by_ratio.items()}
-    paper_trace = ex.traces[ex.run("infinigen", paper_knobs)]  # already run when alpha 4 is in the sweep
+    paper_trace = ex.traces[ex.run(SUBJECT, paper_knobs)]  # already run when alpha 4 is in the sweep
     speculated_at = {a: mean_speculated_fraction(paper_trace, a) for a in p["alphas"]}
     log(f"  InfiniGen's uncapped share at alpha {p['alpha']} (SmolLM2): {speculated_at[p['alpha']]:.3f}")
     return Measured(dense, by_fraction, by_alpha, by_ratio, speculated_at,
@@ -161,8 +173,8 @@ class Speed:
     def __init__(self, rows: pd.DataFrame, profile: Any, ran: str):
         self.rows, self.profile, self.ran = rows, profile, ran
         p = PAPER
-        at_paper_knobs = (rows["policy"] != "infinigen") | ((rows["alpha"] == p["alpha"])
-                                                            & (rows["partial_ratio"] == p["partial_ratio"]))
+        at_paper_knobs = ((rows["alpha"].isna() | (rows["alpha"] == p["alpha"]))  # a policy without the knob: None
+                          & (rows["partial_ratio"].isna() | (rows["partial_ratio"] == p["partial_ratio"])))
         self.paper = rows[at_paper_knobs & (rows["gen_len"] == p["gen_len"])]
 
     def select(self, **fixed: Any) -> pd.DataFrame:
@@ -199,8 +211,8 @@ def _setup_section(profile: Any, measured: Measured, settings: PaperSettings) ->
 def _batch_section(speed: Speed) -> tuple[Section, list[tuple[str, str, str]]]:
     batch = speed.sweep("batch", model=PAPER["model"], prompt_len=PAPER["prompt_len"])
     batch = batch[batch["batch"].isin(PAPER["batches"])]
-    ig = batch[batch["policy"] == "infinigen"].set_index("batch")["total_s"]
-    vs = {pol: batch[batch["policy"] == pol].set_index("batch")["total_s"] / ig for pol in ("full", "int4", "h2o")}
+    ig = batch[batch["policy"] == SUBJECT].set_index("batch")["total_s"]
+    vs = {pol: batch[batch["policy"] == pol].set_index("batch")["total_s"] / ig for pol in BASELINES if pol != SUBJECT}
     wide = batch.pivot(index="policy", columns="batch", values="total_s").reindex(list(BASELINES))
     wide.columns = [f"batch {b} (s)" for b in wide.columns]
     section = Section(
@@ -231,7 +243,7 @@ def _breakdown_sections(speed: Speed, measured: Measured) -> list[Section]:
 def _prompt_section(speed: Speed) -> tuple[Section, tuple[str, str, str]]:
     prompt = speed.sweep("prompt_len", model=PAPER["model"], batch=8)
     prompt = prompt[prompt["prompt_len"].isin(PAPER["prompt_lens"])]
-    ig = prompt[prompt["policy"] == "infinigen"]
+    ig = prompt[prompt["policy"] == SUBJECT]
     section = Section(
         "Speedup vs prompt length (OPT-13B, batch 8)",
         "InfiniGen fetches at most 400 KV per layer, so above 400 tokens its bytes per step stop growing with "
@@ -266,7 +278,7 @@ def _model_section(speed: Speed) -> tuple[Section | None, tuple[str, str, str]]:
                            f"speedup over full vs model, batch 4, prompt 1920 on {speed.profile.name}", speed.ran,
                            "model", categorical=True, reference=1.0),
             table.rename(columns=lambda m: f"{m} speedup").reset_index())
-    ours = [f"{m}: {v:.2f}x" for m, v in fit[fit["policy"] == "infinigen"][["model", "speedup"]].itertuples(False)]
+    ours = [f"{m}: {v:.2f}x" for m, v in fit[fit["policy"] == SUBJECT][["model", "speedup"]].itertuples(False)]
     ours += [f"{m} does not fit" for m in missing["model"]]
     return section, ("vs model size 6.7B/13B/30B", "swept; no number in INFINIGEN.md", "; ".join(ours))
 
@@ -280,17 +292,17 @@ def _sensitivity_sections(speed: Speed, measured: Measured) -> list[Section]:
     p = PAPER
     rows = speed.rows[(speed.rows["model"] == p["model"]) & (speed.rows["batch"] == 8)
                       & (speed.rows["prompt_len"] == p["prompt_len"])]
-    full = float(rows.loc[rows["policy"] == "full", "total_s"].iloc[0])
-    ig = rows[rows["policy"] == "infinigen"].assign(speedup=lambda r: full / r["total_s"])
+    full = float(rows.loc[rows["policy"] == BASELINE, "total_s"].iloc[0])
+    ig = rows[rows["policy"] == SUBJECT].assign(speedup=lambda r: full / r["total_s"])
     ran = f"{speed.ran}; {measured.ran}"
 
     alpha = ig[ig["partial_ratio"] == p["partial_ratio"]].sort_values("alpha")[["alpha", "speedup",
                                                                                 "fetched_fraction"]]
     alpha = alpha.merge(_knob_accuracy(measured, list(measured.by_alpha.values()), "alpha")[
-        ["alpha", "recall", "perplexity_ratio"]], on="alpha", how="left").assign(policy="infinigen")
+        ["alpha", "recall", "perplexity_ratio"]], on="alpha", how="left").assign(policy=SUBJECT)
     ratio = ig[ig["alpha"] == p["alpha"]][["partial_ratio", "speedup", "fetched_fraction", "spec_ms"]]
     ratio = ratio.merge(_knob_accuracy(measured, list(measured.by_ratio.values()), "partial_ratio")[
-        ["partial_ratio", "recall", "perplexity_ratio"]], on="partial_ratio").assign(policy="infinigen")
+        ["partial_ratio", "recall", "perplexity_ratio"]], on="partial_ratio").assign(policy=SUBJECT)
     ratio = ratio.sort_values("partial_ratio")
     speed_label, recall_label = "speedup over full (OPT-13B b8, simulated)", "recall (SmolLM2, measured)"
     return [
@@ -312,7 +324,7 @@ def _sensitivity_sections(speed: Speed, measured: Measured) -> list[Section]:
 
 def _accuracy_claim(points: pd.DataFrame) -> tuple[str, str, str]:
     lines = []
-    ig, h2o = points[points["policy"] == "infinigen"], points[points["policy"] == "h2o"]
+    ig, h2o = points[points["policy"] == SUBJECT], points[points["policy"] == "h2o"]
     for row in ig.itertuples():
         other = h2o.iloc[(h2o["fetched_fraction"] - row.fetched_fraction).abs().argmin()]
         lines.append(f"at {row.fetched_fraction:.0%}: recall {row.recall:.3f} vs H2O {other.recall:.3f}, "

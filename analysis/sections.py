@@ -15,7 +15,7 @@ from infinisim.analysis.accuracy import EXACT
 from infinisim.analysis.report import Section, cell_text
 from infinisim.core.errors import InfinisimError
 from infinisim.core.files import read_text
-from infinisim.core.policies import POLICIES
+from infinisim.core.policies import POLICIES, speculating_policies
 
 BASELINE = "full"  # speedups are over FlexGen's whole-cache fetch, as the paper reports them
 BREAKDOWN_TEXT = ("Busy time per phase, summed over layers, mean per decode step. Upper bar: the compute stream: "
@@ -84,7 +84,7 @@ def plan_sections(rows: pd.DataFrame, ran: str, target_ms: float | None = None) 
     at = fit[(fit["profile"] == reference["profile"]) & (fit["model"] == reference["model"])
              & (fit["prompt_len"] == reference["prompt_len"]) & (fit["gen_len"] == reference["gen_len"])
              & (fit["batch"] == reference["batch"])]
-    ig = at[at["policy"] == "infinigen"]
+    ig = at[at["policy"].isin(speculating_policies())]
     if "alpha" in ig and ig["alpha"].nunique() > 1:
         ig = ig[ig["budget"] == ig["budget"].max()].sort_values("alpha")  # the loosest cap shows alpha's effect
         ys = [("decode_ms", "ms per decode step (simulated)"), ("fetched_fraction", "fetched share")]
@@ -148,7 +148,7 @@ def trace_sections(paths: Sequence[str | Path], profile: str | None) -> list[Sec
         from infinisim.hwprofiles.profile import load_profile
         from infinisim.sim.workload import from_trace
 
-        path, pick = next(((p, t) for p, t in offloaded if t.run["policy"] == "infinigen"), offloaded[0])
+        path, pick = next(((p, t) for p, t in offloaded if t.run["policy"] in speculating_policies()), offloaded[0])
         chosen = load_profile(profile)
         sections.append(timeline_section(from_trace(pick), chosen,
                                          f"infinisim replay {path} --profile {chosen.name} --timeline t.json"))
@@ -166,7 +166,7 @@ def _label(trace: Any) -> str:
 def knob_sections(points: pd.DataFrame, ran: str) -> list[Section]:
     """Accuracy vs alpha and vs partial ratio, where the quality traces of infinigen vary one of them with
     the other knobs held (the most common setting of the others)."""
-    ig = points[points["policy"] == "infinigen"]
+    ig = points[points["policy"].isin(speculating_policies())]
     sections = []
     for knob, label in (("alpha", "alpha"), ("partial_ratio", "partial weight ratio")):
         settings = pd.DataFrame([{k: knobs.get(k) for k in ("alpha", "budget", "partial_ratio", "dense_layers")}

@@ -279,6 +279,12 @@ def policy(name: str) -> PolicySpec:
         raise InfinisimError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})", field="--policy") from None
 
 
+def speculating_policies() -> tuple[str, ...]:
+    """The deployable policies whose fetched share comes from speculation (alpha): what sensitivity
+    figures and timeline excerpts show first."""
+    return tuple(name for name, spec in POLICIES.items() if spec.speculating and not spec.measurement_only)
+
+
 def policies_with(knob: str) -> tuple[str, ...]:
     """The policies that have `knob`, in registry order."""
     return tuple(name for name, spec in POLICIES.items() if knob in spec.knob_names)
