@@ -189,8 +189,13 @@ class Simulation:
 
     # ---------------------------------------------------------------- bookkeeping
 
+    @staticmethod
+    def row(step: Any) -> tuple[Any, ...]:
+        """The phase array's leading index of a step: a step, a slice of steps, or (lanes, step)."""
+        return step if isinstance(step, tuple) else (step,)
+
     def account(self, stream: str, parts: list[tuple[str, int, Any]], start: Any, waited: Any, step: Any) -> None:
-        row = step if isinstance(step, tuple) else (step,)  # a step, a slice of steps, or (lanes, step)
+        row = self.row(step)
         for phase, layer, seconds in parts:
             self.phase_s[(*row, layer, P[phase])] += seconds
         if self.timeline:
@@ -234,7 +239,7 @@ class Simulation:
         if not any_positive(seconds):
             return
         start, self.host_t = self.host_t, self.host_t + seconds
-        self.phase_s[(*(self.step if isinstance(self.step, tuple) else (self.step,)), layer, P[phase])] += seconds
+        self.phase_s[(*self.row(self.step), layer, P[phase])] += seconds
         if self.timeline:
             self.spans.append(("host", phase, self.step, layer, start, start + seconds))
 
@@ -245,13 +250,13 @@ class Simulation:
         work = self.costs.copy(nbytes, direction, self.kv.copy_tensors, self.w.host_pinned)
         return (yield from self.launch(direction, [(direction, layer, work)], after))
 
-    def all_reduce(self, rows: int) -> list[tuple[str, int, Work]]:
+    def all_reduce(self, rows: int) -> Work | None:
         """Tensor parallelism: the ring all-reduce of `rows` hidden vectors (the compute stream waits for
-        it: the next op needs the sum), as a part of a layer's compute op; none on one GPU."""
+        it: the next op needs the sum), a part of a layer's compute op; None on one GPU."""
         if self.w.tp == 1:
-            return []
+            return None
         nbytes = rows * self.w.spec.hidden * self.costs.e
-        return [("comm", -1, Work(self.profile.all_reduce_seconds(nbytes, self.w.tp), 1))]
+        return Work(self.profile.all_reduce_seconds(nbytes, self.w.tp), 1)
 
     def stream_weights(self, layer: int) -> Generator[simpy.Event, Any, None]:
         """Weight offloading (FlexGen): the host-side share of block `layer + 1` goes in while `layer`
@@ -260,7 +265,7 @@ class Simulation:
         buffers alternate across the step's end; else the step's start does)."""
         n = self.w.spec.n_layers
         nxt = layer + 1 if layer + 1 < n else (0 if n % 2 == 0 else None)
-        if nxt is None or nxt in self.weights_in or not any_positive(self.streamed):
+        if not self.streamed or nxt is None or nxt in self.weights_in:
             return
         work = self.costs.copy(self.streamed, "h2d", self.w.spec.layer_weight_tensors, True)
         self.weights_in[nxt] = yield from self.launch("h2d", [("h2d", nxt, work)], (self.streams["compute"].tail,))
@@ -291,16 +296,17 @@ class Simulation:
         yield from self.stream_weights(-1)  # the first block
         yield from self.launch("compute", [("embed", head, c.embed())])
         written = (w.bytes_d2h[0, 0] if w.n_steps else 0) * self.kv.prefill_written(w)
-        works = (c.prefill_qkv(t), c.prefill_attend(t), c.ffn(w.batch * t), written)
+        works = (c.prefill_qkv(t), c.prefill_attend(t), c.ffn(w.batch * t), written, self.all_reduce(w.batch * t))
         yield from self.layers("prefill", functools.partial(self.prefill_layer, works))
         done = yield from self.launch("compute", [("head", head, c.head())])
         yield from self.wait(done)
         self.step_s[0] = self.host_t - start
 
-    def prefill_layer(self, works: tuple[Work, Work, Work, float], layer: int) -> Generator[simpy.Event, Any, None]:
-        qkv, attend, ffn, written = works
+    def prefill_layer(self, works: tuple[Work, Work, Work, float, Work | None], layer: int
+                      ) -> Generator[simpy.Event, Any, None]:
+        qkv, attend, ffn, written, reduced = works
         yield from self.stream_weights(layer)
-        reduce = [(phase, layer, work) for phase, _, work in self.all_reduce(self.w.batch * self.w.prompt_len)]
+        reduce = [("comm", layer, reduced)] if reduced else []
         parts = [("attn", layer, qkv), ("attn", layer, attend), *reduce,
                  *self.kv.prefill_parts(self.costs, self.w, layer, self.w.prompt_len), ("ffn", layer, ffn), *reduce]
         done = yield from self.launch("compute", parts, (self.weights_in.pop(layer, None),))
@@ -329,7 +335,7 @@ class Simulation:
         yield from self.launch("compute", [("attn", layer, self.qkv)], (self.weights_in.pop(layer, None),))
         waits, extra = yield from self.kv.attend_kv(self, s, layer)
         attend = self.costs.attend(self.w.attended[s, layer])
-        reduce = [(phase, layer, work) for phase, _, work in self.reduce]
+        reduce = [("comm", layer, self.reduce)] if self.reduce else []
         parts = [("attn", layer, attend), *extra, *reduce, ("ffn", layer, self.ffn), *reduce]
         yield from self.launch("compute", parts, (self.streams["compute"].tail, *waits))
 

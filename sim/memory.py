@@ -55,10 +55,9 @@ def activation_bytes(spec: ModelSpec, dtype: str, tokens: int, rows: int) -> flo
 def weight_parts(spec: ModelSpec, dtype: str, on_host: float) -> tuple[dict[str, float], dict[str, float]]:
     """Device and host bytes of the weights with a share `on_host` of every block in host memory: the
     device keeps the rest and two block-sized buffers of the streamed share (one in use, one filling)."""
-    blocks = float(spec.n_layers * spec.layer_weight_bytes(dtype))
     if on_host <= 0:
         return {"weights": float(spec.weight_bytes(dtype))}, {}
-    streamed = on_host * blocks
+    streamed = on_host * spec.n_layers * spec.layer_weight_bytes(dtype)
     return ({"weights": float(spec.weight_bytes(dtype)) - streamed,
              "weight buffers": 2 * on_host * spec.layer_weight_bytes(dtype)}, {"weights": streamed})
 
@@ -66,7 +65,8 @@ def weight_parts(spec: ModelSpec, dtype: str, on_host: float) -> tuple[dict[str,
 def weights_to_fit(spec: ModelSpec, dtype: str, on_host: float, device_bytes: float, capacity: float) -> float | None:
     """The smallest share of the weights on the host (in hundredths) that brings the device under
     `capacity`; None if even all of them do not, or when it already fits."""
-    saved_per_share = spec.n_layers * spec.layer_weight_bytes(dtype) - 2 * spec.layer_weight_bytes(dtype)
+    # the device side of weight_parts is linear in the share: what all of it on the host saves, per share
+    saved_per_share = spec.weight_bytes(dtype) - sum(weight_parts(spec, dtype, 1.0)[0].values())
     deficit = device_bytes - capacity
     if deficit <= 0 or saved_per_share <= 0:
         return None
@@ -84,8 +84,7 @@ def tp_to_fit(w: Workload, profile: Profile) -> int | None:
     for tp in range(w.tp + 1, profile.node.gpus + 1):
         if whole.n_heads % tp or whole.n_kv_heads % tp:
             continue
-        scale = w.tp / tp  # what moves per GPU shrinks with its share of the KV heads
-        shard = replace(w, spec=whole.shard(tp), tp=tp, bytes_h2d=w.bytes_h2d * scale, bytes_d2h=w.bytes_d2h * scale)
+        shard = replace(w, spec=whole.shard(tp), tp=tp)  # memory follows the spec, not the bytes moved
         if memory_plan(shard, profile, suggest=False).device_bytes <= profile.device.memory:
             return tp
     return None
