@@ -310,7 +310,7 @@ def builtin_profiles(single_gpu: bool = False) -> dict[str, Path]:
     """The shipped profiles by name (`single_gpu`: without the multi-GPU nodes)."""
     found = {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
     if single_gpu:
-        return {name: path for name, path in found.items() if "node" not in (read_yaml(path, "profile file") or {})}
+        return {name: path for name, path in found.items() if load_profile(path).node is None}
     return found
 
 
