@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from infinisim.analysis.paper_runs import BASELINES, PAPER, PAPER_KNOBS, SUBJECT
+from infinisim.core.policies import POLICIES as REGISTRY
 from infinisim.executor.generate import SamplingConfig
 from infinisim.executor.kvcache import Measurement
 from infinisim.executor.loaders import load_model
@@ -33,10 +35,8 @@ from infinisim.sim.workload import from_trace, speculated_fraction_per_layer, sy
 from infinisim.traces.spec import ModelSpec, named_model
 
 REPO = Path(__file__).resolve().parent.parent
-BATCHES = (4, 8, 12, 16, 20)
-POLICIES = ("full", "int4", "h2o", "infinigen")
-PAPER_ALPHA = 4
-PAPER_INFINIGEN = {"partial_ratio": 0.2, "budget": 400, "dense_layers": 1}  # the paper's speed setting (INFINIGEN.md)
+BATCHES = tuple(PAPER["batches"])
+PAPER_ALPHA = PAPER["alpha"]
 
 
 def replay_speed(profile_name: str) -> dict[str, float]:
@@ -72,7 +72,7 @@ def infinigen_shares(text_path: Path, prompt_len: int) -> tuple[np.ndarray, str]
         ids, source = loaded.tokenizer.encode(bundled_text()[:40000]).ids, "pydoc_data.topics"
     _, trace = run_policy(loaded.model, [ids[:prompt_len]], "infinigen", SamplingConfig(32, stop_at_eos=False),
                           {"model": "smollm2-135m", "weights": "embedded"},
-                          knobs={**PAPER_INFINIGEN, "alpha": PAPER_ALPHA}, measure=Measurement(alpha_counts_every=1))
+                          knobs=PAPER_KNOBS[SUBJECT], measure=Measurement(alpha_counts_every=1))
     return speculated_fraction_per_layer(trace, PAPER_ALPHA), source
 
 
@@ -80,10 +80,10 @@ def paper_scenario(profile_name: str, share: float) -> tuple[list[dict], float, 
     spec, profile = named_model("opt-13b"), load_profile(profile_name)
     rows, events = [], 0
     t0 = time.perf_counter()
-    for policy in POLICIES:
+    for policy in BASELINES:
         for batch in BATCHES:
-            knobs = {"h2o": {"budget": 0.2}, "infinigen": PAPER_INFINIGEN}.get(policy, {})
-            w = synthetic(spec, batch, 1920, 128, policy, "float16", knobs, share if policy == "infinigen" else None)
+            w = synthetic(spec, batch, 1920, 128, policy, "float16", PAPER_KNOBS.get(policy, {}),
+                          share if REGISTRY[policy].speculating else None)
             result = simulate(w, profile)
             s = result.summary()
             events += s["events"]
@@ -115,7 +115,7 @@ def main() -> int:
     rows, elapsed, events = paper_scenario(args.profile, share)
     print(f"paper scenario: {len(rows)} runs in {elapsed:.2f} s ({events / elapsed:,.0f} events/s)", file=sys.stderr)
     print(f"{'policy':<10} " + " ".join(f"{'b' + str(b):>14}" for b in BATCHES))
-    for policy in POLICIES:
+    for policy in BASELINES:
         cells = [r for r in rows if r["policy"] == policy]
         print(f"{policy:<10} " + " ".join(
             f"{r['total_s']:>7.1f}s {r['speedup_vs_full']:>4.2f}x" if r["fits"] else f"{'does not fit':>14}"
