@@ -98,12 +98,13 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
              policies: list[str] = ("resident", "full", "infinigen"), batch: int = 1, prompt_len: int = 1024,
              gen_len: int = 32, model: str = "smollm2-135m", random_weights: bool = False, device: str | None = None,
              dtype: str = "float32", quick_calibration: bool = False, knobs: dict[str, Any] | None = None,
-             link: str | None = None, command: str = "infinisim validate",
+             link: str | None = None, weights_on_host: float | str = 0.0, command: str = "infinisim validate",
              log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Calibrate this machine (or load `profile`), run the executor per policy (or read `traces`),
-    over an emulated `link` if given, replay each run and compare; a run over an emulated link is
-    replayed on the profile with that link. Writes validation.json, validation.png (and the
-    profile and traces it made) into `out`. Returns what validation.json holds."""
+    over an emulated `link` if given, with `weights_on_host` of every block streamed from the host;
+    replay each run and compare; a run over an emulated link is replayed on the profile with that link.
+    Writes validation.json, validation.png (and the profile and traces it made) into `out`.
+    Returns what validation.json holds."""
     from infinisim.hwprofiles.profile import load_profile, write_profile
     from infinisim.sim.engine import simulate
     from infinisim.sim.run import profile_for
@@ -123,7 +124,7 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
         log(f"profile: {write_profile(chosen, out / 'profile.yaml')}")
     if read is None:
         read = _run(out, policies, batch, prompt_len, gen_len, model, random_weights, device, dtype, knobs or {},
-                    link, command, log)
+                    link, weights_on_host, command, log)
     comparisons = []
     for trace in read:
         workload = from_trace(trace)
@@ -137,7 +138,7 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
 
 def _run(out: Path, policies: Sequence[str], batch: int, prompt_len: int, gen_len: int, model: str,
          random_weights: bool, device: str | None, dtype: str, knobs: dict[str, Any], link: str | None,
-         command: str, log: Callable[[str], None]) -> list[Any]:
+         weights_on_host: float | str, command: str, log: Callable[[str], None]) -> list[Any]:
     from infinisim.executor.generate import SamplingConfig
     from infinisim.executor.session import Session
     from infinisim.hwprofiles.emulated import parse_link
@@ -145,7 +146,7 @@ def _run(out: Path, policies: Sequence[str], batch: int, prompt_len: int, gen_le
     spec = parse_link(link) if link else None
     if spec is not None:
         log(f"link: {spec.name}")
-    session = Session(model, dtype, device, random_weights, log, spec)
+    session = Session(model, dtype, device, random_weights, log, spec, weights_on_host)
     prompts = session.prompts(batch, prompt_len, gen_len=gen_len)
     traces = []
     for name in policies:

@@ -5,9 +5,13 @@ gets a device: `bash benchmarks/gpu_check.sh`; `--device cpu --tiny` is the dry 
    the dense (`resident`) logits, teacher-forced; the copy engines have their own streams (int4
    and h2o lose information by design: their speed is measured in 3).
 2. `calibrate` on the device (bfloat16) -> profile.yaml.
+   Weight offloading: half of every block's weights in pinned host memory, streamed on a copy
+   stream, gives the resident logits (resident and infinigen).
 3. Llama-3-8B with random weights, bfloat16, batch 8, prompt 2048, 32 tokens, under resident,
    full, infinigen, h2o and int4 through the executor, replayed on the calibrated profile
    (`validate`) -> traces, validation.json, validation.png.
+4. The same with half of every block's weights streamed from the host (resident, infinigen),
+   replayed -> weights-on-host/.
 Nothing is downloaded: random weights, prompts from Python's bundled docs.
 """
 
@@ -57,10 +61,33 @@ def correctness(device: str, shape: dict) -> dict:
         error = max(((a - b).norm() / b.norm()).item() for a, b in zip(logits, dense, strict=True))
         out[name] = {"max_relative_error": error, "ok": error <= 1e-4}
         log(f"correctness {name}: relative logit error {error:.2e}")
+    out["weights_on_host"] = streamed_weights(device, shape, prompts, measure, dense)
     engine = CopyEngine(torch.device(device))
     out["copy_streams"] = {"h2d": engine.h2d_stream is not None, "d2h": engine.d2h_stream is not None,
                            "ok": (engine.h2d_stream is not None) == (device == "cuda")}
     return out
+
+
+def streamed_weights(device: str, shape: dict, prompts: list, measure: object, dense: list) -> dict:
+    """Half of every block's weights streamed from (pinned) host memory: the resident logits."""
+    import copy
+
+    from infinisim.executor.generate import SamplingConfig, generate
+    from infinisim.executor.loaders import load_model
+    from infinisim.executor.policies import make_policy
+    from infinisim.executor.weight_stream import WeightStream
+
+    on_cpu = load_model(shape["check_model"], "float32", "cpu", random_weights=True).model
+    reference = copy.deepcopy(on_cpu).to(device)
+    WeightStream(on_cpu, 0.5, torch.device(device), None)
+    out = {}
+    for name, knobs in (("resident", {}), ("infinigen", {"budget": 1.0, "alpha": 1000.0})):
+        want = generate(reference, prompts, make_policy(name, **knobs), SamplingConfig(8), measure=measure).logits
+        got = generate(on_cpu, prompts, make_policy(name, **knobs), SamplingConfig(8), measure=measure).logits
+        error = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, want, strict=True))
+        out[name] = error
+        log(f"weights on host, {name}: relative logit error {error:.2e}")
+    return {"max_relative_error": out, "ok": max(out.values()) <= 1e-5}
 
 
 def main() -> int:
@@ -76,17 +103,17 @@ def main() -> int:
                     "host": platform.node(),
                     "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
 
-    log("1/3 correctness of every policy against dense attention")
+    log("1/4 correctness of every policy against dense attention")
     result["correctness"] = correctness(args.device, shape)
 
-    log("2/3 calibrate")
+    log("2/4 calibrate")
     from infinisim.executor.calibrate import calibrate
     from infinisim.hwprofiles.profile import write_profile
 
     profile = calibrate(args.device, "float32" if args.tiny else "bfloat16", quick=args.tiny, log=log)
     result["profile"] = str(write_profile(profile, out / "profile.yaml"))
 
-    log("3/3 the executor's runs, replayed on the calibrated profile")
+    log("3/4 the executor's runs, replayed on the calibrated profile")
     from infinisim.analysis.validation import validate
 
     data = validate(out, profile=result["profile"], policies=["resident", "full", "infinigen", "h2o", "int4"],
@@ -96,6 +123,15 @@ def main() -> int:
                     log=log)
     result["validation"] = [{k: c[k] for k in ("policy", "decode_ms_measured", "decode_ms_predicted", "step")}
                             for c in data["comparisons"]]
+
+    log("4/4 half of the weights streamed from the host, replayed")
+    data = validate(out / "weights-on-host", profile=result["profile"], policies=["resident", "infinigen"],
+                    batch=shape["batch"], prompt_len=shape["prompt_len"], gen_len=shape["gen_len"],
+                    model=shape["model"], random_weights=True, device=args.device, dtype=shape["dtype"],
+                    weights_on_host=0.5, command=f"benchmarks/gpu_check.py --device {args.device}"
+                    + (" --tiny" if args.tiny else ""), log=log)
+    result["validation_weights_on_host"] = [{k: c[k] for k in ("policy", "decode_ms_measured", "decode_ms_predicted",
+                                                                 "step")} for c in data["comparisons"]]
     result["seconds"] = time.perf_counter() - started
     result["ok"] = all(v["ok"] for v in result["correctness"].values())
     write_json(result, out / "gpu-check.json")

@@ -16,6 +16,7 @@ from infinisim.executor.link import EmulatedLink
 from infinisim.executor.loaders import LoadedModel, load_model
 from infinisim.executor.prompts import bundled_text, text_windows
 from infinisim.executor.recording import run_policy
+from infinisim.executor.weight_stream import WeightStream, weights_to_fit
 from infinisim.hwprofiles.emulated import LinkSpec
 from infinisim.traces.spec import ModelSpec
 from infinisim.traces.trace import Trace, trace_filename, write_trace
@@ -59,16 +60,27 @@ class Session:
     """One model loaded once; prompts drawn with its tokenizer; runs written as traces."""
 
     def __init__(self, model: str, dtype: str = "float32", device: str | None = None, random_weights: bool = False,
-                 log: Callable[[str], None] = lambda _: None, link: LinkSpec | None = None):
+                 log: Callable[[str], None] = lambda _: None, link: LinkSpec | None = None,
+                 weights_on_host: float | str = 0.0):
+        """weights_on_host: the share of every block's weights streamed from host memory (FlexGen's
+        weight offloading, executor/weight_stream.py), or "auto" (the smallest that fits the device)."""
         self.device = pick_device(device)
         if link is not None and self.device.type == "cuda":
             raise InfinisimError("an emulated link is for CPU runs: on CUDA the copies cross the real one",
                                  field="--link")
         self.link = EmulatedLink(link) if link is not None else None
-        log(f"loading {model}{' (random weights)' if random_weights else ''} on {self.device.type} in {dtype} ...")
-        self.loaded: LoadedModel = load_model(model, dtype, self.device, random_weights)
+        streamed = weights_on_host == "auto" or weights_on_host > 0
+        load_on = torch.device("cpu") if streamed else self.device  # the device never holds every block at once
+        log(f"loading {model}{' (random weights)' if random_weights else ''} on {load_on.type} in {dtype} ...")
+        self.loaded: LoadedModel = load_model(model, dtype, load_on, random_weights)
         self.name, self.spec, self.tokenizer = model, self.loaded.model.spec, self.loaded.tokenizer
         self.dtype = dtype
+        self.weights: WeightStream | None = None
+        share = weights_to_fit(self.spec, dtype, self.device) if weights_on_host == "auto" else float(weights_on_host)
+        if share > 0:
+            self.weights = WeightStream(self.loaded.model, share, self.device, self.link)
+            log(f"weights: {self.weights.info.share:.0%} of every block in host memory "
+                f"({self.weights.info.bytes_per_block / 1e6:.1f} MB a block streamed, one layer ahead)")
 
     def check(self, batch: int, prompt_len: int, gen_len: int) -> None:
         check_shape(self.spec, batch, prompt_len, gen_len, self.dtype, self.device)
@@ -111,7 +123,7 @@ class Session:
         if prompts.forced is not None:
             measure = replace(measure, forced=prompts.forced)
         run_info = {"model": self.name, "weights": self.loaded.source, "prompt_source": prompts.source,
-                    "command": command}
+                    "command": command, **(self.weights.info.to_dict() if self.weights is not None else {})}
         return run_policy(self.loaded.model, prompts.tokens, policy, sampling, run_info, on_step, knobs, measure,
                           self.link)
 

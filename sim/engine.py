@@ -267,7 +267,7 @@ class Simulation:
         nxt = layer + 1 if layer + 1 < n else (0 if n % 2 == 0 else None)
         if not self.streamed or nxt is None or nxt in self.weights_in:
             return
-        work = self.costs.copy(self.streamed, "h2d", self.w.spec.layer_weight_tensors, True)
+        work = self.costs.copy(self.streamed, "h2d", self.w.spec.streamed_weight_tensors, True)
         self.weights_in[nxt] = yield from self.launch("h2d", [("h2d", nxt, work)], (self.streams["compute"].tail,))
 
     # ---------------------------------------------------------------- the run

@@ -108,7 +108,7 @@ def from_trace(trace: Trace) -> Workload:
     return Workload(trace.model, run["dtype"], int(run["batch"]), max(run["prompt_lens"]), run["policy"],
                     knobs, grid("kv_len"), grid("tokens_fetched"),
                     grid("tokens_attended"), grid("bytes_h2d"), grid("bytes_d2h"), speculating,
-                    source="trace", measured=measured)
+                    source="trace", measured=measured, weights_on_host=float(run.get("weights_on_host") or 0.0))
 
 
 def speculated_fraction_per_layer(trace: Trace, alpha: float) -> np.ndarray:

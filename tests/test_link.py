@@ -127,6 +127,9 @@ def test_the_gpu_kit_dry_run(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert result["ok"] and set(result["correctness"]) == {"resident", "full", "infinigen", "oracle", "copy_streams"}
+    assert result["ok"] and set(result["correctness"]) == {"resident", "full", "infinigen", "oracle", "copy_streams",
+                                                           "weights_on_host"}
+    assert result["correctness"]["weights_on_host"]["ok"]
     assert [v["policy"] for v in result["validation"]] == ["resident", "full", "infinigen", "h2o", "int4"]
+    assert [v["policy"] for v in result["validation_weights_on_host"]] == ["resident", "infinigen"]
     assert (tmp_path / "profile.yaml").exists() and (tmp_path / "validation.png").exists()

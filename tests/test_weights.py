@@ -24,7 +24,7 @@ def test_a_transfer_bound_weight_stream_takes_weight_bytes_over_bandwidth():
     spec = named_model("opt-125m")
     p = ideal_profile(bandwidth=1e9, latency=1e-5)
     w = synthetic(spec, 2, 64, 5, "resident", "float16", weights_on_host=0.5)
-    per_layer = spec.layer_weight_tensors * 1e-5 + 0.5 * spec.layer_weight_bytes("float16") / 1e9
+    per_layer = spec.streamed_weight_tensors * 1e-5 + 0.5 * spec.layer_weight_bytes("float16") / 1e9
     for exact in (True, False):
         result = simulate_if_fits(w, p, exact=exact).result
         for s in range(w.n_steps):

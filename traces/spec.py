@@ -79,10 +79,10 @@ class ModelSpec:
         return self.layer_param_count() * DTYPE_BYTES[dtype]
 
     @property
-    def layer_weight_tensors(self) -> int:
-        """Weight tensors in one block (one copy each when a block is streamed): q, k, v, o and the FFN's
-        matrices, the norms (OPT: and a bias per projection)."""
-        return 4 + 2 + 4 + 2 + 4 if self.family == "opt" else 4 + 3 + 2 + (3 if self.qkv_bias else 0)
+    def streamed_weight_tensors(self) -> int:
+        """Tensors a streamed block splits (one copy each): q, k, v, o and the FFN's matrices, and each
+        projection's bias where it has one; the norms stay on the device (executor/weight_stream.py)."""
+        return 6 + 6 if self.family == "opt" else 4 + 3 + (3 if self.qkv_bias else 0)
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         """K and V of one token across all layers."""

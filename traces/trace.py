@@ -110,10 +110,13 @@ def write_trace(trace: Trace, path: str | Path) -> Path:
 
 def trace_filename(trace: Trace, knobs: dict[str, Any] | None = None) -> str:
     """The standard name of a trace: model, policy, the knobs set explicitly (so runs at different
-    settings do not overwrite each other), batch, prompt and generation lengths."""
+    settings do not overwrite each other), the share of weights streamed from the host, batch,
+    prompt and generation lengths."""
     run = trace.run
     tags = "".join(f"-{k.replace('_', '')}{v:g}" if isinstance(v, int | float) else f"-{k.replace('_', '')}{v}"
                    for k, v in sorted((knobs or {}).items()) if v is not None)
+    if run.get("weights_on_host"):
+        tags += f"-wh{run['weights_on_host']:.2g}"
     return (f"{trace.model.name}-{run['policy']}{tags}-b{run['batch']}-p{max(run['prompt_lens'])}"
             f"-g{run['gen_len']}.trace.parquet")
 

@@ -45,6 +45,7 @@ from infinisim.executor.selection import (
     skew_matrix,
     turned,
 )
+from infinisim.executor.weight_stream import linear_weights
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class InfiniGen(Policy):
         # scores are one matmul streaming the cache row by row (6x faster on a CPU than [.., capacity, r])
         self.partial_keys: dict[int, Tensor] = {}
         self.partial_wq: dict[int, tuple[Tensor, Tensor | None]] = {}  # OPT: folded (W_q A)[:, cols], bias
+        # Llama: W_q, bias, taken at the prefill (a streamed block's rows are on the device only while it runs)
+        self.query_weights: dict[int, tuple[Tensor, Tensor | None]] = {}
         pool = self.knobs.pool_capacity
         self.pool = HostPool(pool, self.knobs.eviction, ctx.batch, ctx.capacity) if pool is not None else None
         self.stored: Tensor | None = None  # this step's pool membership on the device
@@ -113,14 +116,14 @@ class InfiniGen(Policy):
         keys = torch.empty(b, g, self.r, self.ctx.capacity, dtype=q.dtype, device=q.device)
         keys[..., :t] = torch.einsum("bgtd,gdr->bgrt", k, self.key_skew[layer])
         self.partial_keys[layer] = keys
-        attention = self.ctx.model.layers[layer].attention
-        if self.ctx.model.spec.family == "opt":
-            per_head = skew.repeat_interleave(group, dim=0)  # [H, d, r]
-            wq = attention.wq.weight.view(h, d, -1)  # [H, d, hidden]
-            weight = torch.einsum("hdr,hdx->hrx", per_head, wq).reshape(h * self.r, -1)
-            bias = None if attention.wq.bias is None else \
-                torch.einsum("hd,hdr->hr", attention.wq.bias.view(h, d), per_head).reshape(-1)
-            self.partial_wq[layer] = (weight, bias)
+        wq, wq_bias = linear_weights(self.ctx.model.layers[layer].attention.wq)
+        if self.ctx.model.spec.family != "opt":
+            self.query_weights[layer] = (wq, wq_bias)
+            return
+        per_head = skew.repeat_interleave(group, dim=0)  # [H, d, r]
+        weight = torch.einsum("hdr,hdx->hrx", per_head, wq.view(h, d, -1)).reshape(h * self.r, -1)
+        bias = None if wq_bias is None else torch.einsum("hd,hdr->hr", wq_bias.view(h, d), per_head).reshape(-1)
+        self.partial_wq[layer] = (weight, bias)
 
     def prefill_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                    ) -> tuple[Tensor, Tensor, Tensor]:
@@ -156,7 +159,7 @@ class InfiniGen(Policy):
             weight, bias = self.partial_wq[layer]
             q_partial = F.linear(x, weight, bias).view(b, h, self.r)
         else:
-            q = attention.wq(x).view(b, g, h // g, d)
+            q = F.linear(x, *self.query_weights[layer]).view(b, g, h // g, d)
             q_partial = q @ self.rotated[layer]  # [B, G, H/G, r]
         keys = self.partial_keys[layer][..., :step.start]  # [B, G, r, L]
         scores = (q_partial.view(b, g, h // g, self.r) @ keys).view(b, h, step.start).float()  # [B, H, L]

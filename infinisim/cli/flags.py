@@ -178,13 +178,17 @@ def weight_shares(text: str) -> list[float | str]:
     return [weight_share(t) for t in names(text)]
 
 
-def add_weights_flag(p: argparse.ArgumentParser, axes: bool = False) -> None:
+def add_weights_flag(p: argparse.ArgumentParser, axes: bool = False, live: bool = False) -> None:
+    """--weights-on-host; `live`: the executor's (which streams each projection's first rows)."""
+    where = ("memory and is copied into a device buffer one block ahead of its use, overlapped with compute (over "
+             "--link when given); auto: the smallest share (in hundredths) whose device part fits the device's free "
+             "memory") if live else \
+        ("memory and is streamed over the link one layer ahead of its use, overlapped with compute; auto: the "
+         "smallest share (in hundredths) that fits the device")
     p.add_argument("--weights-on-host", metavar="FRACTION|auto", type=weight_shares if axes else weight_share,
                    default=[0.0] if axes else 0.0,
                    help="weight offloading (FlexGen): this share of every transformer block's weights stays in "
-                        "host memory and is streamed over the link one layer ahead of its use, overlapped with "
-                        "compute; auto: the smallest share (in hundredths) that fits the device"
-                        + (" (several: each swept)" if axes else "") + "; default 0")
+                        "host " + where + (" (several: each swept)" if axes else "") + "; default 0")
 
 
 def add_simulated_config_flags(p: argparse.ArgumentParser, policy_default: str, several: str) -> None:

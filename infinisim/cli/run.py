@@ -27,6 +27,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     flags.add_knob_flags(p)
     flags.add_device_flags(p)
     flags.add_link_flag(p)
+    flags.add_weights_flag(p, live=True)
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
                                                             "whose probability reaches this (default 1: all)")
@@ -79,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if link is not None:
         print(f"link: {link.name}", file=sys.stderr)
     session = Session(args.model, args.dtype, args.device, args.random_weights,
-                      log=lambda line: print(line, file=sys.stderr), link=link)
+                      log=lambda line: print(line, file=sys.stderr), link=link, weights_on_host=args.weights_on_host)
     prompts = session.prompts(args.batch, prompt_len, text, args.gen_len, args.quality,
                               "file" if args.prompt_file else "text",
                               field="--prompt-file" if args.prompt_file else "--prompt")

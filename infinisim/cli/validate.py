@@ -23,6 +23,7 @@ def add_validate_parser(sub: argparse._SubParsersAction) -> None:
     flags.add_device_flags(p)
     flags.add_knob_flags(p)
     flags.add_link_flag(p)
+    flags.add_weights_flag(p, live=True)
     p.add_argument("--out", default="validation", help="folder for profile, traces, JSON and plot (default "
                                                        "validation/)")
     p.add_argument("--quick", action="store_true", help="calibrate as `infinisim calibrate --quick` does (seconds, "
@@ -44,7 +45,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, model=args.model,
                     random_weights=args.random_weights, device=args.device, dtype=args.dtype,
                     quick_calibration=args.quick, knobs=flags.knobs_given(args), link=args.link,
-                    command=args.command_line,
+                    weights_on_host=args.weights_on_host, command=args.command_line,
                     log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print_json({"comparisons": data["comparisons"], "relative": data["relative"]})
