@@ -6,6 +6,7 @@ is the replay of that trace's workload on a profile. Errors are relative to the 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from infinisim.core.files import write_bytes_atomic, write_json
 from infinisim.sim.engine import PHASES, SimResult
 from infinisim.sim.workload import Workload
 
-COMPARED_PHASES = ("attn", "ffn", "wait", "spec", "gather", "h2d", "d2h")
+COMPARED_PHASES = ("attn", "ffn", "wait", "spec", "gather", "h2d", "d2h", "comm")
 
 
 def _errors(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
@@ -53,7 +54,7 @@ def compare(workload: Workload, result: SimResult) -> dict[str, Any]:
             continue
         phases[phase] = {"measured_ms": float(measured.mean() * 1e3), "predicted_ms": float(predicted.mean() * 1e3),
                          "error_pct": float((predicted.sum() - measured.sum()) / max(measured.sum(), 1e-12) * 100)}
-    busy = ("attn", "ffn", "wait", *workload.measured["serial"])  # what the compute thread did, besides host work
+    busy = ("attn", "ffn", "wait", "comm", *workload.measured["serial"])  # the compute thread, besides host work
     host_measured = measured_steps - sum(
         layers[f"{p}_s"].to_numpy().reshape(n_steps, n_layers).sum(axis=1) for p in busy)
     phases["host (and embed, head)"] = {
@@ -98,11 +99,13 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
              policies: list[str] = ("resident", "full", "infinigen"), batch: int = 1, prompt_len: int = 1024,
              gen_len: int = 32, model: str = "smollm2-135m", random_weights: bool = False, device: str | None = None,
              dtype: str = "float32", quick_calibration: bool = False, knobs: dict[str, Any] | None = None,
-             link: str | None = None, weights_on_host: float | str = 0.0, command: str = "infinisim validate",
-             log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+             link: str | None = None, weights_on_host: float | str = 0.0, tp: int = 1,
+             command: str = "infinisim validate", log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Calibrate this machine (or load `profile`), run the executor per policy (or read `traces`),
     over an emulated `link` if given, with `weights_on_host` of every block streamed from the host;
-    replay each run and compare; a run over an emulated link is replayed on the profile with that link.
+    over `tp` tensor-parallel ranks (each rank's trace replayed on the profile of one rank, whose node
+    is the measured all-reduce); replay each run and compare; a run over an emulated link is replayed
+    on the profile with that link.
     Writes validation.json, validation.png (and the profile and traces it made) into `out`.
     Returns what validation.json holds."""
     from infinisim.hwprofiles.profile import load_profile, write_profile
@@ -117,18 +120,29 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
         chosen = load_profile(profile)
     else:
         from infinisim.executor.calibrate import calibrate
+        from infinisim.executor.parallel import calibrate_ranks
         from infinisim.executor.session import pick_device
 
-        log("calibrating this machine ...")
-        chosen = calibrate(pick_device(device).type, dtype, quick_calibration, log=lambda line: log(f"  {line}"))
+        log("calibrating this machine ..." if tp == 1 else f"calibrating one of {tp} ranks on this machine ...")
+        kind = pick_device(device).type
+        chosen = calibrate(kind, dtype, quick_calibration, log=lambda line: log(f"  {line}")) if tp == 1 else \
+            calibrate_ranks(tp, kind, dtype, quick_calibration, log=lambda line: log(f"  {line}"))
         log(f"profile: {write_profile(chosen, out / 'profile.yaml')}")
     if read is None:
-        read = _run(out, policies, batch, prompt_len, gen_len, model, random_weights, device, dtype, knobs or {},
-                    link, weights_on_host, command, log)
+        run = (out, policies, batch, prompt_len, gen_len, model, random_weights, device, dtype, knobs or {}, link,
+               weights_on_host, command)
+        if tp == 1:
+            read = _run(0, 1, *run, log)
+        else:
+            from infinisim.executor.parallel import launch
+
+            read = [read_trace(p) for paths in launch(tp, _run, *run, None, device=device or "cpu") for p in paths]
     comparisons = []
     for trace in read:
         workload = from_trace(trace)
         comparisons.append(compare(workload, simulate(workload, profile_for(trace, chosen))))
+        if trace.run.get("tp"):
+            comparisons[-1]["rank"] = trace.run["tp"]["rank"]
     data = {"command": command, "comparisons": comparisons, "relative": relative(comparisons),
             "profile": chosen.to_dict()}
     write_json(data, out / "validation.json")
@@ -136,22 +150,29 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
     return data
 
 
-def _run(out: Path, policies: Sequence[str], batch: int, prompt_len: int, gen_len: int, model: str,
-         random_weights: bool, device: str | None, dtype: str, knobs: dict[str, Any], link: str | None,
-         weights_on_host: float | str, command: str, log: Callable[[str], None]) -> list[Any]:
+def _run(rank: int, tp: int, out: Path, policies: Sequence[str], batch: int, prompt_len: int, gen_len: int,
+         model: str, random_weights: bool, device: str | None, dtype: str, knobs: dict[str, Any], link: str | None,
+         weights_on_host: float | str, command: str, log: Callable[[str], None] | None) -> list[Any]:
+    """The executor's runs, one per policy (under tensor parallelism: this rank's, returning the paths
+    of its traces; rank 0 logs)."""
     from infinisim.executor.generate import SamplingConfig
     from infinisim.executor.session import Session
     from infinisim.hwprofiles.emulated import parse_link
 
+    if log is None:
+        def log(line: str) -> None:
+            if rank == 0:
+                print(line, file=sys.stderr, flush=True)
     spec = parse_link(link) if link else None
     if spec is not None:
         log(f"link: {spec.name}")
-    session = Session(model, dtype, device, random_weights, log, spec, weights_on_host)
+    session = Session(model, dtype, device, random_weights, log, spec, weights_on_host, shard=(tp, rank))
     prompts = session.prompts(batch, prompt_len, gen_len=gen_len)
     traces = []
     for name in policies:
         log(f"[{name}] running {batch} x {prompt_len} tokens, {gen_len} new ...")
         _, trace = session.run(name, prompts, SamplingConfig(gen_len, stop_at_eos=False), knobs, command=command)
-        log(f"  trace: {session.write(trace, out, knobs=knobs)}")
-        traces.append(trace)
+        path = session.write(trace, out, knobs=knobs)
+        log(f"  trace: {path}")
+        traces.append(trace if tp == 1 else str(path))
     return traces

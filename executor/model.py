@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from infinisim.traces.spec import ModelSpec
 
@@ -167,6 +169,14 @@ class Block(nn.Module):
         self.attention = Attention(spec)
         self.ffn_norm = make_norm(spec)
         self.feed_forward = MLP(spec) if spec.family == "opt" else SwiGLU(spec)
+        self.group: ProcessGroup | None = None  # tensor parallelism: the ranks whose partial outputs are summed
+
+    def reduced(self, partial: Tensor, rec: Recorder) -> Tensor:
+        """Tensor parallelism: the sum over ranks of a row-parallel output (timed as "comm")."""
+        if self.group is not None:
+            with rec.span(self.index, "comm"):
+                dist.all_reduce(partial, group=self.group)
+        return partial
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, step: Step) -> Tensor:
         i, rec, policy = self.index, step.recorder, step.policy
@@ -175,10 +185,11 @@ class Block(nn.Module):
             q, k_new, v_new = self.attention.project_qkv(self.attention_norm(x), rope)
         k, v, key_valid = policy.attend_kv(i, q, k_new, v_new, step)
         with rec.span(i, "attn"):
-            x = x + self.attention.attend(q, k, v, key_valid)
+            out = self.attention.attend(q, k, v, key_valid)
+        x = x + self.reduced(out, rec)
         with rec.span(i, "ffn"):
-            x = x + self.feed_forward(self.ffn_norm(x))
-        return x
+            out = self.feed_forward(self.ffn_norm(x))
+        return x + self.reduced(out, rec)
 
 
 class Transformer(nn.Module):

@@ -14,6 +14,7 @@ from infinisim.executor.generate import Generation, SamplingConfig, StepRecord
 from infinisim.executor.kvcache import TIMING_ONLY, Measurement, check_fits
 from infinisim.executor.link import EmulatedLink
 from infinisim.executor.loaders import LoadedModel, load_model
+from infinisim.executor.parallel import Shard, shard_model
 from infinisim.executor.prompts import bundled_text, text_windows
 from infinisim.executor.recording import run_policy
 from infinisim.executor.weight_stream import WeightStream, weights_to_fit
@@ -61,9 +62,11 @@ class Session:
 
     def __init__(self, model: str, dtype: str = "float32", device: str | None = None, random_weights: bool = False,
                  log: Callable[[str], None] = lambda _: None, link: LinkSpec | None = None,
-                 weights_on_host: float | str = 0.0):
+                 weights_on_host: float | str = 0.0, shard: tuple[int, int] | None = None):
         """weights_on_host: the share of every block's weights streamed from host memory (FlexGen's
-        weight offloading, executor/weight_stream.py), or "auto" (the smallest that fits the device)."""
+        weight offloading, executor/weight_stream.py), or "auto" (the smallest that fits the device).
+        shard: (degree, rank) of tensor parallelism, inside a process group (executor/parallel.py):
+        this process holds and runs its rank's share."""
         self.device = pick_device(device)
         if link is not None and self.device.type == "cuda":
             raise InfinisimError("an emulated link is for CPU runs: on CUDA the copies cross the real one",
@@ -75,6 +78,12 @@ class Session:
         self.loaded: LoadedModel = load_model(model, dtype, load_on, random_weights)
         self.name, self.spec, self.tokenizer = model, self.loaded.model.spec, self.loaded.tokenizer
         self.dtype = dtype
+        self.shard: Shard | None = None
+        if shard is not None and shard[0] > 1:
+            import torch.distributed as dist
+
+            self.shard = Shard.of(self.spec, *shard)
+            self.loaded.model = shard_model(self.loaded.model, self.shard, dist.group.WORLD)
         self.weights: WeightStream | None = None
         share = weights_to_fit(self.spec, dtype, self.device) if weights_on_host == "auto" else float(weights_on_host)
         if share > 0:
@@ -123,7 +132,8 @@ class Session:
         if prompts.forced is not None:
             measure = replace(measure, forced=prompts.forced)
         run_info = {"model": self.name, "weights": self.loaded.source, "prompt_source": prompts.source,
-                    "command": command, **(self.weights.info.to_dict() if self.weights is not None else {})}
+                    "command": command, **(self.weights.info.to_dict() if self.weights is not None else {}),
+                    **({"tp": self.shard.to_dict()} if self.shard is not None else {})}
         return run_policy(self.loaded.model, prompts.tokens, policy, sampling, run_info, on_step, knobs, measure,
                           self.link)
 

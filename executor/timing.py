@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-LAYER_PHASES = ("attn", "ffn", "h2d", "d2h", "wait", "spec", "gather")
 COPY_PHASES = ("h2d", "d2h")  # their index is a copy's direction in a trace's `copies` column
 STEP_PHASES = ("embed", "head")
 

@@ -12,7 +12,7 @@ a layer's attention runs over (every layer, the newest row included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -105,10 +105,13 @@ def from_trace(trace: Trace) -> Workload:
         knobs = kv.make_knobs(run.get("policy_knobs") or {})
     except InfinisimError as exc:
         raise InfinisimError(f"policy knobs: {exc}", field="header.run.policy_knobs") from None
-    return Workload(trace.model, run["dtype"], int(run["batch"]), max(run["prompt_lens"]), run["policy"],
+    tp = run.get("tp") or {}  # a tensor-parallel rank's trace: its model is the rank's share; its head a slice
+    spec = replace(trace.model, vocab_size=tp["vocab"][1] - tp["vocab"][0]) if tp else trace.model
+    return Workload(spec, run["dtype"], int(run["batch"]), max(run["prompt_lens"]), run["policy"],
                     knobs, grid("kv_len"), grid("tokens_fetched"),
                     grid("tokens_attended"), grid("bytes_h2d"), grid("bytes_d2h"), speculating,
-                    source="trace", measured=measured, weights_on_host=float(run.get("weights_on_host") or 0.0))
+                    source="trace", measured=measured, weights_on_host=float(run.get("weights_on_host") or 0.0),
+                    tp=int(tp.get("degree", 1)))
 
 
 def speculated_fraction_per_layer(trace: Trace, alpha: float) -> np.ndarray:

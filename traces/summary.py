@@ -7,7 +7,7 @@ import pandas as pd
 
 from infinisim.traces.trace import Trace
 
-LAYER_PHASES = ("attn", "ffn", "h2d", "d2h", "wait", "spec", "gather")
+LAYER_PHASES = ("attn", "ffn", "h2d", "d2h", "wait", "spec", "gather", "comm")  # a trace's per-layer `<phase>_s`
 
 
 def summarize(trace: Trace) -> dict[str, float | int | str]:
@@ -19,7 +19,7 @@ def summarize(trace: Trace) -> dict[str, float | int | str]:
     n = max(len(decode), 1)
     phases = {f"decode_{p}_ms": float(decode_rows[f"{p}_s"].sum() / n * 1e3) for p in LAYER_PHASES}
     phases.update({f"decode_{p}_ms": float(decode[f"{p}_s"].sum() / n * 1e3) for p in ("embed", "head")})
-    compute = sum(phases[f"decode_{p}_ms"] for p in ("embed", "attn", "ffn", "head", "wait"))
+    compute = sum(phases[f"decode_{p}_ms"] for p in ("embed", "attn", "ffn", "head", "wait", "comm"))
     beside = sum(phases[f"decode_{p}_ms"] for p in ("spec", "gather", "h2d", "d2h"))
     step_ms = float(wall.mean() * 1e3) if len(wall) else 0.0
     serial = trace.run.get("device") != "cuda"  # CPU runs do everything in turn, but copies over a link

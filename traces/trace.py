@@ -41,6 +41,7 @@ LAYER_COLUMNS: dict[str, pa.DataType] = {
     "wait_s": pa.float64(),
     "spec_s": pa.float64(),
     "gather_s": pa.float64(),
+    "comm_s": pa.float64(),  # tensor parallelism: this rank's all-reduces of the layer (0 on one process)
     # speculating policies: per KV head, the uncapped count of tokens within alpha of the max for
     # alpha = 1..9 (mean over the batch and the group's query heads), flattened [kv_head][alpha]
     "alpha_counts": pa.list_(pa.float32()),
@@ -57,7 +58,7 @@ LAYER_COLUMNS: dict[str, pa.DataType] = {
     "copies": pa.list_(pa.float64()),
     "done_s": pa.float64(),  # when the layer's compute (its FFN) ended, seconds from the step's start
 }
-OPTIONAL_COLUMNS = ("selected", "copies", "done_s")  # traces written before a column existed read as empty/0
+OPTIONAL_COLUMNS = ("selected", "copies", "done_s", "comm_s")  # traces written before a column existed read as empty/0
 LIST_COLUMNS = tuple(name for name, dtype in LAYER_COLUMNS.items() if pa.types.is_list(dtype))
 STEP_FIELDS = ("step", "phase", "n_new", "kv_len", "wall_s", "embed_s", "head_s", "nll", "evicted")
 RUN_FIELDS = ("policy", "policy_knobs", "batch", "prompt_lens", "gen_len", "dtype", "device", "sampling", "weights")
@@ -117,6 +118,8 @@ def trace_filename(trace: Trace, knobs: dict[str, Any] | None = None) -> str:
                    for k, v in sorted((knobs or {}).items()) if v is not None)
     if run.get("weights_on_host"):
         tags += f"-wh{run['weights_on_host']:.2g}"
+    if run.get("tp"):  # one trace per tensor-parallel rank
+        tags += f"-tp{run['tp']['degree']}r{run['tp']['rank']}"
     return (f"{trace.model.name}-{run['policy']}{tags}-b{run['batch']}-p{max(run['prompt_lens'])}"
             f"-g{run['gen_len']}.trace.parquet")
 

@@ -45,8 +45,10 @@ class Progress:
     second on a terminal; otherwise a line every `period` seconds, so a piped log shows the run is
     alive (also while nothing advances: `waiting` says what it waits for, e.g. a long prefill)."""
 
-    def __init__(self, label: str, total: int, unit: str, waiting: str = "", period: float = 10.0):
+    def __init__(self, label: str, total: int, unit: str, waiting: str = "", period: float = 10.0,
+                 enabled: bool = True):
         self.label, self.total, self.unit, self.waiting = label, total, unit, waiting
+        self.enabled = enabled  # False: silent (a tensor-parallel rank other than 0)
         self.done, self.tty, self.shown = 0, sys.stderr.isatty(), False
         self.period = 1.0 if self.tty else period
         self.start = time.perf_counter()
@@ -54,10 +56,13 @@ class Progress:
         self._thread = threading.Thread(target=self._tick, daemon=True)
 
     def __enter__(self) -> Progress:
-        self._thread.start()
+        if self.enabled:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
         self._stop.set()
         self._thread.join()
         if exc[0] is None and (self.shown or time.perf_counter() - self.start > 2):

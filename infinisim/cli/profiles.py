@@ -48,6 +48,9 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few seconds, smaller shapes (for tests and smoke runs)")
     p.add_argument("--name", help="profile name (default calibrated-HOSTNAME)")
     p.add_argument("--out", default="profiles/calibrated.yaml", help="YAML to write (default profiles/calibrated.yaml)")
+    p.add_argument("--tp", type=flags.positive, default=1,
+                   help="a profile of one of N tensor-parallel ranks: measured with the threads a rank gets (the "
+                        "cores over N, on a CPU), with the all-reduce between N ranks as its node (default 1)")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -63,7 +66,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_output_file(args.out)
     device = pick_device(args.device)
     t0 = time.perf_counter()
-    profile = calibrate(device.type, args.dtype, args.quick, args.name, log=lambda line: print(line, file=sys.stderr))
+    if args.tp > 1:
+        from infinisim.executor.parallel import calibrate_ranks
+
+        profile = calibrate_ranks(args.tp, device.type, args.dtype, args.quick, args.name,
+                                  log=lambda line: print(line, file=sys.stderr))
+    else:
+        profile = calibrate(device.type, args.dtype, args.quick, args.name,
+                            log=lambda line: print(line, file=sys.stderr))
     path = write_profile(profile, args.out)
     print(f"wrote {path} ({profile.name}, {time.perf_counter() - t0:.0f} s)")
     return 0

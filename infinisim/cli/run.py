@@ -28,6 +28,10 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     flags.add_device_flags(p)
     flags.add_link_flag(p)
     flags.add_weights_flag(p, live=True)
+    p.add_argument("--tp", type=flags.positive, default=1,
+                   help="tensor parallelism: run N ranks (processes; gloo on a CPU, NCCL on CUDA), each holding its "
+                        "share of the heads with their KV cache, of the FFN and of the vocabulary; an all-reduce "
+                        "after attention and after the FFN (timed as comm); one trace per rank (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
                                                             "whose probability reaches this (default 1: all)")
@@ -59,54 +63,96 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_output_file(args.trace, "--trace")
     else:
         check_output_dir(args.out, "--out")
-    text = args.prompt if args.prompt is not None else read_text(args.prompt_file, "prompt file") \
+    if args.trace and args.tp > 1:
+        raise InfinisimError("--tp writes one trace per rank; name their folder with --out", field="--trace")
+    args.prompt_text = args.prompt if args.prompt is not None else read_text(args.prompt_file, "prompt file") \
         if args.prompt_file else None
+    from infinisim.executor.session import check_shape, pick_device
+    from infinisim.traces.spec import MODELS
+
+    prompt_len = None if args.prompt_text is not None else args.prompt_len or 2048
+    if prompt_len and args.model in MODELS:  # before minutes of loading
+        check_shape(MODELS[args.model], args.batch, prompt_len, args.gen_len, args.dtype, pick_device(args.device))
+    if args.tp > 1:
+        from infinisim.executor.parallel import launch
+
+        print(f"tensor parallelism: {args.tp} ranks ({'NCCL' if args.device == 'cuda' else 'gloo'})",
+              file=sys.stderr)
+        ranks = launch(args.tp, decode_rank, args, device=pick_device(args.device).type)
+        summaries, texts = merged(ranks), ranks[0][1]
+    else:
+        summaries, texts = decode_rank(0, 1, args)
+        if summaries is None:
+            return 130
+    if args.json:
+        print_json({"summaries": summaries, "first_sequence_text": texts})
+    else:
+        print_summaries(summaries, texts)
+    return 0
+
+
+def decode_rank(rank: int, tp: int, args: argparse.Namespace) -> tuple[list[dict] | None, dict[str, str]]:
+    """Load, draw the prompts, decode them through each policy, write the traces (this rank's, under
+    tensor parallelism: rank 0 shows progress). Returns the summaries (None if interrupted) and the
+    first sequence's text per policy."""
     import torch
 
     from infinisim.executor.generate import SamplingConfig
     from infinisim.executor.kvcache import Measurement
-    from infinisim.executor.session import Session, check_shape, pick_device
+    from infinisim.executor.session import Session
     from infinisim.hwprofiles.emulated import parse_link
-    from infinisim.traces.spec import MODELS
     from infinisim.traces.summary import summarize
 
+    def log(line: str) -> None:
+        if rank == 0:
+            print(line, file=sys.stderr, flush=True)
+
     sampling = SamplingConfig(args.gen_len, args.temperature, args.top_p, args.seed, not args.ignore_eos)
+    text = args.prompt_text
     prompt_len = None if text is not None else args.prompt_len or 2048
-    if prompt_len and args.model in MODELS:  # before minutes of loading
-        check_shape(MODELS[args.model], args.batch, prompt_len, args.gen_len, args.dtype, pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     link = parse_link(args.link) if args.link else None
     if link is not None:
-        print(f"link: {link.name}", file=sys.stderr)
-    session = Session(args.model, args.dtype, args.device, args.random_weights,
-                      log=lambda line: print(line, file=sys.stderr), link=link, weights_on_host=args.weights_on_host)
+        log(f"link: {link.name}")
+    session = Session(args.model, args.dtype, args.device, args.random_weights, log=log, link=link,
+                      weights_on_host=args.weights_on_host, shard=(tp, rank))
     prompts = session.prompts(args.batch, prompt_len, text, args.gen_len, args.quality,
                               "file" if args.prompt_file else "text",
                               field="--prompt-file" if args.prompt_file else "--prompt")
     knobs = flags.knobs_given(args)
     summaries, texts = [], {}
-    for name in policies:
+    for name in flags.policy_names(args.policy):
         steps = sampling.max_new_tokens
-        print(f"[{name}] decoding {args.batch} x {prompts.longest} prompt tokens, up to {steps} new tokens each ...",
-              file=sys.stderr, flush=True)
-        with Progress(f"[{name}]", steps, "tokens", "prefill") as bar:
+        log(f"[{name}] decoding {args.batch} x {prompts.longest} prompt tokens, up to {steps} new tokens each ...")
+        with Progress(f"[{name}]", steps, "tokens", "prefill", enabled=rank == 0) as bar:
             try:
                 gen, trace = session.run(name, prompts, sampling, knobs,
                                          Measurement(quality=args.quality, record_selection=args.record_selection),
                                          args.command_line, on_step=lambda record: bar.update())
             except KeyboardInterrupt:
                 print(f"\ninterrupted: no trace written for {name}", file=sys.stderr)
-                return 130
+                return None, texts
         path = session.write(trace, args.out, args.trace, knobs)
-        summaries.append({**summarize(trace), "trace": str(path)})
+        summaries.append({**summarize(trace), "trace": str(path), **({"rank": rank} if tp > 1 else {})})
         if session.tokenizer is not None and not args.quality:
             texts[name] = session.tokenizer.decode(gen.new_tokens[0])
-    if args.json:
-        print_json({"summaries": summaries, "first_sequence_text": texts})
-    else:
-        print_summaries(summaries, texts)
-    return 0
+    return summaries, texts
+
+
+def merged(ranks: list[tuple[list[dict], dict[str, str]]]) -> list[dict]:
+    """One summary per policy from every rank's: the ranks step together, so a step is the slowest
+    rank's; bytes moved are the sum over ranks; each rank's trace listed."""
+    out = []
+    for per_rank in zip(*(summaries for summaries, _ in ranks), strict=True):
+        slowest = max(per_rank, key=lambda s: s["decode_ms_mean"])
+        row = {**slowest, "tp": len(per_rank), "traces": [s["trace"] for s in per_rank],
+               "decode_comm_ms_per_rank": [s["decode_comm_ms"] for s in per_rank]}
+        for key in ("bytes_h2d_per_decode_step", "bytes_d2h_per_decode_step", "bytes_h2d_total", "bytes_d2h_total"):
+            row[key] = sum(s[key] for s in per_rank)
+        row["trace"] = ", ".join(row["traces"])
+        out.append(row)
+    return out
 
 
 def print_summaries(summaries: list[dict], texts: dict[str, str]) -> None:

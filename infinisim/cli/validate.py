@@ -24,6 +24,9 @@ def add_validate_parser(sub: argparse._SubParsersAction) -> None:
     flags.add_knob_flags(p)
     flags.add_link_flag(p)
     flags.add_weights_flag(p, live=True)
+    p.add_argument("--tp", type=flags.positive, default=1,
+                   help="tensor parallelism: run N ranks (as `run --tp`), calibrate one rank and the all-reduce "
+                        "between them (unless --profile), replay each rank's trace (default 1)")
     p.add_argument("--out", default="validation", help="folder for profile, traces, JSON and plot (default "
                                                        "validation/)")
     p.add_argument("--quick", action="store_true", help="calibrate as `infinisim calibrate --quick` does (seconds, "
@@ -45,7 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, model=args.model,
                     random_weights=args.random_weights, device=args.device, dtype=args.dtype,
                     quick_calibration=args.quick, knobs=flags.knobs_given(args), link=args.link,
-                    weights_on_host=args.weights_on_host, command=args.command_line,
+                    weights_on_host=args.weights_on_host, tp=args.tp, command=args.command_line,
                     log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print_json({"comparisons": data["comparisons"], "relative": data["relative"]})
@@ -62,7 +65,8 @@ def print_comparisons(comparisons: list[dict], ratios: list[dict]) -> None:
         phases = {k: v for k, v in c["phases"].items() if "error_pct" in v}
         worst = max(phases, key=lambda k: abs(phases[k]["error_pct"])) if phases else "-"
         worst_text = f"{worst} {phases[worst]['error_pct']:+.0f}%" if phases else "-"
-        print(f"{c['policy']:<10} {c['batch']:>5} {c['prompt_len']:>6} {c['decode_ms_measured']:>7.1f}ms "
+        label = c["policy"] + (f"@r{c['rank']}" if "rank" in c else "")
+        print(f"{label:<10} {c['batch']:>5} {c['prompt_len']:>6} {c['decode_ms_measured']:>7.1f}ms "
               f"{c['decode_ms_predicted']:>7.1f}ms {c['step']['mape']:>5.1f}% {c['step']['p50']:>5.1f}% "
               f"{c['step']['p90']:>5.1f}% {c['end_to_end_s']['error_pct']:>+9.1f}%  {worst_text}")
     print("(ms per decode step, means; MAPE/p50/p90: error per decode step; end-to-end: prefill + decode)")

@@ -1,0 +1,244 @@
+"""Tensor parallelism with torch.distributed (gloo on a CPU, NCCL on CUDA), as Megatron-LM splits a
+transformer: each rank holds its share of the KV heads (and the query heads that read them, with
+their KV cache, under its own KV policy), of the FFN's hidden columns and of the vocabulary; the
+embeddings and norms whole. Attention's output projection and the FFN's down projection are
+row-parallel: their partial outputs are summed by an all-reduce (timed as the layer's "comm"), and
+their biases added on rank 0 only. The head computes its slice of the vocabulary and the ranks
+gather the logits (in the step's "head" time), so every rank samples the same token.
+
+Heads need not divide evenly: the first ranks take one KV head more (SmolLM2's three KV heads over
+two ranks are two and one); the FFN and the vocabulary split the same way.
+
+Shapes: H query heads, G KV heads, d head dim, F FFN hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from infinisim.core.errors import InfinisimError
+from infinisim.executor.model import Transformer
+from infinisim.hwprofiles.profile import Node, Profile
+from infinisim.traces.spec import ModelSpec
+
+
+def split(n: int, parts: int, rank: int) -> tuple[int, int]:
+    """[start, end) of `rank`'s share of n items over `parts` ranks, the first n % parts one larger."""
+    base, extra = divmod(n, parts)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One rank's share of a model."""
+
+    tp: int
+    rank: int
+    kv_heads: tuple[int, int]
+    heads: tuple[int, int]
+    ffn: tuple[int, int]
+    vocab: tuple[int, int]
+
+    @classmethod
+    def of(cls, spec: ModelSpec, tp: int, rank: int) -> Shard:
+        if not 1 <= tp <= spec.n_kv_heads:
+            raise InfinisimError(f"{spec.name} has {spec.n_kv_heads} KV heads: at most that many ranks, got {tp}",
+                                 field="--tp")
+        kv = split(spec.n_kv_heads, tp, rank)
+        group = spec.n_heads // spec.n_kv_heads
+        return cls(tp, rank, kv, (kv[0] * group, kv[1] * group), split(spec.ffn_hidden, tp, rank),
+                   split(spec.vocab_size, tp, rank))
+
+    def spec(self, whole: ModelSpec) -> ModelSpec:
+        """The rank's model, as the simulator takes it (the vocabulary: its share of the head)."""
+        return replace(whole, n_heads=self.heads[1] - self.heads[0], n_kv_heads=self.kv_heads[1] - self.kv_heads[0],
+                       ffn_hidden=self.ffn[1] - self.ffn[0], vocab_size=self.vocab[1] - self.vocab[0])
+
+    def to_dict(self) -> dict[str, object]:
+        return {"degree": self.tp, "rank": self.rank, "kv_heads": list(self.kv_heads), "heads": list(self.heads),
+                "ffn": list(self.ffn), "vocab": list(self.vocab)}
+
+
+class VocabParallelHead(nn.Module):
+    """The head's slice of the vocabulary; the ranks' logits gathered into the whole."""
+
+    def __init__(self, weight: Tensor, vocab: int, shard: Shard, group: dist.ProcessGroup):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [V / tp, hidden]
+        self.vocab, self.group, self.tp = vocab, group, shard.tp
+        self.widest = split(vocab, shard.tp, 0)[1]  # rank 0's share is the largest: every rank pads to it
+
+    def forward(self, x: Tensor) -> Tensor:
+        local = F.linear(x, self.weight)
+        padded = F.pad(local, (0, self.widest - local.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(self.tp)]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        sizes = [split(self.vocab, self.tp, r) for r in range(self.tp)]
+        return torch.cat([p[..., :end - start] for p, (start, end) in zip(parts, sizes, strict=True)], dim=-1)
+
+
+def shard_model(model: Transformer, shard: Shard, group: dist.ProcessGroup) -> Transformer:
+    """The rank's Transformer from the whole one (on the same device): sliced copies of its weights."""
+    spec = model.spec
+    local = replace(spec, n_heads=shard.heads[1] - shard.heads[0], n_kv_heads=shard.kv_heads[1] - shard.kv_heads[0],
+                    ffn_hidden=shard.ffn[1] - shard.ffn[0])
+    d = spec.head_dim
+    rows = {"wq": shard.heads, "wk": shard.kv_heads, "wv": shard.kv_heads}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        parts = name.split(".")
+        leaf = parts[-2] if len(parts) > 2 else ""
+        if leaf in rows:  # column-parallel projections: their heads' rows (and bias)
+            start, end = rows[leaf]
+            tensor = tensor[start * d:end * d]
+        elif leaf == "wo":  # row-parallel: their heads' columns; the bias once
+            tensor = tensor[:, shard.heads[0] * d:shard.heads[1] * d] if parts[-1] == "weight" else \
+                tensor if shard.rank == 0 else torch.zeros_like(tensor)
+        elif leaf in ("w1", "w3", "fc1"):
+            tensor = tensor[shard.ffn[0]:shard.ffn[1]]
+        elif leaf in ("w2", "fc2"):
+            tensor = tensor[:, shard.ffn[0]:shard.ffn[1]] if parts[-1] == "weight" else \
+                tensor if shard.rank == 0 else torch.zeros_like(tensor)
+        state[name] = tensor.clone()
+    with torch.device("meta"):
+        out = Transformer(local)
+    head = state.pop("output.weight", None)
+    head = model.output.weight.detach() if head is None else head
+    out.load_state_dict(state, strict=False, assign=True)
+    out.output = VocabParallelHead(head[shard.vocab[0]:shard.vocab[1]].clone(), spec.vocab_size, shard, group)
+    out.inv_freq = model.inv_freq
+    for block in out.layers:
+        block.group = group
+    return out.eval()
+
+
+def launch(tp: int, worker: Callable[..., Any], *args: Any, device: str = "cpu") -> list[Any]:
+    """Run `worker(rank, tp, *args)` in `tp` processes joined in one process group (gloo on a CPU,
+    NCCL on CUDA); each rank's CPU threads are this machine's cores over tp. Returns each rank's
+    result, in rank order; an error in any rank is raised here as one line."""
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="infinisim-tp-") as folder:
+        store = f"file://{os.path.join(folder, 'rendezvous')}"
+        procs = [ctx.Process(target=_rank, args=(rank, tp, store, device, results, worker, args), daemon=True)
+                 for rank in range(tp)]
+        for p in procs:
+            p.start()
+        out: dict[int, Any] = {}
+        try:
+            while len(out) < tp:
+                try:
+                    rank, ok, value = results.get(timeout=5)
+                except queue.Empty:
+                    dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+                    if dead:
+                        raise InfinisimError(f"tensor-parallel rank {procs.index(dead[0])} died (exit code "
+                                             f"{dead[0].exitcode})", field="--tp") from None
+                    continue
+                if not ok:
+                    raise InfinisimError(f"rank {rank}: {value}")
+                out[rank] = pickle.loads(value)
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.terminate()
+    return [out[r] for r in range(tp)]
+
+
+def _rank(rank: int, tp: int, store: str, device: str, results: mp.Queue, worker: Callable[..., Any],
+          args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    try:
+        dist.init_process_group(backend, init_method=store, rank=rank, world_size=tp)
+        # by value: a queue would share tensors through this process, which exits before they are read
+        results.put((rank, True, pickle.dumps(worker(rank, tp, *args))))
+    except InfinisimError as exc:
+        results.put((rank, False, str(exc)))
+    except BaseException as exc:  # the parent reports it as one line; the details go to this rank's stderr
+        traceback.print_exc()
+        results.put((rank, False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+ALL_REDUCE_SIZES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)  # bytes: decode rows to prefill
+
+
+def _all_reduce_times(rank: int, tp: int, sizes: tuple[int, ...], repeats: int, device: str) -> list[float]:
+    """This rank's seconds per all-reduce of float32 tensors of each size, back to back (as a decode's
+    layers issue them: the ranks wait for each other inside each one), the median of five rounds."""
+    import statistics
+    import time
+
+    out = []
+    for size in sizes:
+        x = torch.ones(size // 4, device=device)
+        rounds = []
+        for _ in range(6):
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                dist.all_reduce(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rounds.append((time.perf_counter() - start) / repeats)
+        out.append(statistics.median(rounds[1:]))  # the first round warms up
+    return out
+
+
+def measure_interconnect(tp: int, device: str = "cpu", repeats: int = 20,
+                         log: Callable[[str], None] = lambda _: None) -> Node:
+    """The all-reduce between `tp` ranks on this machine, fitted to the simulator's ring model
+    (2(tp-1) steps of latency plus 2(tp-1)/tp of the bytes over the bandwidth): a node section."""
+    import numpy as np
+
+    times = launch(tp, _all_reduce_times, ALL_REDUCE_SIZES, repeats, device, device=device)[0]
+    for size, t in zip(ALL_REDUCE_SIZES, times, strict=True):
+        log(f"all-reduce of {size >> 10:>5} KiB over {tp} ranks: {t * 1e6:.0f} us")
+    slope, intercept = np.polyfit(np.array(ALL_REDUCE_SIZES, dtype=float), np.array(times), 1)
+    steps = 2 * (tp - 1)
+    latency = float(np.clip(intercept / steps, 0.0, 1e-3))
+    bandwidth = float(max(steps / tp / max(slope, 1e-15), 1e8))
+    log(f"ring fit: {latency * 1e6:.1f} us per step, {bandwidth / 1e9:.2f} GB/s")
+    name = "NCCL between GPUs (measured)" if device == "cuda" else "gloo between processes on this host (measured)"
+    return Node(gpus=tp, interconnect=name, interconnect_bandwidth=bandwidth, interconnect_latency=latency,
+                gpus_per_host_link=1)
+
+
+def _calibrate_rank(rank: int, tp: int, device: str, dtype: str, quick: bool, name: str | None) -> Profile:
+    from infinisim.executor.calibrate import calibrate
+
+    return calibrate(device, dtype, quick, name, log=lambda line: print(f"  {line}", file=sys.stderr, flush=True)
+                     if rank == 0 else None)
+
+
+def calibrate_ranks(tp: int, device: str = "cpu", dtype: str = "float32", quick: bool = False,
+                    name: str | None = None, log: Callable[[str], None] = lambda _: None) -> Profile:
+    """A profile of one of `tp` ranks on this machine: `calibrate` run in all `tp` ranks at once (each
+    with the threads a rank gets, sharing the memory bus as the ranks of a run do; rank 0's
+    measurements kept), and the measured all-reduce between them as its node."""
+    log(f"calibrating in {tp} ranks at once (rank 0's measurements are kept) ...")
+    profile = launch(tp, _calibrate_rank, device, dtype, quick, name, device=device)[0]
+    node = measure_interconnect(tp, device, 8 if quick else 20, log)
+    return replace(profile, node=node, description=profile.description + f" One of {tp} tensor-parallel ranks, "
+                   f"calibrated with all {tp} running.")

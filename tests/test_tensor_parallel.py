@@ -1,0 +1,126 @@
+"""Tensor parallelism in the executor (executor/parallel.py): two gloo ranks give one process's logits,
+for SmolLM2's geometry (three KV heads: an uneven split) and a random OPT; the shard arithmetic; the
+all-reduce timed as comm; `run --tp 2` writes one trace per rank and replays."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from test_cli import infinisim
+
+from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.kvcache import Measurement
+from infinisim.executor.parallel import Shard, launch, split
+from infinisim.executor.recording import run_policy
+from infinisim.traces.spec import named_model
+
+PROMPTS = [list(range(10, 70)), list(range(300, 340))]
+
+
+def small(model: str):
+    from infinisim.executor.weights import materialize
+
+    layers = 5 if model == "smollm2-135m" else 4
+    return materialize(replace(named_model(model), n_layers=layers), None, "float32", torch.device("cpu"), "random")
+
+
+def decode(model, policy: str) -> tuple[list, list, object]:
+    knobs = {"dense_layers": 1, "budget": 1.0, "alpha": 1000.0} if policy == "infinigen" else None
+    gen, trace = run_policy(model, PROMPTS, policy, SamplingConfig(4, stop_at_eos=False), {"model": "x"},
+                            knobs=knobs, measure=Measurement(keep_logits=True))
+    return [t.clone() for t in gen.logits], gen.new_tokens, trace
+
+
+def rank_logits(rank: int, tp: int, model_name: str, policy: str) -> dict:
+    """One rank: the model (the same random weights in every process), its shard, a decode."""
+    import torch.distributed as dist
+
+    from infinisim.executor.parallel import shard_model
+
+    whole = small(model_name)
+    model = shard_model(whole, Shard.of(whole.spec, tp, rank), dist.group.WORLD)
+    logits, tokens, trace = decode(model, policy)
+    comm = float(trace.layers[trace.layers.step > 0].comm_s.sum())
+    return {"logits": logits, "tokens": tokens, "comm_s": comm, "kv_heads": model.spec.n_kv_heads}
+
+
+def test_split_and_shard_arithmetic():
+    assert [split(3, 2, r) for r in range(2)] == [(0, 2), (2, 3)]
+    assert [split(10, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    spec = named_model("smollm2-135m")
+    shards = [Shard.of(spec, 2, r) for r in range(2)]
+    assert [s.heads for s in shards] == [(0, 6), (6, 9)] and [s.kv_heads for s in shards] == [(0, 2), (2, 3)]
+    assert sum(s.spec(spec).ffn_hidden for s in shards) == spec.ffn_hidden
+    assert sum(s.spec(spec).vocab_size for s in shards) == spec.vocab_size
+    from infinisim.core.errors import InfinisimError
+
+    with pytest.raises(InfinisimError, match="at most that many ranks"):
+        Shard.of(spec, 4, 0)
+
+
+@pytest.mark.parametrize("model_name,policy", [("smollm2-135m", "resident"), ("smollm2-135m", "infinigen"),
+                                               ("opt-125m", "full")])
+def test_two_gloo_ranks_give_one_process_logits(model_name, policy):
+    """Every step's logits on every rank within 1e-5 (float32) of the single-process model, the same
+    tokens; each rank holds its share of the KV heads and times its all-reduces as comm."""
+    want, want_tokens, _ = decode(small(model_name), policy)
+    ranks = launch(2, rank_logits, model_name, policy)
+    spec = named_model(model_name)
+    assert [r["kv_heads"] for r in ranks] == [Shard.of(spec, 2, i).kv_heads[1] - Shard.of(spec, 2, i).kv_heads[0]
+                                              for i in range(2)]
+    for r in ranks:
+        assert r["tokens"] == want_tokens
+        assert r["comm_s"] > 0
+        for a, b in zip(r["logits"], want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def failing_rank(rank: int, tp: int) -> None:
+    if rank == 1:
+        raise ValueError("broken on purpose")
+
+
+def test_an_error_in_a_rank_is_one_line():
+    from infinisim.core.errors import InfinisimError
+
+    with pytest.raises(InfinisimError, match="rank 1: ValueError: broken on purpose"):
+        launch(2, failing_rank)
+
+
+def test_run_tp2_writes_a_trace_per_rank_and_replays(tmp_path):
+    proc = infinisim("run", "--model", "smollm2-135m", "--random-weights", "--prompt-len", "32", "--gen-len", "3",
+                     "--batch", "2", "--ignore-eos", "--tp", "2", "--policy", "resident,full", "--out", str(tmp_path),
+                     "--json")
+    assert proc.returncode == 0, proc.stderr
+    summaries = json.loads(proc.stdout)["summaries"]
+    assert [s["policy"] for s in summaries] == ["resident", "full"]
+    from infinisim.sim.workload import from_trace
+    from infinisim.traces.trace import read_trace
+
+    for s in summaries:
+        assert s["tp"] == 2 and len(s["traces"]) == 2 and all(c > 0 for c in s["decode_comm_ms_per_rank"])
+        for rank, path in enumerate(s["traces"]):
+            trace = read_trace(path)
+            assert f"-tp2r{rank}-" in path and trace.run["tp"]["rank"] == rank
+            w = from_trace(trace)
+            assert w.tp == 2 and w.spec.n_kv_heads == (2, 1)[rank]
+    assert infinisim("run", "--model", "smollm2-135m", "--random-weights", "--tp", "2", "--trace",
+                     str(tmp_path / "x.trace.parquet")).returncode == 1
+
+
+@pytest.mark.slow
+def test_validate_tp2_calibrates_a_rank_and_replays_each_rank(tmp_path):
+    from infinisim.hwprofiles.profile import load_profile
+
+    proc = infinisim("validate", "--tp", "2", "--quick", "--model", "smollm2-135m", "--random-weights",
+                     "--prompt-len", "32", "--gen-len", "3", "--policy", "resident", "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    comparisons = json.loads(proc.stdout)["comparisons"]
+    assert [(c["policy"], c["rank"]) for c in comparisons] == [("resident", 0), ("resident", 1)]
+    assert all(c["phases"]["comm"]["predicted_ms"] > 0 and c["phases"]["comm"]["measured_ms"] > 0
+               for c in comparisons)
+    node = load_profile(str(tmp_path / "profile.yaml")).node
+    assert node is not None and node.gpus == 2 and "gloo" in node.interconnect
