@@ -95,6 +95,7 @@ class ServeConfig:
     speculated_fraction: float | None = None
     scheduler: Scheduler = field(default_factory=Scheduler)
     tp: int = 1  # tensor parallelism over the profile's GPUs
+    weights_on_host: float = 0.0  # share of every block's weights streamed from host memory
 
     def costs(self, profile: Any = None) -> IterationCosts:
         from infinisim.hwprofiles.profile import load_profile
@@ -105,7 +106,7 @@ class ServeConfig:
             raise InfinisimError(f"{self.policy} needs --speculated-fraction or --from-trace (a trace's within-alpha "
                                  "counts)", field="--speculated-fraction")
         return IterationCosts(named_model(self.model), profile or load_profile(self.profile), self.policy, self.dtype,
-                              dict(self.knobs), share, self.tp)
+                              dict(self.knobs), share, self.tp, self.weights_on_host)
 
     def fetched_fraction(self, stream: RequestStream) -> float:
         """The share a selecting layer fetches at the stream's mean lengths (accuracy's axis)."""
@@ -123,7 +124,7 @@ def serve(stream: RequestStream, configs: list[ServeConfig], slo: SLO, profile: 
     for i, config in enumerate(configs):
         result = simulate_serving(stream, config.costs(profile), config.scheduler)
         row = {"policy": config.policy, "profile": config.profile, "model": config.model, "tp": config.tp,
-               **dict(config.knobs), **summarize_serving(result, slo)}
+               "weights_on_host": config.weights_on_host, **dict(config.knobs), **summarize_serving(result, slo)}
         out.append((row, result))
         if progress:
             progress(i + 1, len(configs))
@@ -160,7 +161,8 @@ def find_capacity(config: CapacityConfig) -> dict[str, Any]:
     Pure: the same config, the same row (with every rate tried and its p99s)."""
     c = config.serve
     row: dict[str, Any] = {"key": config.key(), "profile": c.profile, "model": c.model, "policy": c.policy,
-                           "tp": c.tp, **{k: v for k, v in c.knobs}, "slo": config.slo.describe()}
+                           "tp": c.tp, "weights_on_host": c.weights_on_host, **{k: v for k, v in c.knobs},
+                           "slo": config.slo.describe()}
     try:
         base = config.stream.build()
         costs = c.costs()
@@ -210,6 +212,15 @@ def find_capacity(config: CapacityConfig) -> dict[str, Any]:
             "simulations": costs.simulations, "tried": tried}
 
 
+def serving_share(weights_on_host: float | str) -> float:
+    """A share of the weights on the host for serving: a number (not auto)."""
+    if weights_on_host == "auto":
+        raise InfinisimError("serving takes a share, not auto (what fits depends on the requests running; "
+                             "`simulate --weights-on-host auto` finds the share a static batch needs)",
+                             field="--weights-on-host")
+    return float(weights_on_host)
+
+
 def capacity_configs(sweep: Any, stream: StreamSpec, slo: SLO, scheduler: Scheduler) -> list[CapacityConfig]:
     """A sweep's hardware x model x policy x knobs (its batch and length axes are the stream's to
     set) as capacity searches; a speculating policy's share as the sweep gives it (a fraction, or a
@@ -220,7 +231,8 @@ def capacity_configs(sweep: Any, stream: StreamSpec, slo: SLO, scheduler: Schedu
         if c.speculated_by_alpha is not None:
             alpha = policy(c.policy).make_knobs(dict(c.knobs)).alpha_for(named_model(c.model).family)
             share = c.speculated_by_alpha[min(9, max(1, round(alpha))) - 1]
-        serve_config = ServeConfig(c.profile, c.model, c.policy, c.knobs, c.dtype, share, scheduler, c.tp)
+        serve_config = ServeConfig(c.profile, c.model, c.policy, c.knobs, c.dtype, share, scheduler, c.tp,
+                                   serving_share(c.weights_on_host))
         config = CapacityConfig(serve_config, stream, slo, c.fingerprint, key)
         out.setdefault(config.key(), config)
     return list(out.values())

@@ -10,7 +10,9 @@ event simulation where that does not apply), on tables filled lazily and kept pe
   length: exact for equal lengths, and within each sequence's rounding of its fetch count
   otherwise. x is the cache length, or for a policy whose fetch is sized by the prompt (H2O's kept
   set) the prompt length. Integer x is simulated (in blocks of consecutive values, one array pass
-  each); a fractional mean is interpolated between its two neighbours.
+  each); a fractional mean is interpolated between its two neighbours. With weights streamed from
+  the host the event simulation times every STREAM_GRID-th length (in one run of steps, so each
+  step's weight copies overlap the last as in a served stream) and the rest are interpolated.
 - prefill(n): one prompt of n tokens (batch 1), and the spill its host write-back adds to the
   next decode step (the static simulation's first step less a step from idle at the same length).
 
@@ -30,12 +32,13 @@ from infinisim.core.errors import InfinisimError
 from infinisim.hwprofiles.profile import Profile
 from infinisim.sim.direct import prefill_lanes, simulate_direct
 from infinisim.sim.engine import simulate
-from infinisim.sim.memory import activation_bytes, memory_plan
+from infinisim.sim.memory import activation_bytes, memory_plan, weight_parts
 from infinisim.sim.workload import Workload, at_lengths, synthetic
 from infinisim.traces.spec import ModelSpec
 
 BLOCK = 2048  # decode lengths simulated per array pass
 CHUNK_GRID = 64  # prompt lengths simulated for chunked prefill (interpolated between)
+STREAM_GRID = 64  # decode lengths apart the event simulation times a streamed-weights config (interpolated between)
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,14 @@ class IterationCosts:
     share), from tables filled as the serving simulation asks for them."""
 
     def __init__(self, spec: ModelSpec, profile: Profile, policy: str, dtype: str = "float16",
-                 knobs: dict[str, Any] | None = None, speculated: float | np.ndarray | None = None, tp: int = 1):
+                 knobs: dict[str, Any] | None = None, speculated: float | np.ndarray | None = None, tp: int = 1,
+                 weights_on_host: float = 0.0):
         """`tp`: tensor parallelism; every table is then one GPU's (its shard of the model, its share of
-        the host's memory)."""
+        the host's memory). `weights_on_host`: that share of every block's weights streamed from the host
+        (its tables then come from the event simulation: the copies cross step boundaries)."""
         profile.for_tensor_parallel(tp)  # a profile with fewer GPUs is the first error
         self.whole, self.spec, self.tp = spec, spec.shard(tp), tp
+        self.weights_on_host = weights_on_host
         self.profile, self.policy, self.dtype = profile, policy, dtype
         self.knobs, self.speculated = knobs, speculated
         probe = self._synthetic(1, 16, 2)  # checks the knobs and the share
@@ -103,12 +109,12 @@ class IterationCosts:
 
     def _synthetic(self, batch: int, prompt: int, gen: int) -> Workload:
         return synthetic(self.whole, batch, prompt, gen, self.policy, self.dtype, self.knobs, self.speculated,
-                         tp=self.tp)
+                         weights_on_host=self.weights_on_host, tp=self.tp)
 
     def _at_lengths(self, batch: int, prompt: int, lengths: Any, sized_by: Any = None) -> Workload:
         w = at_lengths(self.spec, batch, prompt, lengths, self.policy, self.dtype, self.knobs, self.speculated,
                        sized_by=sized_by)
-        w.tp = self.tp
+        w.tp, w.weights_on_host = self.tp, self.weights_on_host
         return w
 
     # ---------------------------------------------------------------- decode steps
@@ -140,14 +146,18 @@ class IterationCosts:
         start = x - x % BLOCK
         xs = np.arange(max(start, 2), start + BLOCK + 1)
         xs = xs[[v not in table for v in xs]]
+        # streamed weights need the event simulation: a step every STREAM_GRID lengths, interpolated
+        grid = xs if self.weights_on_host <= 0 else np.unique(np.r_[xs[::STREAM_GRID], xs[-1]])
         # one extra step first: a decode step right after a prefill is not from idle streams
-        lengths = np.concatenate([xs[:1], xs])
+        lengths = np.concatenate([grid[:1], grid])
         if self.by_prompt:  # the fetch follows the prompt: x is the prompt, the cache just past it
             w = self._at_lengths(batch, 1, lengths + 1, sized_by=lengths)
         else:
             w = self._at_lengths(batch, 1, lengths)
         seconds = _step_times(w, self.profile)[2:]
         self.simulations += 1
+        if len(grid) < len(xs):
+            seconds = np.interp(xs, grid, seconds)
         table.update(zip(xs.tolist(), seconds.tolist(), strict=True))
 
     # ---------------------------------------------------------------- prefills
@@ -204,7 +214,8 @@ class IterationCosts:
         host = SequenceMemory(0.0, (host_p - host_c) / d, (host_c - host0) / d)
         device = SequenceMemory(dev0 - device.of(p, c), device.per_prompt, device.per_token)
         host = SequenceMemory(host0 - host.of(p, c), host.per_prompt, host.per_token)
-        fixed = float(self.spec.weight_bytes(self.dtype)) + activation_bytes(self.spec, self.dtype,
-                                                                             max_batched_tokens, max_seqs)
-        return MemoryBudget(fixed, self.profile.device.memory, self.profile.host.memory / self.tp,
+        weights_device, weights_host = (sum(part.values()) for part in
+                                        weight_parts(self.spec, self.dtype, self.weights_on_host))
+        fixed = weights_device + activation_bytes(self.spec, self.dtype, max_batched_tokens, max_seqs)
+        return MemoryBudget(fixed, self.profile.device.memory, self.profile.host.memory / self.tp - weights_host,
                             self.profile.kind == "cpu", device, host)  # one GPU's view: its share of the host

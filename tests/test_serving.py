@@ -200,3 +200,21 @@ def test_capacity_search_serial_processes_and_dask_agree_and_resume(tmp_path):
                                progress=lambda done, total: calls.append(done))
     assert resumed["max_rate"].tolist() == serial["max_rate"].tolist()
     assert calls == [3, 4]  # two from the cache, the cut one and the last searched again
+
+
+def test_weights_streamed_from_the_host_serve_as_the_static_prediction_and_free_the_device():
+    """A share of the weights on the host: one request alone takes the static (event) simulation's
+    prefill and decode time; the device keeps the rest of the weights and two block buffers, the
+    host the streamed share."""
+    spec, prof = named_model("opt-6.7b"), load_profile("a6000-pcie3")
+    prompt, gen = 300, 12
+    static = simulate(synthetic(spec, 1, prompt, gen, "full", "float16", weights_on_host=0.4), prof)
+    streamed = IterationCosts(spec, prof, "full", "float16", weights_on_host=0.4)
+    result = simulate_serving(stream_of((1.0, prompt, gen)), streamed)
+    r = result.requests
+    assert r["first_token_s"][0] - 1.0 == pytest.approx(static.step_s[0], rel=1e-9)
+    assert r["finished_s"][0] - r["first_token_s"][0] == pytest.approx(static.decode_step_s.sum(), rel=0.01)
+    resident, offloaded = IterationCosts(spec, prof, "full", "float16").memory(2048, 8), streamed.memory(2048, 8)
+    block = spec.layer_weight_bytes("float16")
+    assert resident.device_fixed - offloaded.device_fixed == pytest.approx(0.4 * block * (spec.n_layers - 2))
+    assert resident.host_capacity - offloaded.host_capacity == pytest.approx(0.4 * block * spec.n_layers)

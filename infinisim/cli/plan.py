@@ -134,7 +134,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _capacity(args: argparse.Namespace) -> int:
     from infinisim.analysis.planner import make_capacity
-    from infinisim.analysis.serving import capacity_configs
+    from infinisim.analysis.serving import capacity_configs, serving_share
     from infinisim.analysis.sweep import Sweep
     from infinisim.hwprofiles.profile import builtin_profiles
     from infinisim.sim.latency import parse_slo
@@ -144,9 +144,6 @@ def _capacity(args: argparse.Namespace) -> int:
         if getattr(args, name):
             raise InfinisimError("does not apply with --requests (the stream sets the lengths and the server the "
                                  "batch; the SLO is the target)", field="--" + name.replace("_", "-"))
-    if args.weights_on_host != [0.0]:
-        raise InfinisimError("not with --requests yet (serving tables are computed without events, weight streaming "
-                             "needs them)", field="--weights-on-host")
     if not args.model:
         raise InfinisimError("give --model", field="--model")
     slo, stream = parse_slo(args.slo), flags.stream_spec(args)
@@ -155,6 +152,7 @@ def _capacity(args: argparse.Namespace) -> int:
                   flags.policy_names(args.policy or DEFAULT_POLICIES), dtype=args.dtype or "float16")
     sweep.knobs.update(flags.knobs_given(args))
     sweep.tp = args.tp
+    sweep.weights_on_host = [serving_share(w) for w in args.weights_on_host]  # before any search
     sweep.speculated_fraction = args.speculated_fraction
     if args.from_trace:
         from infinisim.sim.workload import speculated_by_alpha

@@ -19,6 +19,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = flags.verb(sub, "serve", cmd_serve, "simulate serving a request stream: TTFT, TPOT, throughput, goodput")
     flags.add_simulated_config_flags(p, "resident", "each serves the same stream")
     flags.add_tp_flag(p)
+    p.add_argument("--weights-on-host", metavar="FRACTION", type=flags.fraction, default=0.0,
+                   help="weight offloading (FlexGen): this share of every block's weights stays in host memory and "
+                        "is streamed over the link one layer ahead of its use (iterations then come from the event "
+                        "simulation: slower); default 0")
     flags.add_stream_flags(p)
     flags.add_scheduler_flags(p)
     p.add_argument("--out", help="folder to write serving.json and one requests-<policy>.csv per policy into")
@@ -53,8 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stream = flags.stream_spec(args).build()
     knobs = flags.knobs_given(args)
     configs = [ServeConfig(profile.name, args.model, name, tuple(sorted(
-        (k, v) for k, v in knobs.items() if k in policy(name).knob_names)), args.dtype, share, schedule, args.tp)
-        for name in policies]
+        (k, v) for k, v in knobs.items() if k in policy(name).knob_names)), args.dtype, share, schedule, args.tp,
+        args.weights_on_host) for name in policies]
     for c in configs:
         c.costs(profile)  # every policy's knobs and share checked before any serving
     print(f"{len(stream)} requests over {stream.duration_s:.0f} s ({stream.rate:.2f}/s): {stream.source}",
