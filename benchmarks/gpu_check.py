@@ -125,7 +125,8 @@ def main() -> int:
                             for c in data["comparisons"]]
 
     log("4/4 half of the weights streamed from the host, replayed")
-    data = validate(out / "weights-on-host", profile=result["profile"], policies=["resident", "infinigen"],
+    data = validate(out / "weights-on-host", profile=result["profile"],
+                    policies=["resident"] if args.tiny else ["resident", "infinigen"],
                     batch=shape["batch"], prompt_len=shape["prompt_len"], gen_len=shape["gen_len"],
                     model=shape["model"], random_weights=True, device=args.device, dtype=shape["dtype"],
                     weights_on_host=0.5, command=f"benchmarks/gpu_check.py --device {args.device}"

@@ -34,17 +34,23 @@ def decode(model, policy: str) -> tuple[list, list, object]:
     return [t.clone() for t in gen.logits], gen.new_tokens, trace
 
 
-def rank_logits(rank: int, tp: int, model_name: str, policy: str) -> dict:
-    """One rank: the model (the same random weights in every process), its shard, a decode."""
+CASES = (("smollm2-135m", "resident"), ("smollm2-135m", "infinigen"), ("opt-125m", "full"))
+
+
+def rank_logits(rank: int, tp: int) -> list[dict]:
+    """One rank, every case: the model (the same random weights in every process), its shard, a decode."""
     import torch.distributed as dist
 
     from infinisim.executor.parallel import shard_model
 
-    whole = small(model_name)
-    model = shard_model(whole, Shard.of(whole.spec, tp, rank), dist.group.WORLD)
-    logits, tokens, trace = decode(model, policy)
-    comm = float(trace.layers[trace.layers.step > 0].comm_s.sum())
-    return {"logits": logits, "tokens": tokens, "comm_s": comm, "kv_heads": model.spec.n_kv_heads}
+    out = []
+    for model_name, policy in CASES:
+        whole = small(model_name)
+        model = shard_model(whole, Shard.of(whole.spec, tp, rank), dist.group.WORLD)
+        logits, tokens, trace = decode(model, policy)
+        comm = float(trace.layers[trace.layers.step > 0].comm_s.sum())
+        out.append({"logits": logits, "tokens": tokens, "comm_s": comm, "kv_heads": model.spec.n_kv_heads})
+    return out
 
 
 def test_split_and_shard_arithmetic():
@@ -61,21 +67,21 @@ def test_split_and_shard_arithmetic():
         Shard.of(spec, 4, 0)
 
 
-@pytest.mark.parametrize("model_name,policy", [("smollm2-135m", "resident"), ("smollm2-135m", "infinigen"),
-                                               ("opt-125m", "full")])
-def test_two_gloo_ranks_give_one_process_logits(model_name, policy):
+def test_two_gloo_ranks_give_one_process_logits():
     """Every step's logits on every rank within 1e-5 (float32) of the single-process model, the same
-    tokens; each rank holds its share of the KV heads and times its all-reduces as comm."""
-    want, want_tokens, _ = decode(small(model_name), policy)
-    ranks = launch(2, rank_logits, model_name, policy)
-    spec = named_model(model_name)
-    assert [r["kv_heads"] for r in ranks] == [Shard.of(spec, 2, i).kv_heads[1] - Shard.of(spec, 2, i).kv_heads[0]
-                                              for i in range(2)]
-    for r in ranks:
-        assert r["tokens"] == want_tokens
-        assert r["comm_s"] > 0
-        for a, b in zip(r["logits"], want, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    tokens, for SmolLM2's geometry (resident; infinigen at a 100% budget) and a random OPT (full); each
+    rank holds its share of the KV heads and times its all-reduces as comm. (One launch for the three.)"""
+    ranks = launch(2, rank_logits)
+    for case, (model_name, policy) in enumerate(CASES):
+        want, want_tokens, _ = decode(small(model_name), policy)
+        spec = named_model(model_name)
+        shares = [Shard.of(spec, 2, i).kv_heads for i in range(2)]
+        assert [r[case]["kv_heads"] for r in ranks] == [end - start for start, end in shares]
+        for r in ranks:
+            assert r[case]["tokens"] == want_tokens, (model_name, policy)
+            assert r[case]["comm_s"] > 0
+            for a, b in zip(r[case]["logits"], want, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def failing_rank(rank: int, tp: int) -> None:
