@@ -95,25 +95,21 @@ class VocabParallelHead(nn.Module):
 def shard_model(model: Transformer, shard: Shard, group: dist.ProcessGroup) -> Transformer:
     """The rank's Transformer from the whole one (on the same device): sliced copies of its weights."""
     spec = model.spec
-    local = replace(spec, n_heads=shard.heads[1] - shard.heads[0], n_kv_heads=shard.kv_heads[1] - shard.kv_heads[0],
-                    ffn_hidden=shard.ffn[1] - shard.ffn[0])
+    local = replace(shard.spec(spec), vocab_size=spec.vocab_size)  # the embeddings stay whole
     d = spec.head_dim
-    rows = {"wq": shard.heads, "wk": shard.kv_heads, "wv": shard.kv_heads}
+    heads, kv, ffn = (shard.heads[0] * d, shard.heads[1] * d), (shard.kv_heads[0] * d, shard.kv_heads[1] * d), shard.ffn
+    column = {"wq": heads, "wk": kv, "wv": kv, "w1": ffn, "w3": ffn, "fc1": ffn}  # output rows [start, end)
+    row = {"wo": heads, "w2": ffn, "fc2": ffn}  # input columns [start, end); their partial outputs are summed
     state = {}
     for name, tensor in model.state_dict().items():
         parts = name.split(".")
-        leaf = parts[-2] if len(parts) > 2 else ""
-        if leaf in rows:  # column-parallel projections: their heads' rows (and bias)
-            start, end = rows[leaf]
-            tensor = tensor[start * d:end * d]
-        elif leaf == "wo":  # row-parallel: their heads' columns; the bias once
-            tensor = tensor[:, shard.heads[0] * d:shard.heads[1] * d] if parts[-1] == "weight" else \
-                tensor if shard.rank == 0 else torch.zeros_like(tensor)
-        elif leaf in ("w1", "w3", "fc1"):
-            tensor = tensor[shard.ffn[0]:shard.ffn[1]]
-        elif leaf in ("w2", "fc2"):
-            tensor = tensor[:, shard.ffn[0]:shard.ffn[1]] if parts[-1] == "weight" else \
-                tensor if shard.rank == 0 else torch.zeros_like(tensor)
+        leaf, weight = (parts[-2] if len(parts) > 2 else ""), parts[-1] == "weight"
+        if leaf in column:
+            start, end = column[leaf]
+            tensor = tensor[start:end]
+        elif leaf in row:  # the bias once: rank 0's
+            start, end = row[leaf]
+            tensor = tensor[:, start:end] if weight else tensor if shard.rank == 0 else torch.zeros_like(tensor)
         state[name] = tensor.clone()
     with torch.device("meta"):
         out = Transformer(local)
