@@ -127,6 +127,9 @@ def launch(tp: int, worker: Callable[..., Any], *args: Any, device: str = "cpu")
     """Run `worker(rank, tp, *args)` in `tp` processes joined in one process group (gloo on a CPU,
     NCCL on CUDA); each rank's CPU threads are this machine's cores over tp. Returns each rank's
     result, in rank order; an error in any rank is raised here as one line."""
+    if device == "cuda" and tp > torch.cuda.device_count():
+        raise InfinisimError(f"{tp} ranks on CUDA need {tp} GPUs; this machine has {torch.cuda.device_count()}",
+                             field="--tp")
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="infinisim-tp-") as folder:

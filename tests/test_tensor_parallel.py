@@ -94,6 +94,9 @@ def test_an_error_in_a_rank_is_one_line():
 
     with pytest.raises(InfinisimError, match="rank 1: ValueError: broken on purpose"):
         launch(2, failing_rank)
+    if torch.cuda.device_count() < 2:  # more ranks than GPUs: refused before any process starts
+        with pytest.raises(InfinisimError, match="2 ranks on CUDA need 2 GPUs"):
+            launch(2, failing_rank, device="cuda")
 
 
 def test_run_tp2_writes_a_trace_per_rank_and_replays(tmp_path):
