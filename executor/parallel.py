@@ -22,7 +22,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,45 +33,7 @@ from torch import Tensor, nn
 from infinisim.core.errors import InfinisimError
 from infinisim.executor.model import Transformer
 from infinisim.hwprofiles.profile import Node, Profile
-from infinisim.traces.spec import ModelSpec
-
-
-def split(n: int, parts: int, rank: int) -> tuple[int, int]:
-    """[start, end) of `rank`'s share of n items over `parts` ranks, the first n % parts one larger."""
-    base, extra = divmod(n, parts)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One rank's share of a model."""
-
-    tp: int
-    rank: int
-    kv_heads: tuple[int, int]
-    heads: tuple[int, int]
-    ffn: tuple[int, int]
-    vocab: tuple[int, int]
-
-    @classmethod
-    def of(cls, spec: ModelSpec, tp: int, rank: int) -> Shard:
-        if not 1 <= tp <= spec.n_kv_heads:
-            raise InfinisimError(f"{spec.name} has {spec.n_kv_heads} KV heads: at most that many ranks, got {tp}",
-                                 field="--tp")
-        kv = split(spec.n_kv_heads, tp, rank)
-        group = spec.n_heads // spec.n_kv_heads
-        return cls(tp, rank, kv, (kv[0] * group, kv[1] * group), split(spec.ffn_hidden, tp, rank),
-                   split(spec.vocab_size, tp, rank))
-
-    def spec(self, whole: ModelSpec) -> ModelSpec:
-        """The rank's model, as the simulator takes it (the vocabulary: its share of the head)."""
-        return replace(whole, n_heads=self.heads[1] - self.heads[0], n_kv_heads=self.kv_heads[1] - self.kv_heads[0],
-                       ffn_hidden=self.ffn[1] - self.ffn[0], vocab_size=self.vocab[1] - self.vocab[0])
-
-    def to_dict(self) -> dict[str, object]:
-        return {"degree": self.tp, "rank": self.rank, "kv_heads": list(self.kv_heads), "heads": list(self.heads),
-                "ffn": list(self.ffn), "vocab": list(self.vocab)}
+from infinisim.traces.spec import Shard, split
 
 
 class VocabParallelHead(nn.Module):

@@ -14,12 +14,12 @@ from infinisim.executor.generate import Generation, SamplingConfig, StepRecord
 from infinisim.executor.kvcache import TIMING_ONLY, Measurement, check_fits
 from infinisim.executor.link import EmulatedLink
 from infinisim.executor.loaders import LoadedModel, load_model
-from infinisim.executor.parallel import Shard, shard_model
+from infinisim.executor.parallel import shard_model
 from infinisim.executor.prompts import bundled_text, text_windows
 from infinisim.executor.recording import run_policy
-from infinisim.executor.weight_stream import WeightStream, weights_to_fit
+from infinisim.executor.weight_stream import WeightStream, share_to_fit
 from infinisim.hwprofiles.emulated import LinkSpec
-from infinisim.traces.spec import ModelSpec
+from infinisim.traces.spec import ModelSpec, Shard
 from infinisim.traces.trace import Trace, trace_filename, write_trace
 
 
@@ -85,7 +85,7 @@ class Session:
             self.shard = Shard.of(self.spec, *shard)
             self.loaded.model = shard_model(self.loaded.model, self.shard, dist.group.WORLD)
         self.weights: WeightStream | None = None
-        share = weights_to_fit(self.spec, dtype, self.device) if weights_on_host == "auto" else float(weights_on_host)
+        share = share_to_fit(self.spec, dtype, self.device) if weights_on_host == "auto" else float(weights_on_host)
         if share > 0:
             self.weights = WeightStream(self.loaded.model, share, self.device, self.link)
             log(f"weights: {self.weights.info.share:.0%} of every block in host memory "

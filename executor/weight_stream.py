@@ -27,7 +27,7 @@ from infinisim.core.errors import InfinisimError
 from infinisim.executor.kvcache import CopyEngine, available_bytes
 from infinisim.executor.link import EmulatedLink
 from infinisim.executor.model import Block, Step, Transformer
-from infinisim.traces.spec import ModelSpec
+from infinisim.traces.spec import ModelSpec, weights_to_fit
 
 
 class StreamedLinear(nn.Module):
@@ -73,17 +73,14 @@ def streamed_rows(out_features: int, share: float) -> int:
     return math.ceil(share * out_features - 1e-9)
 
 
-def weights_to_fit(spec: ModelSpec, dtype: str, device: torch.device) -> float:
+def share_to_fit(spec: ModelSpec, dtype: str, device: torch.device) -> float:
     """`--weights-on-host auto` for a run: the smallest share (in hundredths) at which the device's part
-    of the weights (the rest of every block, two block buffers, embeddings and head) fits the memory
-    it has free; 0 when the whole model does."""
+    of the weights (traces.spec.weight_parts) fits the memory it has free; 0 when the whole model does."""
     free, total = available_bytes(device), spec.weight_bytes(dtype)
     if total <= free:
         return 0.0
-    block = spec.layer_weight_bytes(dtype)
-    saved_per_share = (spec.n_layers - 2) * block  # the host takes the share of every block, less two buffers
-    share = math.ceil((total - free) / saved_per_share * 100 - 1e-9) / 100 if saved_per_share > 0 else math.inf
-    if share > 1:
+    share = weights_to_fit(spec, dtype, 0.0, total, free)
+    if share is None:
         raise InfinisimError(f"{spec.name} in {dtype} does not fit the {device.type}'s {free / 1e9:.1f} GB free even "
                              "with every block's weights on the host", field="--weights-on-host")
     return share

@@ -3,12 +3,11 @@ weights and activations here, the KV policy's own allocations from its simulator
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from infinisim.hwprofiles.profile import Profile
 from infinisim.sim.workload import Workload
-from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
+from infinisim.traces.spec import DTYPE_BYTES, ModelSpec, weight_parts, weights_to_fit
 
 
 @dataclass(frozen=True)
@@ -50,29 +49,6 @@ def activation_bytes(spec: ModelSpec, dtype: str, tokens: int, rows: int) -> flo
     """The widest activations of a forward over `tokens` (FFN hidden states, residual, q/k/v) and the
     logits of `rows` sequences; attention kernels that do not keep the T x T scores."""
     return float(tokens * (2 * spec.ffn_hidden + 4 * spec.hidden) * DTYPE_BYTES[dtype] + rows * spec.vocab_size * 4)
-
-
-def weight_parts(spec: ModelSpec, dtype: str, on_host: float) -> tuple[dict[str, float], dict[str, float]]:
-    """Device and host bytes of the weights with a share `on_host` of every block in host memory: the
-    device keeps the rest and two block-sized buffers of the streamed share (one in use, one filling)."""
-    if on_host <= 0:
-        return {"weights": float(spec.weight_bytes(dtype))}, {}
-    streamed = on_host * spec.n_layers * spec.layer_weight_bytes(dtype)
-    return ({"weights": float(spec.weight_bytes(dtype)) - streamed,
-             "weight buffers": 2 * on_host * spec.layer_weight_bytes(dtype)}, {"weights": streamed})
-
-
-def weights_to_fit(spec: ModelSpec, dtype: str, on_host: float, device_bytes: float, capacity: float) -> float | None:
-    """The smallest share of the weights on the host (in hundredths) that brings the device under
-    `capacity`; None if even all of them do not, or when it already fits."""
-    # the device side of weight_parts is linear in the share: what all of it on the host saves, per share
-    saved_per_share = spec.weight_bytes(dtype) - sum(weight_parts(spec, dtype, 1.0)[0].values())
-    deficit = device_bytes - capacity
-    if deficit <= 0 or saved_per_share <= 0:
-        return None
-    share = on_host + deficit / saved_per_share
-    share = math.ceil(share * 100 - 1e-9) / 100
-    return share if share <= 1 else None
 
 
 def tp_to_fit(w: Workload, profile: Profile) -> int | None:

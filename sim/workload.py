@@ -12,7 +12,7 @@ a layer's attention runs over (every layer, the newest row included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 from infinisim.core.errors import InfinisimError
 from infinisim.core.policies import Knobs, policy
 from infinisim.sim.policies import SIM_POLICIES, SimPolicy
-from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
+from infinisim.traces.spec import DTYPE_BYTES, ModelSpec, Shard
 from infinisim.traces.trace import Trace
 
 MAX_CELLS = 20_000_000  # decode steps x layers a simulation holds (a workload and its results per step-layer)
@@ -105,13 +105,13 @@ def from_trace(trace: Trace) -> Workload:
         knobs = kv.make_knobs(run.get("policy_knobs") or {})
     except InfinisimError as exc:
         raise InfinisimError(f"policy knobs: {exc}", field="header.run.policy_knobs") from None
-    tp = run.get("tp") or {}  # a tensor-parallel rank's trace: its model is the rank's share; its head a slice
-    spec = replace(trace.model, vocab_size=tp["vocab"][1] - tp["vocab"][0]) if tp else trace.model
+    shard = Shard.from_dict(run["tp"]) if run.get("tp") else None  # a tensor-parallel rank's trace
+    spec = shard.spec(trace.model) if shard else trace.model
     return Workload(spec, run["dtype"], int(run["batch"]), max(run["prompt_lens"]), run["policy"],
                     knobs, grid("kv_len"), grid("tokens_fetched"),
                     grid("tokens_attended"), grid("bytes_h2d"), grid("bytes_d2h"), speculating,
                     source="trace", measured=measured, weights_on_host=float(run.get("weights_on_host") or 0.0),
-                    tp=int(tp.get("degree", 1)))
+                    tp=shard.tp if shard else 1)
 
 
 def speculated_fraction_per_layer(trace: Trace, alpha: float) -> np.ndarray:

@@ -13,9 +13,9 @@ from test_cli import infinisim
 
 from infinisim.executor.generate import SamplingConfig
 from infinisim.executor.kvcache import Measurement
-from infinisim.executor.parallel import Shard, launch, split
+from infinisim.executor.parallel import launch
 from infinisim.executor.recording import run_policy
-from infinisim.traces.spec import named_model
+from infinisim.traces.spec import Shard, named_model, split
 
 PROMPTS = [list(range(10, 70)), list(range(300, 340))]
 

@@ -6,6 +6,7 @@ Torch-free on purpose: a planner reads traces and simulates named models without
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,14 +92,13 @@ class ModelSpec:
     def shard(self, tp: int) -> ModelSpec:
         """What one of `tp` GPUs holds under tensor parallelism (Megatron-style): its share of the query
         and KV heads (their KV with them), of the FFN's columns and of the vocabulary; the hidden size
-        and the norms whole."""
+        and the norms whole. For planning, `tp` must divide the heads (every GPU alike: rank 0's share)."""
         if tp == 1:
             return self
         if tp < 1 or self.n_heads % tp or self.n_kv_heads % tp:
             raise InfinisimError(f"{self.name} has {self.n_heads} query and {self.n_kv_heads} KV heads: tensor "
                                  f"parallelism must divide both, got {tp}", field="--tp")
-        return dataclasses.replace(self, n_heads=self.n_heads // tp, n_kv_heads=self.n_kv_heads // tp,
-                                   ffn_hidden=-(-self.ffn_hidden // tp), vocab_size=-(-self.vocab_size // tp))
+        return Shard.of(self, tp, 0).spec(self)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -116,6 +116,77 @@ class ModelSpec:
         args = dict(data)
         args["eos_token_ids"] = tuple(args.get("eos_token_ids") or ())
         return cls(**args)
+
+
+def split(n: int, parts: int, rank: int) -> tuple[int, int]:
+    """[start, end) of `rank`'s share of n items over `parts` ranks, the first n % parts one larger."""
+    base, extra = divmod(n, parts)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tensor-parallel rank's share of a model: [start, end) of its KV heads (and the query heads
+    that read them), of the FFN's hidden columns and of the vocabulary. Heads need not divide evenly
+    (the executor's ranks: the first take one more); the simulator's GPUs are rank 0's alike."""
+
+    tp: int
+    rank: int
+    kv_heads: tuple[int, int]
+    heads: tuple[int, int]
+    ffn: tuple[int, int]
+    vocab: tuple[int, int]
+
+    @classmethod
+    def of(cls, spec: ModelSpec, tp: int, rank: int) -> Shard:
+        if not 1 <= tp <= spec.n_kv_heads:
+            raise InfinisimError(f"{spec.name} has {spec.n_kv_heads} KV heads: at most that many ranks, got {tp}",
+                                 field="--tp")
+        kv = split(spec.n_kv_heads, tp, rank)
+        group = spec.n_heads // spec.n_kv_heads
+        return cls(tp, rank, kv, (kv[0] * group, kv[1] * group), split(spec.ffn_hidden, tp, rank),
+                   split(spec.vocab_size, tp, rank))
+
+    def spec(self, model: ModelSpec) -> ModelSpec:
+        """The rank's model as the simulator takes it (its vocabulary: its share of the head)."""
+        return dataclasses.replace(model, n_heads=self.heads[1] - self.heads[0],
+                                   n_kv_heads=self.kv_heads[1] - self.kv_heads[0], ffn_hidden=self.ffn[1] - self.ffn[0],
+                                   vocab_size=self.vocab[1] - self.vocab[0])
+
+    def to_dict(self) -> dict[str, object]:
+        return {"degree": self.tp, "rank": self.rank, "kv_heads": list(self.kv_heads), "heads": list(self.heads),
+                "ffn": list(self.ffn), "vocab": list(self.vocab)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Shard:
+        """As a trace's `run.tp` holds it."""
+        return cls(int(data["degree"]), int(data["rank"]), *(tuple(data[k]) for k in ("kv_heads", "heads", "ffn",
+                                                                                      "vocab")))
+
+
+def weight_parts(spec: ModelSpec, dtype: str, on_host: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Device and host bytes of the weights with a share `on_host` of every block in host memory (FlexGen's
+    placement, as executor/weight_stream.py runs it): the device keeps the rest and two block-sized buffers
+    of the streamed share (one in use, one filling)."""
+    if on_host <= 0:
+        return {"weights": float(spec.weight_bytes(dtype))}, {}
+    streamed = on_host * spec.n_layers * spec.layer_weight_bytes(dtype)
+    return ({"weights": float(spec.weight_bytes(dtype)) - streamed,
+             "weight buffers": 2 * on_host * spec.layer_weight_bytes(dtype)}, {"weights": streamed})
+
+
+def weights_to_fit(spec: ModelSpec, dtype: str, on_host: float, device_bytes: float, capacity: float) -> float | None:
+    """The smallest share of the weights on the host (in hundredths) that brings the device under
+    `capacity`; None if even all of them do not, or when it already fits."""
+    # the device side of weight_parts is linear in the share: what all of it on the host saves, per share
+    saved_per_share = spec.weight_bytes(dtype) - sum(weight_parts(spec, dtype, 1.0)[0].values())
+    deficit = device_bytes - capacity
+    if deficit <= 0 or saved_per_share <= 0:
+        return None
+    share = on_host + deficit / saved_per_share
+    share = math.ceil(share * 100 - 1e-9) / 100
+    return share if share <= 1 else None
 
 
 def _llama(name: str, n_layers: int, hidden: int, n_heads: int, n_kv_heads: int, ffn: int, vocab: int,
