@@ -73,23 +73,28 @@ class Session:
                                  field="--link")
         self.link = EmulatedLink(link) if link is not None else None
         streamed = weights_on_host == "auto" or weights_on_host > 0
-        load_on = torch.device("cpu") if streamed else self.device  # the device never holds every block at once
+        sharded = shard is not None and shard[0] > 1
+        # loaded on the CPU when the device is to hold only a part: it never holds the whole model
+        load_on = torch.device("cpu") if streamed or sharded else self.device
         log(f"loading {model}{' (random weights)' if random_weights else ''} on {load_on.type} in {dtype} ...")
         self.loaded: LoadedModel = load_model(model, dtype, load_on, random_weights)
         self.name, self.spec, self.tokenizer = model, self.loaded.model.spec, self.loaded.tokenizer
         self.dtype = dtype
         self.shard: Shard | None = None
-        if shard is not None and shard[0] > 1:
+        if sharded:
             import torch.distributed as dist
 
             self.shard = Shard.of(self.spec, *shard)
             self.loaded.model = shard_model(self.loaded.model, self.shard, dist.group.WORLD)
+        local = self.loaded.model.spec  # this process's part of the model
+        share = share_to_fit(local, dtype, self.device) if weights_on_host == "auto" else float(weights_on_host)
         self.weights: WeightStream | None = None
-        share = share_to_fit(self.spec, dtype, self.device) if weights_on_host == "auto" else float(weights_on_host)
-        if share > 0:
+        if share > 0:  # the stream moves the device's part there
             self.weights = WeightStream(self.loaded.model, share, self.device, self.link)
             log(f"weights: {self.weights.info.share:.0%} of every block in host memory "
                 f"({self.weights.info.bytes_per_block / 1e6:.1f} MB a block streamed, one layer ahead)")
+        else:
+            self.loaded.model.to(self.device)
 
     def check(self, batch: int, prompt_len: int, gen_len: int) -> None:
         check_shape(self.spec, batch, prompt_len, gen_len, self.dtype, self.device)

@@ -35,7 +35,6 @@ class StreamedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, rows: int, device: torch.device):
         super().__init__()
-        self.rows = rows
         pinned = device.type == "cuda"
         parts = [linear.weight.detach()] + ([] if linear.bias is None else [linear.bias.detach()])
         # host tensors are plain attributes: moving the module never takes them to the device
@@ -61,12 +60,6 @@ def linear_weights(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     if isinstance(module, StreamedLinear):
         return module.dense()
     return module.weight, module.bias
-
-
-def projections(block: Block) -> dict[str, nn.Module]:
-    """A block's projections by name, in the order their weights are used."""
-    return {f"{part}.{name}": m for part in ("attention", "feed_forward")
-            for name, m in getattr(block, part).named_children() if isinstance(m, (nn.Linear, StreamedLinear))}
 
 
 def streamed_rows(out_features: int, share: float) -> int:
@@ -107,34 +100,35 @@ class WeightStream:
         """Split `model`'s blocks (loaded on the CPU or on `device`) and move the rest to `device`."""
         if not 0 < share <= 1:
             raise InfinisimError(f"must be within (0, 1], got {share}", field="--weights-on-host")
-        self.model, self.n_layers = model, model.spec.n_layers
+        self.n_layers = model.spec.n_layers
         self.copies = CopyEngine(device, link)
-        self.linears: list[list[StreamedLinear]] = []
+        self.linears: list[list[StreamedLinear]] = []  # per block, its projections in order of use
         for block in model.layers:
             split = []
-            for name, linear in projections(block).items():
-                part, child = name.split(".")
-                streamed = StreamedLinear(linear, streamed_rows(linear.out_features, share), device)
-                setattr(getattr(block, part), child, streamed)
-                split.append(streamed)
+            for part in (block.attention, block.feed_forward):
+                for name, linear in list(part.named_children()):
+                    if isinstance(linear, nn.Linear):
+                        streamed = StreamedLinear(linear, streamed_rows(linear.out_features, share), device)
+                        setattr(part, name, streamed)
+                        split.append(streamed)
             self.linears.append(split)
         model.to(device)
         # two block buffers, shaped as any block's host rows (every block has the same shapes)
         self.buffers = [[[torch.empty_like(t, device=device) for t in linear.host] for linear in self.linears[0]]
                         for _ in range(2)]
+        self.sources = [[t for linear in linears for t in linear.host] for linears in self.linears]  # per block
+        self.targets = [[buf for bufs in slot for buf in bufs] for slot in self.buffers]  # per buffer
         self.pending: dict[int, object] = {}  # block -> its copy in flight
         for block in model.layers:
             block.register_forward_pre_hook(self.before_block)
-        nbytes = sum(t.numel() * t.element_size() for linear in self.linears[0] for t in linear.host)
+        nbytes = sum(t.numel() * t.element_size() for t in self.sources[0])
         layer_bytes = model.spec.layer_weight_bytes(str(model.tok_embeddings.weight.dtype).removeprefix("torch."))
-        self.info = StreamInfo(nbytes / layer_bytes, nbytes, sum(len(linear.host) for linear in self.linears[0]))
+        self.info = StreamInfo(nbytes / layer_bytes, nbytes, len(self.sources[0]))
 
     def issue(self, layer: int, step: Step) -> None:
         """Start block `layer`'s copy into its buffer (the other block that used it has computed)."""
-        slot = self.buffers[layer % 2]
-        dst = [buf for bufs in slot for buf in bufs]
-        src = [t for linear in self.linears[layer] for t in linear.host]
-        self.pending[layer] = self.copies.to_device(dst, src, layer, step.recorder)
+        self.pending[layer] = self.copies.to_device(self.targets[layer % 2], self.sources[layer], layer,
+                                                    step.recorder)
 
     def before_block(self, block: Block, args: tuple[object, ...]) -> None:
         step = args[2]
