@@ -6,7 +6,6 @@ is the replay of that trace's workload on a profile. Errors are relative to the 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,11 +131,12 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
         run = (out, policies, batch, prompt_len, gen_len, model, random_weights, device, dtype, knobs or {}, link,
                weights_on_host, command)
         if tp == 1:
-            read = _run(0, 1, *run, log)
+            paths = _run(0, 1, *run, log)
         else:
             from infinisim.executor.parallel import launch
 
-            read = [read_trace(p) for paths in launch(tp, _run, *run, None, device=device or "cpu") for p in paths]
+            paths = [p for ranks in launch(tp, _run, *run, None, device=device or "cpu") for p in ranks]
+        read = [read_trace(p) for p in paths]
     comparisons = []
     for trace in read:
         workload = from_trace(trace)
@@ -152,27 +152,25 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
 
 def _run(rank: int, tp: int, out: Path, policies: Sequence[str], batch: int, prompt_len: int, gen_len: int,
          model: str, random_weights: bool, device: str | None, dtype: str, knobs: dict[str, Any], link: str | None,
-         weights_on_host: float | str, command: str, log: Callable[[str], None] | None) -> list[Any]:
-    """The executor's runs, one per policy (under tensor parallelism: this rank's, returning the paths
-    of its traces; rank 0 logs)."""
+         weights_on_host: float | str, command: str, log: Callable[[str], None] | None) -> list[str]:
+    """The executor's runs, one per policy (under tensor parallelism: this rank's; `log` None: rank 0's
+    lines on stderr); returns the paths of the traces written."""
     from infinisim.executor.generate import SamplingConfig
+    from infinisim.executor.parallel import rank_log
     from infinisim.executor.session import Session
     from infinisim.hwprofiles.emulated import parse_link
 
-    if log is None:
-        def log(line: str) -> None:
-            if rank == 0:
-                print(line, file=sys.stderr, flush=True)
+    log = log or rank_log(rank)
     spec = parse_link(link) if link else None
     if spec is not None:
         log(f"link: {spec.name}")
     session = Session(model, dtype, device, random_weights, log, spec, weights_on_host, shard=(tp, rank))
     prompts = session.prompts(batch, prompt_len, gen_len=gen_len)
-    traces = []
+    paths = []
     for name in policies:
         log(f"[{name}] running {batch} x {prompt_len} tokens, {gen_len} new ...")
         _, trace = session.run(name, prompts, SamplingConfig(gen_len, stop_at_eos=False), knobs, command=command)
         path = session.write(trace, out, knobs=knobs)
         log(f"  trace: {path}")
-        traces.append(trace if tp == 1 else str(path))
-    return traces
+        paths.append(str(path))
+    return paths

@@ -39,6 +39,11 @@ def log(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
+def relative_error(got: list, want: list) -> float:
+    """The largest step's relative logit error, ||got - want|| / ||want||."""
+    return max(((a - b).norm() / b.norm()).item() for a, b in zip(got, want, strict=True))
+
+
 def correctness(device: str, shape: dict) -> dict:
     """Every policy at a 100% budget against dense attention, float32, teacher-forced."""
     from infinisim.executor.generate import SamplingConfig, generate
@@ -58,7 +63,7 @@ def correctness(device: str, shape: dict) -> dict:
         knobs = {"budget": 1.0, "alpha": 1000.0} if spec.selective else {}
         policy = make_policy(name, **knobs)
         logits = generate(loaded.model, prompts, policy, SamplingConfig(8), measure=measure).logits
-        error = max(((a - b).norm() / b.norm()).item() for a, b in zip(logits, dense, strict=True))
+        error = relative_error(logits, dense)
         out[name] = {"max_relative_error": error, "ok": error <= 1e-4}
         log(f"correctness {name}: relative logit error {error:.2e}")
     out["weights_on_host"] = streamed_weights(device, shape, prompts, measure, dense)
@@ -84,7 +89,7 @@ def streamed_weights(device: str, shape: dict, prompts: list, measure: object, d
     for name, knobs in (("resident", {}), ("infinigen", {"budget": 1.0, "alpha": 1000.0})):
         want = generate(reference, prompts, make_policy(name, **knobs), SamplingConfig(8), measure=measure).logits
         got = generate(on_cpu, prompts, make_policy(name, **knobs), SamplingConfig(8), measure=measure).logits
-        error = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, want, strict=True))
+        error = relative_error(got, want)
         out[name] = error
         log(f"weights on host, {name}: relative logit error {error:.2e}")
     return {"max_relative_error": out, "ok": max(out.values()) <= 1e-5}

@@ -85,6 +85,14 @@ def shard_model(model: Transformer, shard: Shard, group: dist.ProcessGroup) -> T
     return out.eval()
 
 
+def rank_log(rank: int) -> Callable[[str], None]:
+    """A rank's log: rank 0's lines on stderr; the other ranks run the same steps and say nothing."""
+    def log(line: str) -> None:
+        if rank == 0:
+            print(line, file=sys.stderr, flush=True)
+    return log
+
+
 def launch(tp: int, worker: Callable[..., Any], *args: Any, device: str = "cpu") -> list[Any]:
     """Run `worker(rank, tp, *args)` in `tp` processes joined in one process group (gloo on a CPU,
     NCCL on CUDA); each rank's CPU threads are this machine's cores over tp. Returns each rank's

@@ -178,15 +178,19 @@ def weight_shares(text: str) -> list[float | str]:
     return [weight_share(t) for t in names(text)]
 
 
-def add_weights_flag(p: argparse.ArgumentParser, axes: bool = False, live: bool = False) -> None:
-    """--weights-on-host; `live`: the executor's (which streams each projection's first rows)."""
+def add_weights_flag(p: argparse.ArgumentParser, axes: bool = False, live: bool = False, serving: bool = False
+                     ) -> None:
+    """--weights-on-host; `live`: the executor's (which streams each projection's first rows); `serving`:
+    a share only (what fits depends on the requests running)."""
     where = ("memory and is copied into a device buffer one block ahead of its use, overlapped with compute (over "
              "--link when given); auto: the smallest share (in hundredths) whose device part fits the device's free "
              "memory") if live else \
+        ("memory and is streamed over the link one layer ahead of its use, overlapped with compute; serving times "
+         "it with the event simulation (slower) and takes a share, not auto") if serving else \
         ("memory and is streamed over the link one layer ahead of its use, overlapped with compute; auto: the "
          "smallest share (in hundredths) that fits the device")
-    p.add_argument("--weights-on-host", metavar="FRACTION|auto", type=weight_shares if axes else weight_share,
-                   default=[0.0] if axes else 0.0,
+    p.add_argument("--weights-on-host", metavar="FRACTION" if serving else "FRACTION|auto",
+                   type=weight_shares if axes else weight_share, default=[0.0] if axes else 0.0,
                    help="weight offloading (FlexGen): this share of every transformer block's weights stays in "
                         "host " + where + (" (several: each swept)" if axes else "") + "; default 0")
 

@@ -99,14 +99,12 @@ def decode_rank(rank: int, tp: int, args: argparse.Namespace) -> tuple[list[dict
 
     from infinisim.executor.generate import SamplingConfig
     from infinisim.executor.kvcache import Measurement
+    from infinisim.executor.parallel import rank_log
     from infinisim.executor.session import Session
     from infinisim.hwprofiles.emulated import parse_link
     from infinisim.traces.summary import summarize
 
-    def log(line: str) -> None:
-        if rank == 0:
-            print(line, file=sys.stderr, flush=True)
-
+    log = rank_log(rank)
     sampling = SamplingConfig(args.gen_len, args.temperature, args.top_p, args.seed, not args.ignore_eos)
     text = args.prompt_text
     prompt_len = None if text is not None else args.prompt_len or 2048

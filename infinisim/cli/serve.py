@@ -19,10 +19,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = flags.verb(sub, "serve", cmd_serve, "simulate serving a request stream: TTFT, TPOT, throughput, goodput")
     flags.add_simulated_config_flags(p, "resident", "each serves the same stream")
     flags.add_tp_flag(p)
-    p.add_argument("--weights-on-host", metavar="FRACTION", type=flags.fraction, default=0.0,
-                   help="weight offloading (FlexGen): this share of every block's weights stays in host memory and "
-                        "is streamed over the link one layer ahead of its use (iterations then come from the event "
-                        "simulation: slower); default 0")
+    flags.add_weights_flag(p, serving=True)
     flags.add_stream_flags(p)
     flags.add_scheduler_flags(p)
     p.add_argument("--out", help="folder to write serving.json and one requests-<policy>.csv per policy into")
@@ -36,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     whole or chunked prefill, preemption by recompute. Prints per policy the p50/p90/p99 of
     queueing, time to first token (TTFT), time per output token (TPOT) and end-to-end latency,
     throughput, and goodput under the SLO."""
-    from infinisim.analysis.serving import ServeConfig, request_table, serve
+    from infinisim.analysis.serving import ServeConfig, request_table, serve, serving_share
     from infinisim.cli.simulate import with_link
     from infinisim.core.policies import policy
     from infinisim.hwprofiles.profile import load_profile
@@ -58,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     knobs = flags.knobs_given(args)
     configs = [ServeConfig(profile.name, args.model, name, tuple(sorted(
         (k, v) for k, v in knobs.items() if k in policy(name).knob_names)), args.dtype, share, schedule, args.tp,
-        args.weights_on_host) for name in policies]
+        serving_share(args.weights_on_host)) for name in policies]
     for c in configs:
         c.costs(profile)  # every policy's knobs and share checked before any serving
     print(f"{len(stream)} requests over {stream.duration_s:.0f} s ({stream.rate:.2f}/s): {stream.source}",
