@@ -229,3 +229,25 @@ def latency_cdfs(latency: dict[str, pd.DataFrame], name: str, ran: str) -> Figur
         ax.legend(fontsize=8)
     fig.suptitle("Latency per request, by policy", fontsize=10)
     return Figure(name, "Latency per request, by policy (CDF)", ran, _png(fig))
+
+
+def serving_validation_cdfs(comparisons: list[dict[str, Any]], name: str, ran: str, credit: str | None = None
+                            ) -> Figure:
+    """Per policy, measured (solid) and predicted (dashed) CDFs of TTFT and TPOT over the requests."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    for ax, column, label, scale in ((axes[0], "ttft_s", "time to first token (s)", 1.0),
+                                     (axes[1], "tpot_s", "time per output token (ms)", 1e3)):
+        for c in comparisons:
+            for side, style in (("measured", "-"), ("predicted", "--")):
+                values = np.sort([v for v in c["latency"][side][column] if v is not None]) * scale
+                if len(values):
+                    ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post", linestyle=style,
+                            label=f"{c['policy']} {side}", color=policy_colour(c["policy"]))
+        ax.set_xlabel(label)
+        ax.set_ylabel("share of requests")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    title = "Live server (solid) vs serving simulator (dashed), per request"
+    fig.suptitle(title + (f"\n{textwrap.fill(credit, 130)}" if credit else ""), fontsize=8)
+    return Figure(name, title, ran, _png(fig))

@@ -51,10 +51,11 @@ class StreamSpec:
     arrivals: str = "poisson"
     cv: float = 1.0
     seed: int = 0
+    length_scale: float = 1.0  # a trace's prompt and output lengths times this (a smaller machine's live run)
 
     def build(self) -> RequestStream:
         if self.requests:
-            stream = scaled(_read(self.requests), self.rate_scale, self.window)
+            stream = scaled(_read(self.requests), self.rate_scale, self.window, length_scale=self.length_scale)
             if self.max_requests:
                 stream = RequestStream(stream.requests[:self.max_requests], stream.source
                                        + f" (first {min(self.max_requests, len(stream))})")

@@ -107,7 +107,6 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
     on the profile with that link.
     Writes validation.json, validation.png (and the profile and traces it made) into `out`.
     Returns what validation.json holds."""
-    from infinisim.hwprofiles.profile import load_profile, write_profile
     from infinisim.sim.engine import simulate
     from infinisim.sim.run import profile_for
     from infinisim.sim.workload import from_trace
@@ -115,18 +114,7 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
 
     out = Path(out)
     read = [read_trace(p) for p in traces] if traces else None
-    if profile:
-        chosen = load_profile(profile)
-    else:
-        from infinisim.executor.calibrate import calibrate
-        from infinisim.executor.parallel import calibrate_ranks
-        from infinisim.executor.session import pick_device
-
-        log("calibrating this machine ..." if tp == 1 else f"calibrating one of {tp} ranks on this machine ...")
-        kind = pick_device(device).type
-        chosen = calibrate(kind, dtype, quick_calibration, log=lambda line: log(f"  {line}")) if tp == 1 else \
-            calibrate_ranks(tp, kind, dtype, quick_calibration, log=lambda line: log(f"  {line}"))
-        log(f"profile: {write_profile(chosen, out / 'profile.yaml')}")
+    chosen = machine_profile(out, profile, device, dtype, quick_calibration, tp, log)
     if read is None:
         run = (out, policies, batch, prompt_len, gen_len, model, random_weights, device, dtype, knobs or {}, link,
                weights_on_host, command)
@@ -148,6 +136,25 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
     write_json(data, out / "validation.json")
     plot_steps(comparisons, str(out / "validation.png"), command)
     return data
+
+
+def machine_profile(out: Path, profile: str | None, device: str | None, dtype: str, quick: bool, tp: int = 1,
+                    log: Callable[[str], None] = lambda _: None) -> Any:
+    """The profile `profile` names, or this machine calibrated now (one of `tp` ranks), written into `out`."""
+    from infinisim.hwprofiles.profile import load_profile, write_profile
+
+    if profile:
+        return load_profile(profile)
+    from infinisim.executor.calibrate import calibrate
+    from infinisim.executor.parallel import calibrate_ranks
+    from infinisim.executor.session import pick_device
+
+    log("calibrating this machine ..." if tp == 1 else f"calibrating one of {tp} ranks on this machine ...")
+    kind = pick_device(device).type
+    chosen = calibrate(kind, dtype, quick, log=lambda line: log(f"  {line}")) if tp == 1 else \
+        calibrate_ranks(tp, kind, dtype, quick, log=lambda line: log(f"  {line}"))
+    log(f"profile: {write_profile(chosen, out / 'profile.yaml')}")
+    return chosen
 
 
 def _run(rank: int, tp: int, out: Path, policies: Sequence[str], batch: int, prompt_len: int, gen_len: int,

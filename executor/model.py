@@ -31,13 +31,16 @@ class KVPolicy(Protocol):
         """Called before the layer's attention with the layer's input (the residual stream)."""
         ...
 
-    def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-        """Store the new rows; return (k, v, key_valid) for the queries q to attend over.
+    def attend(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step, mix: Mix) -> Tensor:
+        """Store the new rows and attend: `mix` over the rows the policy chose (its `attend_kv`, see
+        executor/policies/base.py). Returns the heads' outputs [batch, seq, heads * head_dim]."""
+        ...
 
-        k, v: [batch, kv_heads, n_keys, head_dim]; key_valid: bool [batch, 1 or kv_heads, n_keys].
-        The last `step.n_new` keys must be the new rows, in order (for the causal mask).
-        """
+
+class Mix(Protocol):
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor) -> Tensor:
+        """Attention of q over k, v where key_valid ([batch, 1 or kv_heads, n_keys]; the last
+        `n_new` keys the new rows, in order, for the causal mask) -> [batch, seq, heads * head_dim]."""
         ...
 
 
@@ -119,7 +122,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor) -> Tensor:
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor) -> Tensor:
+        """The heads' outputs, before the output projection (see `Mix`)."""
         bsz, _, seqlen, _ = q.shape
         n_keys = k.shape[2]
         mask = key_valid.repeat_interleave(self.n_heads // key_valid.shape[1], dim=1) if key_valid.shape[1] > 1 \
@@ -132,7 +136,7 @@ class Attention(nn.Module):
             query_pos = key_pos[n_keys - seqlen:, None]
             mask = (mask & (key_pos <= query_pos)) | (key_pos == query_pos)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return out.transpose(1, 2).reshape(bsz, seqlen, -1)
 
 
 class SwiGLU(nn.Module):
@@ -183,9 +187,9 @@ class Block(nn.Module):
         policy.on_attention_start(i, x, step)
         with rec.span(i, "attn"):
             q, k_new, v_new = self.attention.project_qkv(self.attention_norm(x), rope)
-        k, v, key_valid = policy.attend_kv(i, q, k_new, v_new, step)
+        mixed = policy.attend(i, q, k_new, v_new, step, self.attention.mix)
         with rec.span(i, "attn"):
-            out = self.attention.attend(q, k, v, key_valid)
+            out = self.attention.wo(mixed)
         x = x + self.reduced(out, rec)
         with rec.span(i, "ffn"):
             out = self.feed_forward(self.ffn_norm(x))

@@ -75,8 +75,12 @@ class Recorder:
         self._copies.append((layer, phase, start, end))
 
     def count(self, layer: int | None, **counts: int) -> None:
-        """Per-layer (or, with layer None, per-step) quantities: bytes moved, tokens fetched, ..."""
-        self._counts.setdefault(layer, {}).update(counts)
+        """Per-layer (or, with layer None, per-step) quantities: bytes moved, tokens fetched, ...
+        Whole numbers add up over the step's calls (a live server's sequences each count their own);
+        lists (per-head measurements) are replaced."""
+        mine = self._counts.setdefault(layer, {})
+        for name, value in counts.items():
+            mine[name] = mine[name] + value if isinstance(value, int) and name in mine else value
 
     def finish(self) -> Timings:
         end = self._mark()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import simpy
 
 from infinisim.core.errors import InfinisimError
 from infinisim.sim.iterations import IterationCosts, MemoryBudget
@@ -66,18 +66,19 @@ class Iteration:
 
 
 class Server:
-    """The scheduler's state: the queue, the running sequences (by admission order) and their totals."""
+    """The scheduler's state: the queue, the running sequences (by admission order) and their totals.
+    `clock` says the time: the simulation's (`sim.serving`) or the wall clock of a live server
+    (`analysis.live_serving`, which runs what this decides)."""
 
-    def __init__(self, env: simpy.Environment, costs: IterationCosts, scheduler: Scheduler, memory: MemoryBudget,
+    def __init__(self, clock: Callable[[], float], costs: IterationCosts, scheduler: Scheduler, memory: MemoryBudget,
                  stop_at: SLO | None, n_requests: int, n_tpot: int, fast_forward: bool = True):
-        self.env, self.costs, self.s, self.mem = env, costs, scheduler, memory
+        self.now, self.costs, self.s, self.mem = clock, costs, scheduler, memory
         self.waiting: deque[Seq] = deque()
         self.running: dict[int, Seq] = {}
         self.prompts = self.cached = 0  # totals over the running sequences (their memory is linear in them)
         self.finished: list[Seq] = []
         self.rejected: list[Seq] = []
         self.preemptions = self.admitted = 0
-        self.arrived = simpy.Event(env)
         self.spill = 0.0  # the last prefill's write-back, still landing when the next decode step starts
         self.stop_at, self.late_ttft, self.late_tpot = stop_at, 0, 0
         self.fast_forward, self.next_arrival_s = fast_forward, 0.0
@@ -108,7 +109,7 @@ class Server:
         q.order, self.admitted = self.admitted, self.admitted + 1
         q.prefill_len, q.prefilled, q.cached = q.req.prompt_len + q.generated, 0, 0
         if math.isnan(q.admitted_s):
-            q.admitted_s = self.env.now
+            q.admitted_s = self.now()
         self.running[q.order] = q
         self.prompts += q.prefill_len
 
@@ -191,7 +192,7 @@ class Server:
         steps[0] += self.spill
         self.spill = 0.0
         if not self.waiting and self.next_arrival_s < math.inf:
-            ends = self.env.now + np.cumsum(steps)
+            ends = self.now() + np.cumsum(steps)
             steps = steps[:int(np.searchsorted(ends, self.next_arrival_s)) + 1]  # up to the step it arrives in
         return Iteration(float(steps.sum()), decoding, [], steps)
 
@@ -232,7 +233,7 @@ class Server:
     # ---------------------------------------------------------------- the iteration's effects
 
     def complete(self, it: Iteration) -> None:
-        now = self.env.now
+        now = self.now()
         for q, c in it.prefilling:
             q.prefilled += c
             self.grow(q, q.prefilled - q.cached)  # whole prompts were reserved at admission
@@ -261,7 +262,7 @@ class Server:
         if self.may_be_late is None:
             return False
         waiting_late = sum(1 for q in self.waiting if q.generated == 0
-                           and self.env.now - q.req.arrival_s > self.stop_at.ttft_s) if self.waiting else 0
+                           and self.now() - q.req.arrival_s > self.stop_at.ttft_s) if self.waiting else 0
         return self.late_ttft + waiting_late > self.may_be_late[0] or self.late_tpot > self.may_be_late[1]
 
     def record(self, start: float, it: Iteration) -> None:

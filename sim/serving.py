@@ -33,7 +33,7 @@ from infinisim.sim.latency import SLO
 from infinisim.sim.server import Scheduler, Seq, Server
 from infinisim.traces.requests import RequestStream
 
-__all__ = ["ServingResult", "simulate_serving"]
+__all__ = ["ServingResult", "servable", "served", "simulate_serving"]
 
 
 @dataclass
@@ -53,24 +53,31 @@ class ServingResult:
         return float(np.nanmax(done)) if np.isfinite(done).any() else 0.0
 
 
-def arrivals(env: simpy.Environment, stream: RequestStream, server: Server) -> Any:
+@dataclass
+class Doorbell:
+    """What an idle server waits on: rung by the next arrival."""
+
+    event: simpy.Event
+
+
+def arrivals(env: simpy.Environment, stream: RequestStream, server: Server, bell: Doorbell) -> Any:
     """Each request joins the queue at its arrival time and wakes an idle server."""
     for i, r in enumerate(stream.requests):
         if r.arrival_s > env.now:
             yield env.timeout(r.arrival_s - env.now)
         server.waiting.append(Seq(r))
         server.next_arrival_s = stream.requests[i + 1].arrival_s if i + 1 < len(stream) else math.inf
-        if not server.arrived.triggered:
-            server.arrived.succeed()
+        if not bell.event.triggered:
+            bell.event.succeed()
 
 
-def serve(env: simpy.Environment, server: Server, total: int) -> Any:
+def serve(env: simpy.Environment, server: Server, total: int, bell: Doorbell) -> Any:
     """Iterate while requests remain: admit and prefill, else decode every running sequence."""
     while len(server.finished) + len(server.rejected) < total:
         it = server.next_iteration()
         if it is None:  # nothing to run: wait for the next arrival
-            server.arrived = simpy.Event(env)
-            yield server.arrived
+            bell.event = simpy.Event(env)
+            yield bell.event
             continue
         start = env.now
         yield env.timeout(it.seconds)
@@ -94,22 +101,33 @@ def simulate_serving(stream: RequestStream, costs: IterationCosts, scheduler: Sc
         raise InfinisimError(f"does not fit: the weights and activations need {memory.device_fixed / 1e9:.1f} GB of "
                              f"{memory.device_capacity / 1e9:.1f} GB device memory", field="--model")
     limit = costs.spec.max_positions  # longer requests are refused, as a server refuses beyond its model's length
-    servable = RequestStream(tuple(r for r in stream.requests if r.prompt_len + r.gen_len <= limit), stream.source)
-    costs.prefill_many(r.prompt_len for r in servable.requests)  # every first prefill, in one simulation
+    taken = servable(stream, limit)
+    costs.prefill_many(r.prompt_len for r in taken.requests)  # every first prefill, in one simulation
     env = simpy.Environment()
-    n_tpot = sum(1 for r in servable.requests if r.gen_len > 1)
-    server = Server(env, costs, scheduler, memory, stop_at, len(servable), n_tpot, fast_forward)
-    env.process(arrivals(env, servable, server))
-    done = env.process(serve(env, server, len(servable)))
+    n_tpot = sum(1 for r in taken.requests if r.gen_len > 1)
+    server = Server(lambda: env.now, costs, scheduler, memory, stop_at, len(taken), n_tpot, fast_forward)
+    bell = Doorbell(simpy.Event(env))
+    env.process(arrivals(env, taken, server, bell))
+    done = env.process(serve(env, server, len(taken), bell))
     env.run(until=done)
-    served = {q.req.id: q for q in server.finished + server.rejected}
-    seqs = [served.get(r.id) or Seq(r) for r in stream.requests]
+    return served(stream, server, limit, costs.simulations)
+
+
+def servable(stream: RequestStream, limit: int) -> RequestStream:
+    """The requests a server of a model with `limit` positions takes (longer ones are refused)."""
+    return RequestStream(tuple(r for r in stream.requests if r.prompt_len + r.gen_len <= limit), stream.source)
+
+
+def served(stream: RequestStream, server: Server, limit: int, simulations: int = 0) -> ServingResult:
+    """What the server did with the stream, per request and per iteration (simulated or live)."""
+    done = {q.req.id: q for q in server.finished + server.rejected}
+    seqs = [done.get(r.id) or Seq(r) for r in stream.requests]
     columns = {"id": lambda q: q.req.id, "arrival_s": lambda q: q.req.arrival_s,
                "prompt_len": lambda q: q.req.prompt_len, "gen_len": lambda q: q.req.gen_len,
                "admitted_s": lambda q: q.admitted_s, "first_token_s": lambda q: q.first_token_s,
                "finished_s": lambda q: q.finished_s, "preemptions": lambda q: q.preemptions,
                "too_long": lambda q: q.req.prompt_len + q.req.gen_len > limit}
     requests = {name: np.array([get(q) for q in seqs]) for name, get in columns.items()}
+    n_servable = int((~requests["too_long"]).sum())
     return ServingResult(stream, requests, {k: np.asarray(v) for k, v in server.series.items()}, server.preemptions,
-                         len(server.rejected), costs.simulations, len(served) < len(servable),
-                         len(stream) - len(servable))
+                         len(server.rejected), simulations, len(done) < n_servable, len(stream) - n_servable)

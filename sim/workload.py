@@ -82,6 +82,9 @@ def fetched_fraction(w: Workload) -> float:
 def from_trace(trace: Trace) -> Workload:
     """The decode steps of a trace, as they ran."""
     run = trace.run
+    if trace.serving:
+        raise InfinisimError("a live server's trace (run --requests) is a request stream, not one batch: compare it "
+                             "with `infinisim validate --requests`", field="run.serving")
     decode = trace.layers[trace.layers["step"] > 0].sort_values(["step", "layer"])
     n_layers = trace.model.n_layers
     if decode.empty:

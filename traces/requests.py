@@ -106,12 +106,15 @@ def read_requests(path: str | Path) -> RequestStream:
 
 
 def scaled(stream: RequestStream, rate_scale: float = 1.0, window: tuple[float, float] | None = None,
-           max_prompt: int | None = None, max_gen: int | None = None) -> RequestStream:
+           max_prompt: int | None = None, max_gen: int | None = None, length_scale: float = 1.0) -> RequestStream:
     """The stream within `window` (start, duration in seconds of the original stream), arrivals
-    `rate_scale` times as frequent (times divided by it), lengths clipped to at most max_prompt /
-    max_gen (a smaller machine's limits); renumbered from 0, times from the first kept arrival."""
+    `rate_scale` times as frequent (times divided by it), lengths times `length_scale` (rounded, at
+    least 1: the same shape of distribution for a smaller machine) and clipped to at most
+    max_prompt / max_gen; renumbered from 0, times from the first kept arrival."""
     if not (math.isfinite(rate_scale) and rate_scale > 0):
         raise InfinisimError(f"must be a finite number > 0, got {rate_scale}", field="--rate-scale")
+    if not (math.isfinite(length_scale) and length_scale > 0):
+        raise InfinisimError(f"must be a finite number > 0, got {length_scale}", field="--length-scale")
     kept = list(stream.requests)
     notes = []
     if window is not None:
@@ -123,12 +126,18 @@ def scaled(stream: RequestStream, rate_scale: float = 1.0, window: tuple[float, 
                                  f"{stream.duration_s:.0f} s)", field="--window")
     if rate_scale != 1:
         notes.append(f"rate x{rate_scale:g}")
+    if length_scale != 1:
+        notes.append(f"lengths x{length_scale:g}")
     if max_prompt is not None or max_gen is not None:
         notes.append(f"lengths clipped to {max_prompt or '-'}/{max_gen or '-'}")
     t0 = kept[0].arrival_s
-    out = tuple(replace(r, id=i, arrival_s=(r.arrival_s - t0) / rate_scale,
-                        prompt_len=min(r.prompt_len, max_prompt or r.prompt_len),
-                        gen_len=min(r.gen_len, max_gen or r.gen_len)) for i, r in enumerate(kept))
+
+    def length(n: int, cap: int | None) -> int:
+        n = max(1, round(n * length_scale))
+        return min(n, cap or n)
+
+    out = tuple(replace(r, id=i, arrival_s=(r.arrival_s - t0) / rate_scale, prompt_len=length(r.prompt_len, max_prompt),
+                        gen_len=length(r.gen_len, max_gen)) for i, r in enumerate(kept))
     return RequestStream(out, stream.source + (f" ({', '.join(notes)})" if notes else ""))
 
 

@@ -22,7 +22,8 @@ from infinisim.core.files import atomic_path
 from infinisim.traces.spec import ModelSpec
 
 SCHEMA_NAME = "infinisim-trace"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: serving traces (run.serving and the iteration fields of steps); 1 still reads
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = b"infinisim"
 
 # (step, layer) rows. Times in seconds, bytes in bytes, token counts per sequence.
@@ -61,8 +62,15 @@ LAYER_COLUMNS: dict[str, pa.DataType] = {
 OPTIONAL_COLUMNS = ("selected", "copies", "done_s", "comm_s")  # traces written before a column existed read as empty/0
 LIST_COLUMNS = tuple(name for name, dtype in LAYER_COLUMNS.items() if pa.types.is_list(dtype))
 STEP_FIELDS = ("step", "phase", "n_new", "kv_len", "wall_s", "embed_s", "head_s", "nll", "evicted")
+# a serving trace's steps (one forward each: a request's prefill, or a decode step of the running batch) also
+# say which scheduler iteration they belong to, when it started (s after the stream's start), how many
+# sequences it ran and how many requests waited
+SERVING_STEP_FIELDS = ("iteration", "start_s", "batch", "waiting")
 RUN_FIELDS = ("policy", "policy_knobs", "batch", "prompt_lens", "gen_len", "dtype", "device", "sampling", "weights")
 ENV_FIELDS = ("device_name", "torch", "python", "host", "created")
+SERVING_FIELDS = ("stream", "scheduler", "requests", "preemptions", "rejected")
+SERVING_REQUEST_FIELDS = ("id", "arrival_s", "prompt_len", "gen_len", "admitted_s", "first_token_s", "finished_s",
+                          "preemptions")
 
 
 @dataclass
@@ -73,9 +81,17 @@ class Trace:
     steps: pd.DataFrame  # one row per step: STEP_FIELDS
     layers: pd.DataFrame  # one row per (step, layer): LAYER_COLUMNS
 
+    @property
+    def serving(self) -> dict[str, Any] | None:
+        """A live server's trace (`run --requests`): the stream, the scheduler and every request's times."""
+        return self.run.get("serving")
+
+    def step_fields(self) -> tuple[str, ...]:
+        return STEP_FIELDS + (SERVING_STEP_FIELDS if self.serving else ())
+
     def header(self) -> dict[str, Any]:
         return {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "model": self.model.to_dict(), "run": self.run,
-                "environment": self.environment, "steps": self.steps[list(STEP_FIELDS)].to_dict("records")}
+                "environment": self.environment, "steps": self.steps[list(self.step_fields())].to_dict("records")}
 
     def decode_steps(self) -> pd.DataFrame:
         return self.steps[self.steps["phase"] == "decode"]
@@ -120,6 +136,8 @@ def trace_filename(trace: Trace, knobs: dict[str, Any] | None = None) -> str:
         tags += f"-wh{run['weights_on_host']:.2g}"
     if run.get("tp"):  # one trace per tensor-parallel rank
         tags += f"-tp{run['tp']['degree']}r{run['tp']['rank']}"
+    if run.get("serving"):  # a live server's: at most `batch` running, the longest prompt and output
+        tags += f"-serve{len(run['prompt_lens'])}"
     return (f"{trace.model.name}-{run['policy']}{tags}-b{run['batch']}-p{max(run['prompt_lens'])}"
             f"-g{run['gen_len']}.trace.parquet")
 
@@ -181,9 +199,9 @@ def read_trace(path: str | Path) -> Trace:
     _require(header, ("schema", "version", "model", "run", "environment", "steps", "content_hash"), path, "header")
     if header["schema"] != SCHEMA_NAME:
         raise InfinisimError(f"schema is {header['schema']!r}, expected {SCHEMA_NAME!r}", path, "header.schema")
-    if header["version"] != SCHEMA_VERSION:
+    if header["version"] not in READABLE_VERSIONS:
         raise InfinisimError(f"schema version {header['version']} is not supported (this infinisim reads "
-                             f"version {SCHEMA_VERSION})", path, "header.version")
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))})", path, "header.version")
     try:
         model = ModelSpec.from_dict(header["model"])
     except (TypeError, KeyError, ValueError) as exc:
@@ -192,8 +210,13 @@ def read_trace(path: str | Path) -> Trace:
     _require(header["environment"], ENV_FIELDS, path, "header.environment")
     if not isinstance(header["steps"], list) or not header["steps"]:
         raise InfinisimError("must be a non-empty list", path, "header.steps")
+    serving = header["run"].get("serving")
+    if serving is not None:
+        _require(serving, SERVING_FIELDS, path, "header.run.serving")
+        _require(serving["requests"], SERVING_REQUEST_FIELDS, path, "header.run.serving.requests")
+    fields = STEP_FIELDS + (SERVING_STEP_FIELDS if serving is not None else ())
     for i, step in enumerate(header["steps"]):
-        _require(step, STEP_FIELDS, path, f"header.steps[{i}]")
+        _require(step, fields, path, f"header.steps[{i}]")
     present = [name for name in LAYER_COLUMNS if name in table.column_names or name not in OPTIONAL_COLUMNS]
     for name in present:
         dtype = LAYER_COLUMNS[name]
@@ -209,7 +232,7 @@ def read_trace(path: str | Path) -> Trace:
             empty = [] if name in LIST_COLUMNS else 0.0
             table = table.append_column(pa.field(name, LAYER_COLUMNS[name]),
                                         pa.array([empty] * table.num_rows, LAYER_COLUMNS[name]))
-    steps = pd.DataFrame(header["steps"], columns=list(STEP_FIELDS))
+    steps = pd.DataFrame(header["steps"], columns=list(fields))
     layers = table.select(list(LAYER_COLUMNS)).to_pandas()
     for name in LIST_COLUMNS:  # plain lists, as the writer was given (pandas would hold numpy arrays)
         layers[name] = table.column(name).to_pylist()

@@ -3,7 +3,9 @@
 A policy sees every layer twice: `on_attention_start` (before the layer's attention, with the
 layer's input; where a policy runs work ahead for later layers: speculation and prefetch) and
 `attend_kv` (stores the layer's new K/V rows, returns what the queries attend over), which
-hands the prefill to `prefill_kv` and a decode step to `decode_kv`. Per layer a policy records
+hands the prefill to `prefill_kv` and a decode step to `decode_kv`; `attend`, what the model
+calls, mixes the values over what `attend_kv` returned (a live server's batch of sequences,
+each with its own policy, attends sequence by sequence: executor/serving.py). Per layer a policy records
 bytes moved and tokens fetched/attended on the step's recorder, and times its own phases.
 
 Names, knobs (defaults, ranges) and traits come from the registry, `infinisim.core.policies`.
@@ -15,7 +17,7 @@ from torch import Tensor
 
 from infinisim.core.policies import Knobs, policy
 from infinisim.executor.kvcache import PolicyContext
-from infinisim.executor.model import Step
+from infinisim.executor.model import Mix, Step
 
 
 def record_layer(step: Step, layer: int, *, kv_len: int, fetched: int, attended: int, bytes_h2d: int = 0,
@@ -40,6 +42,11 @@ class Policy:
 
     def on_attention_start(self, layer: int, residual: Tensor, step: Step) -> None:
         """Default: no work ahead of the layer."""
+
+    def attend(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step, mix: Mix) -> Tensor:
+        k, v, key_valid = self.attend_kv(layer, q, k_new, v_new, step)
+        with step.recorder.span(layer, "attn"):
+            return mix(q, k, v, key_valid)
 
     def attend_kv(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                   ) -> tuple[Tensor, Tensor, Tensor]:

@@ -256,6 +256,7 @@ def add_stream_flags(p: argparse.ArgumentParser, search: bool = False) -> None:
     group.add_argument("--max-requests", type=positive, default=1000 if search else None,
                        help="the stream's first N requests" + (" (default 1000: each rate tried simulates them)"
                                                                 if search else " (default: all)"))
+    add_length_scale_flag(group)
     if search:
         return
     group.add_argument("--count", type=positive, default=1000, help="synthetic: how many requests (default 1000)")
@@ -270,6 +271,29 @@ def add_stream_flags(p: argparse.ArgumentParser, search: bool = False) -> None:
     group.add_argument("--cv", type=positive_float, default=1.0,
                        help="synthetic gamma arrivals: coefficient of variation of the gaps (default 1)")
     group.add_argument("--seed", type=int, default=0, help="synthetic: random seed (default 0)")
+
+
+def add_length_scale_flag(group: Any) -> None:
+    group.add_argument("--length-scale", type=positive_float, default=1.0,
+                       help="a trace's prompt and output lengths times this (rounded, at least 1): its distribution, "
+                            "smaller, for a slower machine (default 1)")
+
+
+def add_live_stream_flags(p: argparse.ArgumentParser) -> None:
+    """A live server's requests (run, validate): a request trace, scaled to fit this machine."""
+    group = p.add_argument_group("live serving (continuous batching on this machine)")
+    group.add_argument("--requests", metavar="FILE",
+                       help="serve this request trace live instead of decoding one batch (CSV in the Azure LLM "
+                            "inference trace format, e.g. ../shared/data/azure-llm-2023/conv.csv): requests arrive "
+                            "on the wall clock, prompts drawn from Python's bundled docs, each decodes exactly its "
+                            "output length; --batch, --prompt-len and --gen-len do not apply")
+    group.add_argument("--rate", type=positive_float, help="the trace's arrivals scaled to this mean rate per second")
+    group.add_argument("--rate-scale", type=positive_float, default=1.0,
+                       help="the trace's arrivals this many times as frequent (default 1)")
+    group.add_argument("--window", type=window, metavar="START,DURATION",
+                       help="only the trace's requests arriving in this span (seconds from its first)")
+    group.add_argument("--max-requests", type=positive, help="the stream's first N requests (default: all)")
+    add_length_scale_flag(group)
 
 
 def add_scheduler_flags(p: argparse.ArgumentParser) -> None:
@@ -294,7 +318,8 @@ def stream_spec(args: argparse.Namespace) -> Any:
     return StreamSpec(args.requests, getattr(args, "rate", None), args.rate_scale, args.window, args.max_requests,
                       getattr(args, "count", 1000), getattr(args, "lengths_from", None),
                       getattr(args, "prompt_len", 1024), getattr(args, "gen_len", 128),
-                      getattr(args, "arrivals", "poisson"), getattr(args, "cv", 1.0), getattr(args, "seed", 0))
+                      getattr(args, "arrivals", "poisson"), getattr(args, "cv", 1.0), getattr(args, "seed", 0),
+                      args.length_scale)
 
 
 def scheduler(args: argparse.Namespace) -> Any:

@@ -90,3 +90,24 @@ class Progress:
     def _tick(self) -> None:
         while not self._stop.wait(self.period):
             self._show()
+
+
+class PerPolicy:
+    """A progress line per policy, one policy after another: `update(policy, done, total)`; the
+    last one closes with `close()` (or when it reaches its total)."""
+
+    def __init__(self, unit: str):
+        self.unit, self.bar, self.name = unit, None, ""
+
+    def update(self, name: str, done: int, total: int) -> None:
+        if self.bar is None or name != self.name:
+            self.close()
+            self.name, self.bar = name, Progress(f"[{name}]", total, self.unit).__enter__()
+        self.bar.update(done)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None

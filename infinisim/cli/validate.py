@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from infinisim.cli import flags
-from infinisim.cli.output import print_json
+from infinisim.cli.output import PerPolicy, print_json
+from infinisim.core.errors import InfinisimError
 from infinisim.core.files import check_output_dir
 
 
@@ -31,6 +32,8 @@ def add_validate_parser(sub: argparse._SubParsersAction) -> None:
                                                        "validation/)")
     p.add_argument("--quick", action="store_true", help="calibrate as `infinisim calibrate --quick` does (seconds, "
                                                        "less accurate)")
+    flags.add_live_stream_flags(p)
+    flags.add_scheduler_flags(p)
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
 
@@ -44,6 +47,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from infinisim.analysis.validation import validate
 
     check_output_dir(args.out, "--out")
+    if args.requests or (args.trace and serving_traces(args.trace)):
+        return validate_requests(args)
     data = validate(args.out, traces=args.trace, profile=args.profile, policies=flags.policy_names(args.policy),
                     batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, model=args.model,
                     random_weights=args.random_weights, device=args.device, dtype=args.dtype,
@@ -56,6 +61,83 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print_comparisons(data["comparisons"], data["relative"])
     print(f"wrote {Path(args.out) / 'validation.json'} and {Path(args.out) / 'validation.png'}", file=sys.stderr)
     return 0
+
+
+def serving_traces(paths: list[str]) -> bool:
+    """Whether the traces are a live server's (all of them; a mix is refused)."""
+    from infinisim.core.errors import InfinisimError
+    from infinisim.traces.trace import read_trace
+
+    kinds = {p: read_trace(p).serving is not None for p in paths}
+    if len(set(kinds.values())) > 1:
+        raise InfinisimError("give either serving traces (run --requests) or batch traces, not both",
+                             field="--trace")
+    return next(iter(kinds.values()))
+
+
+def validate_requests(args: argparse.Namespace) -> int:
+    """The serving simulator against the live server: `validate --requests` (or serving --trace files)."""
+    from pathlib import Path
+
+    from infinisim.analysis.serving_validation import validate_serving
+    from infinisim.sim.latency import parse_slo
+
+    if args.tp > 1:
+        raise InfinisimError("does not apply with --requests: a live server runs in one process", field="--tp")
+    if args.prefill != "whole":
+        raise InfinisimError("does not apply with --requests: a live server prefills whole prompts", field="--prefill")
+    slo = parse_slo(args.slo)
+    stream = flags.stream_spec(args).build() if args.requests and not args.trace else None
+    if stream is not None:
+        print(f"{len(stream)} requests over {stream.duration_s:.0f} s ({stream.rate:.2f}/s): {stream.source}",
+              file=sys.stderr)
+    progress = PerPolicy("requests")
+    try:
+        data = validate_serving(args.out, stream, flags.scheduler(args), slo, traces=args.trace, profile=args.profile,
+                                policies=flags.policy_names(args.policy), model=args.model,
+                                random_weights=args.random_weights, device=args.device, dtype=args.dtype,
+                                quick_calibration=args.quick, knobs=flags.knobs_given(args), link=args.link,
+                                weights_on_host=args.weights_on_host, command=args.command_line,
+                                log=lambda line: print(line, file=sys.stderr, flush=True), on_iteration=progress.update)
+    finally:
+        progress.close()
+    if args.json:
+        print_json({k: data[k] for k in ("stream", "attribution", "slo", "comparisons")})
+    else:
+        print_serving(data)
+    print(f"wrote {Path(args.out) / 'serving_validation.json'} and {Path(args.out) / 'serving_validation.png'}",
+          file=sys.stderr)
+    return 0
+
+
+def print_serving(data: dict) -> None:
+    names = {"ttft_p50_s": "TTFT p50", "ttft_p90_s": "TTFT p90", "tpot_p50_s": "TPOT p50", "tpot_p90_s": "TPOT p90",
+             "e2e_p50_s": "e2e p50", "e2e_p90_s": "e2e p90", "throughput_rps": "req/s",
+             "output_tokens_per_s": "tok/s"}
+    print(f"{'policy':<10} {'':<9}" + "".join(f" {n:>9}" for n in names.values()))
+    for c in data["comparisons"]:
+        agg = c["aggregate"]
+        for side in ("measured", "predicted"):
+            print(f"{c['policy'] if side == 'measured' else '':<10} {side:<9}" + "".join(
+                f" {_value(k, agg[k][side]):>9}" for k in names))
+        print(f"{'':<10} {'error':<9}" + "".join(
+            f" {'-' if agg[k]['error_pct'] is None else format(agg[k]['error_pct'], '+.1f') + '%':>9}" for k in names))
+        per = c["per_request"]
+        errors = [f"{n[:-2].upper()} {per[n]['p50']:.1f}%" for n in ("ttft_s", "tpot_s", "e2e_s")
+                  if per[n]["p50"] is not None]
+        print(f"{'':<10} per request, median |error|: " + ", ".join(errors))
+        f = c["forwards"]
+        print(f"{'':<10} measured / predicted time of the same forwards: prefills x{f['prefill_ratio']:.2f}, "
+              "decode steps at batch " + ", ".join(f"{b}: x{v['ratio']:.2f}" for b, v in f["decode_by_batch"].items()))
+    print(f"(TTFT, e2e in s; TPOT in ms; {data['stream']})")
+    if data["attribution"]:
+        print(f"({data['attribution']})")
+
+
+def _value(key: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 1e3:.1f}" if key.startswith("tpot") else f"{v:.3f}" if key.endswith("_s") else f"{v:.2f}"
 
 
 def print_comparisons(comparisons: list[dict], ratios: list[dict]) -> None:
