@@ -55,7 +55,8 @@ def predict(trace: Trace, profile: Any) -> tuple[Any, ServingResult]:
     run = trace.run
     speculated = fetched_share(trace) if policy_spec(run["policy"]).speculating else None
     costs = IterationCosts(trace.model, profile_for(trace, profile), run["policy"], run["dtype"], run["policy_knobs"],
-                           speculated, weights_on_host=float(run.get("weights_on_host") or 0.0))
+                           speculated, weights_on_host=float(run.get("weights_on_host") or 0.0),
+                           sequences_apart=True)  # the live server attends sequence by sequence
     stream = measured_result(trace).stream
     return costs, simulate_serving(stream, costs, Scheduler(**trace.serving["scheduler"]), fast_forward=True)
 

@@ -209,12 +209,18 @@ def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[i
     return (big - fixed) / (n_large - n_small), big / n_large  # (per score, an upper bound)
 
 
-def _skew(measure: Measure, dev: torch.device, repeats: int, rows: int) -> float:
-    """Seconds per query row of building one KV head's skew (SVD, ordering, column choice)."""
+def _skew(measure: Measure, dev: torch.device, repeats: int, sizes: tuple[int, int]) -> tuple[float, float]:
+    """(seconds per query row, fixed seconds) of building one KV head's skew (SVD, ordering, column
+    choice), from two sizes: short prompts pay mostly the fixed part."""
     from infinisim.executor.selection import partial_columns, skew_matrix
 
-    q, k = torch.randn(rows, 64, device=dev), torch.randn(rows // 4, 64, device=dev)
-    return measure(lambda: partial_columns(q @ skew_matrix(q, k), 19), repeats) / rows
+    def seconds(rows: int) -> float:
+        q, k = torch.randn(rows, 64, device=dev), torch.randn(rows // 4, 64, device=dev)
+        return measure(lambda: partial_columns(q @ skew_matrix(q, k), 19), repeats)
+
+    (small, t_small), (large, t_large) = ((n, seconds(n)) for n in sizes)
+    per_row = max(t_large - t_small, 0.0) / (large - small) or t_large / large
+    return per_row, max(t_small - per_row * small, 0.0)
 
 
 def _tiny_model(n_heads: int, dev: torch.device, dt: torch.dtype) -> object:
@@ -310,8 +316,8 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         + " TFLOP/s")
     selection_per_score, selection_bound = _selection(measure, dev, repeats, (2, 8, 1024) if quick else (8, 32, 4096))
     log(f"InfiniGen count-and-choose: {selection_per_score * 1e9:.2f} ns per speculated score")
-    skew_row = _skew(measure, dev, repeats, 1024 if quick else 8192)
-    log(f"skew build: {skew_row * 1e9:.1f} ns per query row")
+    skew_row, skew_head = _skew(measure, dev, repeats, (256, 1024) if quick else (256, 8192))
+    log(f"skew build: {skew_head * 1e6:.0f} us per KV head + {skew_row * 1e9:.1f} ns per query row")
     launch = _launch_overhead(dev, dt)
     log(f"executor: {launch * 1e6:.1f} us per dispatched op")
     speculation = _speculation(dev, dt, ((1, 64), (1, 512)) if quick else ((1, 64), (1, 1024), (4, 2048)))
@@ -333,7 +339,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         matmul_efficiency=1.0, bandwidth_efficiency=1.0, attention_efficiency=min(1.0, attention_bw / stream_bw),
         matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_sweep=tuple(prefill),
         speculation_sweep=tuple(speculation),
-        selection_per_score=selection_per_score, skew_per_row=skew_row)
+        selection_per_score=selection_per_score, skew_per_row=skew_row, skew_per_head=skew_head)
     top = sweep[-1]
     link = Link(name="PCIe (measured)" if cuda else "memcpy between buffers (measured)",
                 h2d_bandwidth=top[1], d2h_bandwidth=top[2], pageable_bandwidth=pageable or top[1],

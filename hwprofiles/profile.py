@@ -56,6 +56,8 @@ class Device:
                                            optional=True)
     skew_per_row: float | None = _q("time", 0, 1e-3, doc="building InfiniGen's skew: per query row per KV head",
                                     optional=True)
+    skew_per_head: float | None = _q("time", 0, 1.0, doc="building InfiniGen's skew: fixed cost per KV head (the "
+                                     "SVD's and column choice's own), beside the per-row cost", optional=True)
 
 
 @dataclass(frozen=True)

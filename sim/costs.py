@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -56,6 +57,23 @@ class Costs:
     spec: ModelSpec
     dtype: str
     batch: int
+    # a live server's decode step (executor/serving.py): projections and FFN batched, but each sequence
+    # attends, speculates, gathers and copies through its own policy, so those phases cost `batch` times
+    # one sequence's (their launches and fixed costs too); False: batched kernels, as vLLM runs them
+    apart: bool = False
+
+    @property
+    def one(self) -> Costs:
+        """The same costs for one sequence."""
+        return replace(self, batch=1, apart=False)
+
+    def per_sequence(self, work: Callable[[Costs, float], Work]) -> Work:
+        """A per-sequence phase of the whole batch: `work(costs, share)` with the batch's costs and
+        share 1 (batched), or when apart `batch` times one sequence's (its costs, 1/batch of the bytes)."""
+        if not self.apart or self.batch == 1:
+            return work(self, 1.0)
+        one = work(self.one, 1.0 / self.batch)
+        return Work(one.seconds * self.batch, one.kernels * self.batch)
 
     @property
     def e(self) -> int:
@@ -116,7 +134,8 @@ class Costs:
 
     def attend(self, n_keys: float) -> Work:
         s = self.spec
-        return Work(self.attention_over(n_keys) + self.linear(s.n_heads * s.head_dim, s.hidden), ATTEND_OPS[s.family])
+        mix = self.per_sequence(lambda c, _: Work(c.attention_over(n_keys), ATTEND_OPS[s.family]))
+        return Work(mix.seconds + self.linear(s.n_heads * s.head_dim, s.hidden), mix.kernels)
 
     def ffn(self, m: int | None = None) -> Work:
         s = self.spec
@@ -143,12 +162,15 @@ class Costs:
 
     def selected_attend_extra(self, fetched_bytes: float) -> Work:
         """Joining the fetched rows with the newest (a copy of the fetched K and V) and the per-KV-head mask."""
-        return Work(self.device_copy(fetched_bytes), SELECTED_ATTEND_OPS)
+        return self.per_sequence(lambda c, share: Work(c.device_copy(fetched_bytes * share), SELECTED_ATTEND_OPS))
 
     def speculation(self, n_keys: float, partial_ratio: float) -> Work:
         """InfiniGen's speculation for one layer: the partial query (Llama: the full W_q then RoPE
         and the rotation; OPT: the folded partial weight), scores against the partial key cache,
-        counting within alpha and choosing the top rows per KV head."""
+        counting within alpha and choosing the top rows per KV head (apart: each sequence its own,
+        its query weight read for each)."""
+        if self.apart and self.batch > 1:
+            return self.per_sequence(lambda c, _: c.speculation(n_keys, partial_ratio))
         s = self.spec
         r = partial_width(partial_ratio, s.head_dim)
         if s.family == "opt":
@@ -171,11 +193,15 @@ class Costs:
     def h2o_update(self, n_kept: float) -> Work:
         """H2O after attention: exact scores of the kept rows, accumulate, re-choose the kept set."""
         s = self.spec
+        if self.apart and self.batch > 1:
+            return self.per_sequence(lambda c, _: c.h2o_update(n_kept))
         keys = self.batch * s.n_kv_heads * n_kept * s.head_dim * self.e
         scores = 4.0 * self.batch * s.n_heads * n_kept
         return Work((keys + H2O_PASSES * scores) / self.stream_bw, H2O_UPDATE_OPS)
 
     def int4_dequant(self, n_keys: float) -> Work:
+        if self.apart and self.batch > 1:
+            return self.per_sequence(lambda c, _: c.int4_dequant(n_keys))
         s = self.spec
         values = 2.0 * self.batch * s.n_kv_heads * n_keys * s.head_dim
         return Work(INT4_DEQUANT_PASSES * values * self.e / self.stream_bw, INT4_OPS)
@@ -202,8 +228,9 @@ class Costs:
         (float64) and the partial key cache."""
         s = self.spec
         rows = self.batch * n_tokens * (s.n_heads // s.n_kv_heads)
-        if self.profile.device.skew_per_row is not None:
-            return Work(s.n_kv_heads * rows * self.profile.device.skew_per_row, 12 * s.n_kv_heads)
+        d = self.profile.device
+        if d.skew_per_row is not None:
+            return Work(s.n_kv_heads * (rows * d.skew_per_row + (d.skew_per_head or 0.0)), 12 * s.n_kv_heads)
         flops = s.n_kv_heads * (6.0 * rows * s.head_dim ** 2 + 10.0 * s.head_dim ** 3)
         return Work(2 * flops / self.profile.matmul_rate("float32"), 12 * s.n_kv_heads)
 
@@ -221,12 +248,19 @@ class Costs:
         nbytes in all, host->device ('h2d') or device->host ('d2h')."""
         if not any_positive(nbytes):
             return Work(0.0)
+        if self.apart and self.batch > 1:  # each sequence copies its own tensors
+            return self.per_sequence(lambda c, share: c.copy(nbytes * share, direction, n_tensors, pinned))
         one = copy_time(self.profile, nbytes / n_tensors, direction, pinned)
         return Work(n_tensors * one, n_tensors * COPY_OPS[direction])
 
     def gather(self, nbytes: float) -> Work:
-        """Host gather of scattered KV rows into the staging buffer."""
-        return Work(np.maximum(nbytes, 0) / self.profile.host.gather_bandwidth, GATHER_OPS)
+        """Host gather of scattered KV rows into the staging buffer (apart: each sequence its own)."""
+        return self.per_sequence(lambda c, share: Work(np.maximum(nbytes, 0) * share / c.profile.host.gather_bandwidth,
+                                                       GATHER_OPS))
+
+    def bookkeeping(self, host_ops: int) -> Work:
+        """The policy's own host work per layer (apart: each sequence's policy does it)."""
+        return self.per_sequence(lambda c, _: Work(0.0, host_ops))
 
 
 def any_positive(x: Any) -> bool:

@@ -156,7 +156,7 @@ class Simulation:
         profile = profile.for_tensor_parallel(workload.tp)  # one GPU's view: its share of shared links
         self.w, self.profile, self.memory = workload, profile, memory
         self.kv = workload.kv_policy
-        self.costs = Costs(profile, workload.spec, workload.dtype, workload.batch)
+        self.costs = Costs(profile, workload.spec, workload.dtype, workload.batch, workload.sequences_apart)
         self.sync = profile.synchronous  # the host does everything in turn, copies included
         self.host_computes = profile.host_computes  # the host runs compute and speculation itself
         self.streams = self.make_streams()
@@ -329,7 +329,7 @@ class Simulation:
             yield from body(layer)
 
     def decode_layer(self, s: Any, layer: int) -> Generator[simpy.Event, Any, None]:
-        self.host_work("bookkeeping", layer, Work(0.0, self.kv.host_ops))
+        self.host_work("bookkeeping", layer, self.costs.bookkeeping(self.kv.host_ops))
         yield from self.stream_weights(layer)
         yield from self.kv.before_layer(self, s, layer)
         yield from self.launch("compute", [("attn", layer, self.qkv)], (self.weights_in.pop(layer, None),))

@@ -91,10 +91,13 @@ class IterationCosts:
 
     def __init__(self, spec: ModelSpec, profile: Profile, policy: str, dtype: str = "float16",
                  knobs: dict[str, Any] | None = None, speculated: float | np.ndarray | None = None, tp: int = 1,
-                 weights_on_host: float = 0.0):
+                 weights_on_host: float = 0.0, sequences_apart: bool = False):
         """`tp`: tensor parallelism; every table is then one GPU's (its shard of the model, its share of
         the host's memory). `weights_on_host`: that share of every block's weights streamed from the host
-        (its tables then come from the event simulation: the copies cross step boundaries)."""
+        (its tables then come from the event simulation: the copies cross step boundaries).
+        `sequences_apart`: decode steps as the executor's live server runs them, each sequence attending
+        through its own policy (sim.costs.Costs.apart); default: batched attention, as vLLM's kernels."""
+        self.sequences_apart = sequences_apart
         profile.for_tensor_parallel(tp)  # a profile with fewer GPUs is the first error
         self.whole, self.spec, self.tp = spec, spec.shard(tp), tp
         self.weights_on_host = weights_on_host
@@ -114,7 +117,7 @@ class IterationCosts:
     def _at_lengths(self, batch: int, prompt: int, lengths: Any, sized_by: Any = None) -> Workload:
         w = at_lengths(self.spec, batch, prompt, lengths, self.policy, self.dtype, self.knobs, self.speculated,
                        sized_by=sized_by)
-        w.tp, w.weights_on_host = self.tp, self.weights_on_host
+        w.tp, w.weights_on_host, w.sequences_apart = self.tp, self.weights_on_host, self.sequences_apart
         return w
 
     # ---------------------------------------------------------------- decode steps

@@ -47,6 +47,7 @@ class Workload:
     weights_on_host: float = 0.0  # share of each block's weights kept in host memory, streamed in a layer ahead
     tp: int = 1  # tensor parallelism: `spec` is then one GPU's shard (ModelSpec.shard), all GPUs alike
     unsharded: ModelSpec | None = None  # the whole model (synthetic workloads: what another degree would shard)
+    sequences_apart: bool = False  # decode steps of a live server: each sequence attends by itself (sim.costs)
 
     @property
     def n_steps(self) -> int:

@@ -180,3 +180,41 @@ def test_run_and_validate_requests_end_to_end(azure_conv, tmp_path):
         bad = _cli("run", *common, *extra, "--out", str(tmp_path / "x"), cwd=tmp_path)
         assert bad.returncode == 1 and f"{field}:" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+# ---------------------------------------------------------------- the simulator's model of the live server
+
+
+def test_sequences_apart_cost_batch_times_one_sequence():
+    """A live server's decode step: the attention side of a batch of b sequences apart costs b times one
+    sequence's (launches and fixed costs included), the projections and FFN stay batched; at batch 1
+    apart and batched are the same."""
+    from infinisim.hwprofiles.profile import load_profile
+    from infinisim.sim.costs import Costs
+    from infinisim.sim.iterations import IterationCosts
+
+    profile, spec = load_profile("l4"), named_model("llama-3-8b")
+    batched, apart, one = (Costs(profile, spec, "float16", b, a) for b, a in ((8, False), (8, True), (1, False)))
+    assert apart.speculation(1000, 0.3) == pytest.approx(tuple(8 * v for v in one.speculation(1000, 0.3)))
+    assert apart.speculation(1000, 0.3).seconds > batched.speculation(1000, 0.3).seconds
+    assert apart.copy(8e6, "h2d", 2).kernels == 8 * batched.copy(8e6, "h2d", 2).kernels
+    assert apart.copy(8e6, "h2d", 2).seconds == pytest.approx(8 * one.copy(1e6, "h2d", 2).seconds)
+    assert apart.attend(1000).kernels == 8 * batched.attend(1000).kernels
+    assert apart.attend(1000).seconds == pytest.approx(batched.attend(1000).seconds)  # the same bytes, wo batched
+    assert apart.ffn() == batched.ffn() and apart.qkv() == batched.qkv()
+    for name in ("resident", "full"):
+        live, served = (IterationCosts(spec, profile, name, sequences_apart=a) for a in (True, False))
+        assert live.decode(1, 900) == served.decode(1, 900)
+        assert live.decode(8, 900) > served.decode(8, 900)
+
+
+def test_skew_build_has_a_fixed_part_per_kv_head():
+    from infinisim.hwprofiles.profile import load_profile
+    from infinisim.sim.costs import Costs
+
+    profile = load_profile("l4")
+    device = replace(profile.device, skew_per_row=1e-6, skew_per_head=5e-4)
+    spec = named_model("llama-3-8b")
+    costs = Costs(replace(profile, device=device), spec, "float16", 1)
+    rows = 100 * spec.n_heads // spec.n_kv_heads
+    assert costs.skew_build(100).seconds == pytest.approx(spec.n_kv_heads * (rows * 1e-6 + 5e-4))
