@@ -12,6 +12,8 @@ gets a device: `bash benchmarks/gpu_check.sh`; `--device cpu --tiny` is the dry 
    (`validate`) -> traces, validation.json, validation.png.
 4. The same with half of every block's weights streamed from the host (resident, infinigen),
    replayed -> weights-on-host/.
+5. Live serving: a Poisson request stream served by the executor with continuous batching
+   (resident, infinigen), against the serving simulator on the calibrated profile -> serving/.
 Nothing is downloaded: random weights, prompts from Python's bundled docs.
 """
 
@@ -30,9 +32,10 @@ from infinisim.core.files import write_json
 from infinisim.core.policies import POLICIES
 
 FULL = {"model": "llama-3-8b", "dtype": "bfloat16", "batch": 8, "prompt_len": 2048, "gen_len": 32,
-        "check_model": "smollm2-135m", "check_prompt": 256}
+        "check_model": "smollm2-135m", "check_prompt": 256, "serve": (40, 2.0, 1024, 64)}
 TINY = {"model": "smollm2-135m", "dtype": "float32", "batch": 2, "prompt_len": 64, "gen_len": 4,
-        "check_model": "smollm2-135m", "check_prompt": 48}
+        "check_model": "smollm2-135m", "check_prompt": 48, "serve": (3, 20.0, 32, 4)}
+# serve: requests, arrivals per second, prompt and output tokens of each
 
 
 def log(line: str) -> None:
@@ -95,6 +98,21 @@ def streamed_weights(device: str, shape: dict, prompts: list, measure: object, d
     return {"max_relative_error": out, "ok": max(out.values()) <= 1e-5}
 
 
+def serving(out: Path, profile: str, device: str, shape: dict, command: str) -> list[dict]:
+    """The executor serving a Poisson stream live, compared with the serving simulator."""
+    from infinisim.analysis.serving_validation import validate_serving
+    from infinisim.sim.latency import SLO
+    from infinisim.sim.server import Scheduler
+    from infinisim.traces.requests import synthetic_stream
+
+    n, rate, prompt, gen = shape["serve"]
+    data = validate_serving(out, synthetic_stream(rate, n, prompt_len=prompt, gen_len=gen), Scheduler(max_seqs=16),
+                            SLO(), profile=profile, policies=["resident", "infinigen"], model=shape["model"],
+                            random_weights=True, device=device, dtype=shape["dtype"], command=command, log=log)
+    return [{"policy": c["policy"], "aggregate": c["aggregate"], "forwards": c["forwards"]}
+            for c in data["comparisons"]]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,17 +126,17 @@ def main() -> int:
                     "host": platform.node(),
                     "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
 
-    log("1/4 correctness of every policy against dense attention")
+    log("1/5 correctness of every policy against dense attention")
     result["correctness"] = correctness(args.device, shape)
 
-    log("2/4 calibrate")
+    log("2/5 calibrate")
     from infinisim.executor.calibrate import calibrate
     from infinisim.hwprofiles.profile import write_profile
 
     profile = calibrate(args.device, "float32" if args.tiny else "bfloat16", quick=args.tiny, log=log)
     result["profile"] = str(write_profile(profile, out / "profile.yaml"))
 
-    log("3/4 the executor's runs, replayed on the calibrated profile")
+    log("3/5 the executor's runs, replayed on the calibrated profile")
     from infinisim.analysis.validation import validate
 
     data = validate(out, profile=result["profile"], policies=["resident", "full", "infinigen", "h2o", "int4"],
@@ -129,7 +147,7 @@ def main() -> int:
     result["validation"] = [{k: c[k] for k in ("policy", "decode_ms_measured", "decode_ms_predicted", "step")}
                             for c in data["comparisons"]]
 
-    log("4/4 half of the weights streamed from the host, replayed")
+    log("4/5 half of the weights streamed from the host, replayed")
     data = validate(out / "weights-on-host", profile=result["profile"],
                     policies=["resident"] if args.tiny else ["resident", "infinigen"],
                     batch=shape["batch"], prompt_len=shape["prompt_len"], gen_len=shape["gen_len"],
@@ -138,6 +156,9 @@ def main() -> int:
                     + (" --tiny" if args.tiny else ""), log=log)
     result["validation_weights_on_host"] = [{k: c[k] for k in ("policy", "decode_ms_measured", "decode_ms_predicted",
                                                                  "step")} for c in data["comparisons"]]
+    log("5/5 live serving against the serving simulator")
+    result["serving"] = serving(out / "serving", result["profile"], args.device, shape,
+                                f"benchmarks/gpu_check.py --device {args.device}" + (" --tiny" if args.tiny else ""))
     result["seconds"] = time.perf_counter() - started
     result["ok"] = all(v["ok"] for v in result["correctness"].values())
     write_json(result, out / "gpu-check.json")

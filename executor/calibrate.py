@@ -13,10 +13,12 @@ What is measured, each over the shapes decoding uses, with working sets larger t
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +70,21 @@ def _cpu_name() -> str:
 
 def _ram_bytes() -> float:
     return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _last_level_cache() -> int:
+    """Bytes of the CPU's largest cache (0 if unknown): a server CPU's shared L3 can hold hundreds of MB."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=0)
 
 
 Measure = Callable[[Callable[[], object], int], float]
@@ -292,12 +309,16 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     measure = _timer(dev, spreads)
     repeats = 3 if quick else 9
     working_set = (32 if quick else 256) << 20
+    # a model's weights, read from memory by every decode step: measured through more than the caches hold
+    # (a server CPU's last-level cache can be larger than 256 MB), within an eighth of the RAM. (A small
+    # model's KV cache can stay in such a cache: decode attention keeps the 256 MB set.)
+    streamed = working_set if quick or cuda else int(min(max(working_set, 2 * _last_level_cache()), _ram_bytes() / 8))
 
     sweep, pageable = _copies(measure, dev, repeats, QUICK_SWEEP_SIZES if quick else SWEEP_SIZES,
                               working_set // 4, log)
     gather_bw = _gather(measure, dt, cuda, repeats, (1 << 18) if quick else (1 << 20))
     log(f"gather of 256-byte rows: {gather_bw / 1e9:.2f} GB/s")
-    streams = _streaming(measure, dt, dev, repeats, working_set, (1, 8) if quick else (1, 2, 4, 8, 16, 32),
+    streams = _streaming(measure, dt, dev, repeats, streamed, (1, 8) if quick else (1, 2, 4, 8, 16, 32),
                          (512, 2048) if quick else (512, 1024, 2048, 4096))
     for k in sorted({p[1] for p in streams}):
         log(f"decode projections, inner size {int(k):>4}: " + ", ".join(

@@ -133,3 +133,6 @@ def test_the_gpu_kit_dry_run(tmp_path):
     assert [v["policy"] for v in result["validation"]] == ["resident", "full", "infinigen", "h2o", "int4"]
     assert [v["policy"] for v in result["validation_weights_on_host"]] == ["resident"]  # --tiny: one policy
     assert (tmp_path / "profile.yaml").exists() and (tmp_path / "validation.png").exists()
+    assert sorted(v["policy"] for v in result["serving"]) == ["infinigen", "resident"]
+    assert all(v["aggregate"]["ttft_p50_s"]["measured"] > 0 for v in result["serving"])
+    assert (tmp_path / "serving" / "serving_validation.png").exists()

@@ -218,3 +218,36 @@ def test_skew_build_has_a_fixed_part_per_kv_head():
     costs = Costs(replace(profile, device=device), spec, "float16", 1)
     rows = 100 * spec.n_heads // spec.n_kv_heads
     assert costs.skew_build(100).seconds == pytest.approx(spec.n_kv_heads * (rows * 1e-6 + 5e-4))
+
+
+def test_live_batch_with_weights_streamed_decodes_as_alone():
+    """Half of every block's weights streamed from host memory: the live batch still decodes each
+    request as it decodes alone with its weights resident."""
+    from infinisim.executor.weight_stream import WeightStream
+
+    spec = replace(named_model("smollm2-135m"), n_layers=4)
+    resident = materialize(spec, None, "float32", torch.device("cpu"), "random")
+    streamed = materialize(spec, None, "float32", torch.device("cpu"), "random")
+    streamed.load_state_dict(resident.state_dict())
+    WeightStream(streamed, 0.5, torch.device("cpu"), None)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, spec.vocab_size, (n,), generator=g).tolist() for n in (30, 11)]
+    batch = LiveBatch(streamed, "resident")
+    out = {k: [batch.prefill(k, p, len(p) + 6)[0]] for k, p in enumerate(prompts)}
+    for _ in range(5):
+        tokens, _ = batch.decode([0, 1])
+        for k, t in zip([0, 1], tokens, strict=True):
+            out[k].append(t)
+    for k, p in enumerate(prompts):
+        assert out[k] == _alone(resident, p, 6, "resident", {})
+
+
+def test_simulator_and_analysis_import_without_torch():
+    """The layers above the executor load it only when they run it: every module of sim/ and
+    analysis/ (the live server's and its comparison's included) imports with torch unavailable."""
+    code = ("import sys, importlib, pkgutil; sys.modules['torch'] = None\n"
+            "import infinisim.sim as s, infinisim.analysis as a\n"
+            "for p in (s, a):\n"
+            "    for m in pkgutil.iter_modules(p.__path__): importlib.import_module(p.__name__ + '.' + m.name)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
