@@ -13,16 +13,15 @@ What is measured, each over the shapes decoding uses, with working sets larger t
 
 from __future__ import annotations
 
-import glob
 import os
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from infinisim.executor.machine import cpu_name, last_level_cache, ram_bytes
 from infinisim.hwprofiles.profile import Device, Host, Link, Profile
 
 SWEEP_SIZES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
@@ -55,36 +54,6 @@ def _timer(device: torch.device, spreads: list[float]) -> Callable[[Callable[[],
         return median
 
     return measure
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _ram_bytes() -> float:
-    return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
-def _last_level_cache() -> int:
-    """Bytes of the CPU's largest cache (0 if unknown): a server CPU's shared L3 can hold hundreds of MB."""
-    sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        digits = text[:-1] if text[-1:] in "KMG" else text
-        if digits.isdigit():
-            sizes.append(int(digits) * scale)
-    return max(sizes, default=0)
 
 
 Measure = Callable[[Callable[[], object], int], float]
@@ -312,7 +281,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     # a model's weights, read from memory by every decode step: measured through more than the caches hold
     # (a server CPU's last-level cache can be larger than 256 MB), within an eighth of the RAM. (A small
     # model's KV cache can stay in such a cache: decode attention keeps the 256 MB set.)
-    streamed = working_set if quick or cuda else int(min(max(working_set, 2 * _last_level_cache()), _ram_bytes() / 8))
+    streamed = working_set if quick or cuda else int(min(max(working_set, 2 * last_level_cache()), ram_bytes() / 8))
 
     sweep, pageable = _copies(measure, dev, repeats, QUICK_SWEEP_SIZES if quick else SWEEP_SIZES,
                               working_set // 4, log)
@@ -353,7 +322,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         props = torch.cuda.get_device_properties(dev)
         dev_name, memory = props.name, float(props.total_memory)
     else:
-        dev_name, memory = f"{_cpu_name()} (CPU as device)", _ram_bytes()
+        dev_name, memory = f"{cpu_name()} (CPU as device)", ram_bytes()
     device_part = Device(
         name=dev_name, memory=memory, matmul_flops=max(p[2] for p in matmuls),
         matmul_flops_fp32=max(p[1] for p in matmuls), memory_bandwidth=stream_bw, launch_overhead=launch,
@@ -365,7 +334,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     link = Link(name="PCIe (measured)" if cuda else "memcpy between buffers (measured)",
                 h2d_bandwidth=top[1], d2h_bandwidth=top[2], pageable_bandwidth=pageable or top[1],
                 latency=sweep[0][0] / sweep[0][1], duplex=True, sweep=tuple(sweep))
-    host = Host(name=_cpu_name(), cores=os.cpu_count() or 1, memory=_ram_bytes(),
+    host = Host(name=cpu_name(), cores=os.cpu_count() or 1, memory=ram_bytes(),
                 memory_bandwidth=stream_bw if not cuda else gather_bw, gather_bandwidth=gather_bw)
     return Profile(
         name=name or f"calibrated-{platform.node() or 'host'}", kind="gpu" if cuda else "cpu",

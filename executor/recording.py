@@ -13,6 +13,7 @@ import torch
 from infinisim.executor.generate import Generation, SamplingConfig, StepRecord, generate
 from infinisim.executor.kvcache import TIMING_ONLY, Measurement
 from infinisim.executor.link import EmulatedLink
+from infinisim.executor.machine import cpu_name
 from infinisim.executor.model import Transformer
 from infinisim.executor.policies import make_policy
 from infinisim.traces.spec import ModelSpec
@@ -20,15 +21,7 @@ from infinisim.traces.trace import LAYER_COLUMNS, LIST_COLUMNS, Trace
 
 
 def environment(device: torch.device) -> dict[str, object]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-        except OSError:
-            pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "device_name": name,
         "device_type": device.type,
