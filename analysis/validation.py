@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from infinisim.core.files import write_bytes_atomic, write_json
-from infinisim.sim.engine import PHASES, SimResult
+from infinisim.sim.result import PHASES, SimResult
 from infinisim.sim.workload import Workload
 
 COMPARED_PHASES = ("attn", "ffn", "wait", "spec", "gather", "h2d", "d2h", "comm")

@@ -162,6 +162,14 @@ class Profile:
         node = self.node
         return 2 * (tp - 1) * node.interconnect_latency + 2 * (tp - 1) / tp * nbytes / node.interconnect_bandwidth
 
+    def all_gather_seconds(self, nbytes: Any, tp: int) -> Any:
+        """A ring all-gather of `nbytes` in all (each GPU contributes nbytes / tp) over `tp` GPUs: tp-1
+        steps of latency, (tp-1)/tp of the bytes over the interconnect."""
+        if tp == 1 or self.node is None:
+            return 0.0
+        node = self.node
+        return (tp - 1) * node.interconnect_latency + (tp - 1) / tp * nbytes / node.interconnect_bandwidth
+
     def matmul_rate(self, dtype: str) -> float:
         peak = self.device.matmul_flops_fp32 if dtype == "float32" else self.device.matmul_flops
         return peak * self.device.matmul_efficiency

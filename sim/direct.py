@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from infinisim.hwprofiles.profile import Profile
-from infinisim.sim.engine import SimResult, Simulation
+from infinisim.sim.engine import Simulation
 from infinisim.sim.memory import MemoryPlan
+from infinisim.sim.result import SimResult
 from infinisim.sim.workload import Workload
 
 TOLERANCE_S = 1e-12  # states this close (relative to the host clock) are the same state

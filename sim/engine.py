@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,10 +27,9 @@ import simpy
 from infinisim.hwprofiles.profile import Profile
 from infinisim.sim.costs import Costs, Work, any_positive
 from infinisim.sim.memory import MemoryPlan, memory_plan
+from infinisim.sim.result import PHASES, SimResult
 from infinisim.sim.workload import Workload
 
-PHASES = ("embed", "attn", "ffn", "spec", "gather", "h2d", "d2h", "wait", "head", "bookkeeping", "comm")
-COMPUTE = ("embed", "attn", "ffn", "head", "comm")  # the compute stream's own work (comm: tensor-parallel all-reduce)
 P = {name: i for i, name in enumerate(PHASES)}
 
 
@@ -43,54 +41,6 @@ class CountingEnvironment(simpy.Environment):
     def schedule(self, event: simpy.Event, priority: int = simpy.core.NORMAL, delay: float = 0) -> None:
         self.scheduled += 1
         super().schedule(event, priority, delay)
-
-
-@dataclass
-class SimResult:
-    workload: Workload
-    profile: Profile
-    step_s: np.ndarray  # [1 + decode steps]; index 0 is the prefill
-    phase_s: np.ndarray  # [1 + decode steps, layers + 1, len(PHASES)] busy seconds; last layer row: embed/head
-    memory: MemoryPlan
-    link_busy_s: float
-    events: int
-    spans: list[tuple[str, str, int, int, float, float]] = field(default_factory=list)  # stream, phase, step, layer
-
-    @property
-    def decode_step_s(self) -> np.ndarray:
-        return self.step_s[1:]
-
-    @property
-    def total_s(self) -> float:
-        return float(self.step_s.sum())
-
-    def summary(self) -> dict[str, Any]:
-        decode = self.decode_step_s
-        per_phase = self.phase_s[1:].sum(axis=1).mean(axis=0) if len(decode) else np.zeros(len(PHASES))
-        phase_ms = {name: float(per_phase[i] * 1e3) for i, name in enumerate(PHASES)}
-        step_ms = float(decode.mean() * 1e3) if len(decode) else 0.0
-        phase_ms["host"] = host_bound_ms(step_ms, phase_ms, self.profile.serial_phases())
-        return {
-            "policy": self.workload.policy, "profile": self.profile.name, "model": self.workload.spec.name,
-            "batch": self.workload.batch, "prompt_len": self.workload.prompt_len,
-            "decode_steps": len(decode), "prefill_s": float(self.step_s[0]),
-            "decode_ms_mean": float(decode.mean() * 1e3) if len(decode) else float("nan"),
-            "total_s": self.total_s,
-            "tokens_per_s": float(self.workload.batch * (len(decode) + 1) / self.total_s),
-            "decode_phase_ms": phase_ms,
-            "link_utilisation": float(self.link_busy_s / self.total_s),
-            "device_peak_gb": self.memory.device_bytes / 1e9, "host_peak_gb": self.memory.host_bytes / 1e9,
-            "fits": self.memory.problem is None, "events": self.events,
-        }
-
-
-def host_bound_ms(step_ms: float, phase_ms: dict[str, float], serial: tuple[str, ...]) -> float:
-    """The part of a decode step the compute stream spent neither computing nor waiting for copies:
-    starved while the host issued work (launches, gathers, synchronisations). With it, compute +
-    wait + host is the step, plus the `serial` phases the compute thread did in turn on a CPU-only
-    machine (speculation and gathers; copies too without an emulated link)."""
-    busy = sum(phase_ms.get(p, 0.0) for p in (*COMPUTE, "wait", *serial))
-    return max(0.0, step_ms - busy)
 
 
 Account = Callable[[str, list[tuple[str, int, float]], float, float, Any], None]
@@ -258,6 +208,16 @@ class Simulation:
         nbytes = rows * self.w.spec.hidden * self.costs.e
         return Work(self.profile.all_reduce_seconds(nbytes, self.w.tp), 1)
 
+    def head(self) -> list[tuple[str, int, Work]]:
+        """The LM head of the batch's last positions; under tensor parallelism each GPU computes its share
+        of the vocabulary and the shares are all-gathered (padded to the widest), timed with the head as
+        the executor times it."""
+        n, parts = self.w.spec.n_layers, [("head", self.w.spec.n_layers, self.costs.head())]
+        if self.w.tp > 1:
+            nbytes = self.w.batch * self.w.spec.vocab_size * self.w.tp * self.costs.e
+            parts.append(("head", n, Work(self.profile.all_gather_seconds(nbytes, self.w.tp), 1)))
+        return parts
+
     def stream_weights(self, layer: int) -> Generator[simpy.Event, Any, None]:
         """Weight offloading (FlexGen): the host-side share of block `layer + 1` goes in while `layer`
         computes, into the buffer block `layer - 1` used (so after the compute issued so far); the
@@ -298,7 +258,7 @@ class Simulation:
         written = (w.bytes_d2h[0, 0] if w.n_steps else 0) * self.kv.prefill_written(w)
         works = (c.prefill_qkv(t), c.prefill_attend(t), c.ffn(w.batch * t), written, self.all_reduce(w.batch * t))
         yield from self.layers("prefill", functools.partial(self.prefill_layer, works))
-        done = yield from self.launch("compute", [("head", head, c.head())])
+        done = yield from self.launch("compute", self.head())
         yield from self.wait(done)
         self.step_s[0] = self.host_t - start
 
@@ -319,7 +279,7 @@ class Simulation:
         yield from self.stream_weights(-1)  # the first block, unless the last step's last layer sent it
         yield from self.launch("compute", [("embed", n, self.costs.embed())])
         yield from self.layers("decode", functools.partial(self.decode_layer, s))
-        done = yield from self.launch("compute", [("head", n, self.costs.head())])
+        done = yield from self.launch("compute", self.head())
         yield from self.wait(done)  # the sampled token goes back to the host
 
     def layers(self, phase: str, body: Callable[[int], Generator[simpy.Event, Any, None]]

@@ -16,8 +16,9 @@ import numpy as np
 from infinisim.core.files import write_json
 from infinisim.hwprofiles.profile import Profile
 from infinisim.sim.direct import simulate_direct
-from infinisim.sim.engine import SimResult, simulate
+from infinisim.sim.engine import simulate
 from infinisim.sim.memory import MemoryPlan, memory_plan
+from infinisim.sim.result import SimResult
 from infinisim.sim.workload import Workload, fetched_fraction, speculated_fraction_per_layer
 from infinisim.traces.spec import ModelSpec
 from infinisim.traces.trace import Trace

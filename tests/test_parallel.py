@@ -14,8 +14,9 @@ from test_simulator import ideal_profile
 from infinisim.cli import main
 from infinisim.core.errors import InfinisimError
 from infinisim.hwprofiles.profile import Node, load_profile, write_profile
-from infinisim.sim.engine import PHASES, simulate
+from infinisim.sim.engine import simulate
 from infinisim.sim.memory import memory_plan
+from infinisim.sim.result import PHASES
 from infinisim.sim.run import simulate_if_fits
 from infinisim.sim.workload import synthetic
 from infinisim.traces.spec import named_model
@@ -34,13 +35,18 @@ def test_ring_all_reduce_closed_form():
 
 
 def test_the_compute_stream_waits_for_two_all_reduces_a_layer():
-    """resident with instant compute: a decode step is 2 all-reduces of batch x hidden per layer."""
+    """resident with instant compute: a decode step is 2 all-reduces of batch x hidden per layer, then
+    the head's all-gather of every GPU's share of the logits (timed with the head)."""
     spec, p = named_model("llama-3-8b"), node_profile(gpus=4)
     w = synthetic(spec, 8, 128, 4, "resident", "float16", tp=4)
     result = simulate(w, p)
     each = p.all_reduce_seconds(8 * spec.hidden * 2, 4)
+    gather = p.all_gather_seconds(8 * w.spec.vocab_size * 4 * 2, 4)
+    assert gather == pytest.approx(3 * p.node.interconnect_latency
+                                   + 3 / 4 * 8 * w.spec.vocab_size * 4 * 2 / p.node.interconnect_bandwidth)
     for s in range(w.n_steps):
-        assert result.decode_step_s[s] == pytest.approx(spec.n_layers * 2 * each, rel=1e-6)
+        assert result.decode_step_s[s] == pytest.approx(spec.n_layers * 2 * each + gather, rel=1e-6)
+        assert result.phase_s[s + 1, -1, PHASES.index("head")] == pytest.approx(gather)
         assert result.phase_s[s + 1, :, PHASES.index("comm")].sum() == pytest.approx(spec.n_layers * 2 * each)
 
 

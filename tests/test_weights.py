@@ -11,8 +11,9 @@ from test_simulator import ideal_profile
 
 from infinisim.cli import main
 from infinisim.hwprofiles.profile import load_profile
-from infinisim.sim.engine import PHASES, simulate
+from infinisim.sim.engine import simulate
 from infinisim.sim.memory import memory_plan, place_weights, weight_parts
+from infinisim.sim.result import PHASES
 from infinisim.sim.run import simulate_if_fits
 from infinisim.sim.workload import synthetic
 from infinisim.traces.spec import named_model

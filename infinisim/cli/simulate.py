@@ -128,7 +128,7 @@ def _simulate_and_print(workloads: list[Any], profile: Any, args: argparse.Names
 
 
 def print_results(results: list[dict[str, Any]]) -> None:
-    from infinisim.sim.engine import COMPUTE
+    from infinisim.sim.result import COMPUTE
 
     print(f"{'policy':<10} {'batch':>5} {'prompt':>6} {'prefill s':>9} {'ms/step':>9} {'total s':>8} {'tok/s':>8} "
           f"{'compute':>8} {'wait':>7} {'host':>7} {'spec':>7} {'gather':>7} {'copy':>7} {'link':>5} {'dev GB':>7} "
