@@ -26,7 +26,7 @@ from infinisim.traces.spec import named_model
 from infinisim.traces.trace import METADATA_KEY, read_trace, write_trace
 
 POLICIES = [("resident", {}, None), ("full", {}, None), ("int4", {}, None), ("h2o", {}, None),
-            ("infinigen", {}, None), ("infinigen", {"budget": 0.2}, None),
+            ("infinigen", {}, None), ("infinigen", {"budget": 0.2}, None), ("oracle", {"budget": 0.2}, None),
             ("full", {}, "2GB/s"), ("infinigen", {"budget": 0.2}, "2GB/s")]  # the last two over an emulated link
 
 
