@@ -32,7 +32,7 @@ from infinisim.sim.iterations import MemoryBudget, SequenceMemory
 from infinisim.sim.server import Scheduler, Seq, Server
 from infinisim.sim.serving import ServingResult, servable, served
 from infinisim.traces.requests import Request, RequestStream
-from infinisim.traces.trace import Trace
+from infinisim.traces.trace import SERVING_STEP_FIELDS, Trace
 
 if TYPE_CHECKING:
     from infinisim.executor.session import Session
@@ -68,6 +68,16 @@ def live_memory(session: Session, policy: str) -> MemoryBudget:
                         SequenceMemory(0.0, 0.0, 0.0 if on_device else row))
 
 
+def refuse_unservable(prefill: str, tp: int) -> None:
+    """What a live server does not do, as one line (the CLI asks before anything loads)."""
+    if prefill != "whole":
+        raise InfinisimError("a live server prefills whole prompts (chunked prefill is simulated only: "
+                             "`infinisim serve`)", field="--prefill")
+    if tp > 1:
+        raise InfinisimError("a live server runs in one process (serve a sharded model in the simulator)",
+                             field="--tp")
+
+
 def prompt_tokens(pool: list[int], r: Request) -> list[int]:
     """Request r's prompt: its own window of the token pool (wrapping around)."""
     start = r.id * PROMPT_STRIDE % len(pool)
@@ -92,12 +102,7 @@ def serve_live(session: Session, policy: str, stream: RequestStream, scheduler: 
     from infinisim.executor.prompts import bundled_text
     from infinisim.executor.serving import LiveBatch
 
-    if scheduler.prefill != "whole":
-        raise InfinisimError("a live server prefills whole prompts (chunked prefill is simulated only)",
-                             field="--prefill")
-    if session.shard is not None:
-        raise InfinisimError("a live server runs in one process (serve a sharded model in the simulator)",
-                             field="--tp")
+    refuse_unservable(scheduler.prefill, session.shard.tp if session.shard is not None else 1)
     if session.tokenizer is None:
         raise InfinisimError("this model has no tokenizer to make prompts with", field="--model")
     spec = session.spec
@@ -125,7 +130,9 @@ def serve_live(session: Session, policy: str, stream: RequestStream, scheduler: 
             server.waiting.append(Seq(pending.popleft()))
         server.next_arrival_s = pending[0].arrival_s if pending else math.inf
         it = server.next_iteration()
-        release_gone(batch, server)  # preempted: its cache is dropped
+        running = {q.req.id for q in server.running.values()}
+        for key in [k for k in batch.running if k not in running]:
+            batch.release(key)  # finished last iteration, or preempted by this one: its cache is dropped
         if it is None:
             if not pending:
                 raise InfinisimError("the server stalled: nothing runs and no request is left to arrive")
@@ -150,34 +157,24 @@ def serve_live(session: Session, policy: str, stream: RequestStream, scheduler: 
         it.seconds = clock() - begin
         server.complete(it)
         server.record(begin, it)
-        release_gone(batch, server)  # finished
         iteration += 1
         if on_iteration is not None:
             on_iteration(len(server.finished) + len(server.rejected), total)
     result = served(stream, server, spec.max_positions)
-    return LiveServed(result, serving_trace(session, policy, batch.knobs, stream, scheduler, result, records, extra,
-                                            command, generated), generated)
+    return LiveServed(result, serving_trace(session, policy, batch.settings, stream, scheduler, result, records,
+                                            extra, command, generated), generated)
 
 
-def release_gone(batch: Any, server: Server) -> None:
-    """Drop the caches of the sequences the scheduler no longer runs."""
-    running = {q.req.id for q in server.running.values()}
-    for key in [k for k in batch.running if k not in running]:
-        batch.release(key)
-
-
-def serving_trace(session: Session, policy: str, knobs: dict[str, Any], stream: RequestStream,
+def serving_trace(session: Session, policy: str, settings: dict[str, Any], stream: RequestStream,
                   scheduler: Scheduler, result: ServingResult, records: list[Any], extra: list[dict[str, Any]],
                   command: str, generated: dict[int, list[int]]) -> Trace:
     from infinisim.executor.generate import Generation
-    from infinisim.executor.policies import make_policy
     from infinisim.executor.recording import trace_from_generation
 
-    made = make_policy(policy, **knobs)
     requests = {k: [None if isinstance(v, float) and not math.isfinite(v) else v for v in np.asarray(a).tolist()]
                 for k, a in result.requests.items()}
     run = {"model": session.name, "weights": session.loaded.source, "prompt_source": "pydoc_data",
-           "command": command, "policy": policy, "policy_knobs": made.settings(), "batch": scheduler.max_seqs,
+           "command": command, "policy": policy, "policy_knobs": settings, "batch": scheduler.max_seqs,
            "prompt_lens": requests["prompt_len"], "gen_len": max(requests["gen_len"]),
            "new_tokens": [len(generated.get(i, [])) for i in requests["id"]],
            "dtype": session.dtype, "device": session.device.type,
@@ -190,7 +187,7 @@ def serving_trace(session: Session, policy: str, knobs: dict[str, Any], stream: 
                        "preemptions": result.preemptions, "rejected": result.rejected}}
     gen = Generation([], requests["prompt_len"], steps=records)
     trace = trace_from_generation(gen, session.spec, run, session.device)
-    for name in ("iteration", "start_s", "batch", "waiting"):
+    for name in SERVING_STEP_FIELDS:
         trace.steps[name] = [e[name] for e in extra]
     return trace
 

@@ -46,9 +46,9 @@ def fetched_share(trace: Trace) -> np.ndarray:
     return share
 
 
-def predict(trace: Trace, profile: Any) -> tuple[Any, ServingResult]:
-    """The serving simulator on the live run's requests, scheduler, model, policy and knobs: the
-    iteration costs it used, and what it predicts."""
+def predict(trace: Trace, stream: RequestStream, profile: Any) -> tuple[Any, ServingResult]:
+    """The serving simulator on the live run's requests (`stream`, as it received them), scheduler,
+    model, policy and knobs: the iteration costs it used, and what it predicts."""
     from infinisim.sim.iterations import IterationCosts
     from infinisim.sim.run import profile_for
 
@@ -57,7 +57,6 @@ def predict(trace: Trace, profile: Any) -> tuple[Any, ServingResult]:
     costs = IterationCosts(trace.model, profile_for(trace, profile), run["policy"], run["dtype"], run["policy_knobs"],
                            speculated, weights_on_host=float(run.get("weights_on_host") or 0.0),
                            sequences_apart=True)  # the live server attends sequence by sequence
-    stream = measured_result(trace).stream
     return costs, simulate_serving(stream, costs, Scheduler(**trace.serving["scheduler"]), fast_forward=True)
 
 
@@ -108,35 +107,33 @@ def compare_serving(trace: Trace, measured: ServingResult, predicted: ServingRes
 
 
 def validate_serving(out: str | Path, stream: RequestStream | None, scheduler: Scheduler, slo: SLO, *,
-                     traces: list[str] | None = None, profile: str | None = None,
+                     traces: list[Trace] | None = None, profile: str | None = None,
                      policies: list[str] = ("resident", "infinigen"), model: str = "smollm2-135m",
                      random_weights: bool = False, device: str | None = None, dtype: str = "float32",
                      quick_calibration: bool = False, knobs: dict[str, Any] | None = None, link: str | None = None,
                      weights_on_host: float = 0.0, command: str = "infinisim validate --requests",
                      log: Callable[[str], None] = lambda _: None,
                      on_iteration: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Calibrate (or load `profile`), serve `stream` live under each policy (or read serving
+    """Calibrate (or load `profile`), serve `stream` live under each policy (or take serving
     `traces`), serve the same requests in the simulator, compare. Writes serving_validation.json
     and serving_validation.png (and the profile and traces it made) into `out`."""
     from infinisim.analysis.validation import machine_profile
-    from infinisim.traces.trace import read_trace
 
     out = Path(out)
-    read = [read_trace(p) for p in traces] if traces else None
     chosen = machine_profile(out, profile, device, dtype, quick_calibration, 1, log)
-    if read is None:
+    if not traces:
         assert stream is not None
-        read = [read_trace(p) for p in serve_policies(out, stream, scheduler, policies, model, random_weights, device,
-                                                       dtype, knobs or {}, link, weights_on_host, command, log,
-                                                       on_iteration)]
+        traces = [trace for _, trace in serve_policies(out, stream, scheduler, policies, model, random_weights,
+                                                         device, dtype, knobs or {}, link, weights_on_host, command,
+                                                         log, on_iteration)]
     comparisons = []
-    for trace in read:
-        costs, predicted = predict(trace, chosen)
-        comparisons.append({**compare_serving(trace, measured_result(trace), predicted, slo),
-                            "forwards": forwards(trace, costs)})
-    credit = attribution(measured_result(read[0]).stream)
-    data = {"command": command, "stream": read[0].serving["stream"], "attribution": credit, "slo": slo.describe(),
-            "scheduler": read[0].serving["scheduler"], "comparisons": comparisons, "profile": chosen.to_dict()}
+    for trace in traces:
+        measured = measured_result(trace)
+        costs, predicted = predict(trace, measured.stream, chosen)
+        comparisons.append({**compare_serving(trace, measured, predicted, slo), "forwards": forwards(trace, costs)})
+    credit = attribution(measured.stream)  # the same stream for every policy
+    data = {"command": command, "stream": traces[0].serving["stream"], "attribution": credit, "slo": slo.describe(),
+            "scheduler": traces[0].serving["scheduler"], "comparisons": comparisons, "profile": chosen.to_dict()}
     write_json(data, out / "serving_validation.json")
     from infinisim.analysis.figures import serving_validation_cdfs
 
@@ -148,20 +145,20 @@ def validate_serving(out: str | Path, stream: RequestStream | None, scheduler: S
 def serve_policies(out: Path, stream: RequestStream, scheduler: Scheduler, policies: list[str], model: str,
                    random_weights: bool, device: str | None, dtype: str, knobs: dict[str, Any], link: str | None,
                    weights_on_host: float, command: str, log: Callable[[str], None],
-                   on_iteration: Callable[[str, int, int], None] | None = None) -> list[str]:
-    """The live server under each policy, one serving trace each; returns their paths."""
+                   on_iteration: Callable[[str, int, int], None] | None = None) -> list[tuple[str, Trace]]:
+    """The live server under each policy, one serving trace each, written; returns (path, trace) each."""
     from infinisim.analysis.live_serving import serve_live
     from infinisim.executor.session import Session
     from infinisim.hwprofiles.emulated import parse_link
 
     spec = parse_link(link) if link else None
     session = Session(model, dtype, device, random_weights, log, spec, weights_on_host)
-    paths = []
+    written = []
     for name in policies:
         log(f"[{name}] serving {len(stream)} requests live over {stream.duration_s:.0f} s ...")
         progress = None if on_iteration is None else functools.partial(on_iteration, name)
         trace = serve_live(session, name, stream, scheduler, knobs, command, progress).trace
         path = session.write(trace, out, knobs=knobs)
         log(f"  trace: {path}")
-        paths.append(str(path))
-    return paths
+        written.append((str(path), trace))
+    return written

@@ -15,6 +15,7 @@ import numpy as np
 from infinisim.core.files import write_bytes_atomic, write_json
 from infinisim.sim.result import PHASES, SimResult
 from infinisim.sim.workload import Workload
+from infinisim.traces.trace import Trace
 
 COMPARED_PHASES = ("attn", "ffn", "wait", "spec", "gather", "h2d", "d2h", "comm")
 
@@ -94,13 +95,13 @@ def plot_steps(comparisons: list[dict[str, Any]], path: str, ran: str = "infinis
     return path
 
 
-def validate(out: str | Path, *, traces: list[str] | None = None, profile: str | None = None,
+def validate(out: str | Path, *, traces: list[Trace] | None = None, profile: str | None = None,
              policies: list[str] = ("resident", "full", "infinigen"), batch: int = 1, prompt_len: int = 1024,
              gen_len: int = 32, model: str = "smollm2-135m", random_weights: bool = False, device: str | None = None,
              dtype: str = "float32", quick_calibration: bool = False, knobs: dict[str, Any] | None = None,
              link: str | None = None, weights_on_host: float | str = 0.0, tp: int = 1,
              command: str = "infinisim validate", log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Calibrate this machine (or load `profile`), run the executor per policy (or read `traces`),
+    """Calibrate this machine (or load `profile`), run the executor per policy (or take `traces`),
     over an emulated `link` if given, with `weights_on_host` of every block streamed from the host;
     over `tp` tensor-parallel ranks (each rank's trace replayed on the profile of one rank, whose node
     is the measured all-reduce); replay each run and compare; a run over an emulated link is replayed
@@ -113,7 +114,7 @@ def validate(out: str | Path, *, traces: list[str] | None = None, profile: str |
     from infinisim.traces.trace import read_trace
 
     out = Path(out)
-    read = [read_trace(p) for p in traces] if traces else None
+    read = traces or None
     chosen = machine_profile(out, profile, device, dtype, quick_calibration, tp, log)
     if read is None:
         run = (out, policies, batch, prompt_len, gen_len, model, random_weights, device, dtype, knobs or {}, link,

@@ -19,6 +19,7 @@ from infinisim.analysis.validation import validate
 from infinisim.core.files import write_json
 from infinisim.executor.calibrate import calibrate
 from infinisim.hwprofiles.profile import write_profile
+from infinisim.traces.trace import read_trace
 
 SHAPES = ((1, 2048), (8, 4096))
 POLICIES = ["resident", "full", "infinigen", "h2o", "int4"]
@@ -48,7 +49,7 @@ def main() -> int:
             link = f"{rate}GB/s,{args.latency}"
             log(f"batch {batch}, prompt {prompt}, link {link}")
             cell = out / f"b{batch}-p{prompt}-{rate}GBs"
-            traces = sorted(str(t) for t in cell.glob("*.trace.parquet")) if args.reuse else None
+            traces = [read_trace(t) for t in sorted(cell.glob("*.trace.parquet"))] if args.reuse else None
             data = validate(cell, traces=traces or None, profile=profile, policies=POLICIES, batch=batch,
                             prompt_len=prompt, gen_len=args.gen_len, link=link,
                             command=f"benchmarks/bench_link_validation.py ({link}, batch {batch}, prompt {prompt})",

@@ -74,14 +74,12 @@ class LiveBatch:
         self.device = model.tok_embeddings.weight.device
         self.running: dict[int, Running] = {}
         self.recorder = Recorder(cuda=self.device.type == "cuda", drain=link.drain if link is not None else None)
-        make_policy(policy, **self.knobs)  # an unknown knob is refused before any request runs
+        self.settings = make_policy(policy, **self.knobs).settings()  # an unknown knob: refused before any request
 
     def prefill(self, key: int, tokens: list[int], capacity: int) -> tuple[int, Timings]:
         """Start sequence `key`: its own policy with room for `capacity` positions, its prompt (or,
         after a preemption, prompt and generated tokens) in one forward. Returns its next token."""
         spec = self.model.spec
-        if capacity > spec.max_positions:
-            raise ValueError(f"{capacity} positions is beyond {spec.name}'s {spec.max_positions}")
         policy = make_policy(self.policy, **self.knobs)
         policy.setup(PolicyContext(spec.n_layers, 1, spec.n_kv_heads, spec.head_dim, capacity,
                                    self.model.tok_embeddings.weight.dtype, self.device, self.model, SERVING,

@@ -154,14 +154,6 @@ class Profile:
         host = replace(self.host, gather_bandwidth=min(self.host.gather_bandwidth, dram))
         return replace(self, link=link, host=host)
 
-    def all_reduce_seconds(self, nbytes: Any, tp: int) -> Any:
-        """A ring all-reduce of `nbytes` over `tp` GPUs: 2(tp-1) steps of latency, 2(tp-1)/tp of the
-        bytes over the interconnect each way."""
-        if tp == 1 or self.node is None:
-            return 0.0
-        node = self.node
-        return 2 * (tp - 1) * node.interconnect_latency + 2 * (tp - 1) / tp * nbytes / node.interconnect_bandwidth
-
     def all_gather_seconds(self, nbytes: Any, tp: int) -> Any:
         """A ring all-gather of `nbytes` in all (each GPU contributes nbytes / tp) over `tp` GPUs: tp-1
         steps of latency, (tp-1)/tp of the bytes over the interconnect."""
@@ -169,6 +161,11 @@ class Profile:
             return 0.0
         node = self.node
         return (tp - 1) * node.interconnect_latency + (tp - 1) / tp * nbytes / node.interconnect_bandwidth
+
+    def all_reduce_seconds(self, nbytes: Any, tp: int) -> Any:
+        """A ring all-reduce of `nbytes` over `tp` GPUs: a reduce-scatter, then an all-gather, each as
+        long as `all_gather_seconds`: 2(tp-1) steps of latency, 2(tp-1)/tp of the bytes each way."""
+        return 2 * self.all_gather_seconds(nbytes, tp)
 
     def matmul_rate(self, dtype: str) -> float:
         peak = self.device.matmul_flops_fp32 if dtype == "float32" else self.device.matmul_flops

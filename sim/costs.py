@@ -62,17 +62,12 @@ class Costs:
     # one sequence's (their launches and fixed costs too); False: batched kernels, as vLLM runs them
     apart: bool = False
 
-    @property
-    def one(self) -> Costs:
-        """The same costs for one sequence."""
-        return replace(self, batch=1, apart=False)
-
     def per_sequence(self, work: Callable[[Costs, float], Work]) -> Work:
         """A per-sequence phase of the whole batch: `work(costs, share)` with the batch's costs and
         share 1 (batched), or when apart `batch` times one sequence's (its costs, 1/batch of the bytes)."""
         if not self.apart or self.batch == 1:
             return work(self, 1.0)
-        one = work(self.one, 1.0 / self.batch)
+        one = work(replace(self, batch=1, apart=False), 1.0 / self.batch)
         return Work(one.seconds * self.batch, one.kernels * self.batch)
 
     @property

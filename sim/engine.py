@@ -212,7 +212,8 @@ class Simulation:
         """The LM head of the batch's last positions; under tensor parallelism each GPU computes its share
         of the vocabulary and the shares are all-gathered (padded to the widest), timed with the head as
         the executor times it."""
-        n, parts = self.w.spec.n_layers, [("head", self.w.spec.n_layers, self.costs.head())]
+        n = self.w.spec.n_layers
+        parts = [("head", n, self.costs.head())]
         if self.w.tp > 1:
             nbytes = self.w.batch * self.w.spec.vocab_size * self.w.tp * self.costs.e
             parts.append(("head", n, Work(self.profile.all_gather_seconds(nbytes, self.w.tp), 1)))

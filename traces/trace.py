@@ -66,6 +66,12 @@ STEP_FIELDS = ("step", "phase", "n_new", "kv_len", "wall_s", "embed_s", "head_s"
 # say which scheduler iteration they belong to, when it started (s after the stream's start), how many
 # sequences it ran and how many requests waited
 SERVING_STEP_FIELDS = ("iteration", "start_s", "batch", "waiting")
+
+
+def step_fields(run: dict[str, Any]) -> tuple[str, ...]:
+    """The fields of a step in a trace of this run: a serving trace's carry its iteration's too."""
+    return STEP_FIELDS + (SERVING_STEP_FIELDS if run.get("serving") is not None else ())
+
 RUN_FIELDS = ("policy", "policy_knobs", "batch", "prompt_lens", "gen_len", "dtype", "device", "sampling", "weights")
 ENV_FIELDS = ("device_name", "torch", "python", "host", "created")
 SERVING_FIELDS = ("stream", "scheduler", "requests", "preemptions", "rejected")
@@ -86,12 +92,9 @@ class Trace:
         """A live server's trace (`run --requests`): the stream, the scheduler and every request's times."""
         return self.run.get("serving")
 
-    def step_fields(self) -> tuple[str, ...]:
-        return STEP_FIELDS + (SERVING_STEP_FIELDS if self.serving else ())
-
     def header(self) -> dict[str, Any]:
         return {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "model": self.model.to_dict(), "run": self.run,
-                "environment": self.environment, "steps": self.steps[list(self.step_fields())].to_dict("records")}
+                "environment": self.environment, "steps": self.steps[list(step_fields(self.run))].to_dict("records")}
 
     def decode_steps(self) -> pd.DataFrame:
         return self.steps[self.steps["phase"] == "decode"]
@@ -214,7 +217,7 @@ def read_trace(path: str | Path) -> Trace:
     if serving is not None:
         _require(serving, SERVING_FIELDS, path, "header.run.serving")
         _require(serving["requests"], SERVING_REQUEST_FIELDS, path, "header.run.serving.requests")
-    fields = STEP_FIELDS + (SERVING_STEP_FIELDS if serving is not None else ())
+    fields = step_fields(header["run"])
     for i, step in enumerate(header["steps"]):
         _require(step, fields, path, f"header.steps[{i}]")
     present = [name for name in LAYER_COLUMNS if name in table.column_names or name not in OPTIONAL_COLUMNS]

@@ -238,16 +238,27 @@ def window(text: str) -> tuple[float, float]:
     return start, length
 
 
-def add_stream_flags(p: argparse.ArgumentParser, search: bool = False) -> None:
-    """Where the requests come from: a trace in the Azure LLM inference format, or synthetic ones."""
-    group = p.add_argument_group("requests")
+STREAM_KINDS = ("serve", "search", "live")
+
+
+def add_stream_flags(p: argparse.ArgumentParser, kind: str = "serve") -> None:
+    """Where the requests come from: a trace in the Azure LLM inference format, scaled and windowed,
+    for `serve` (or synthetic ones), for a rate `search` (plan), or for a `live` server (run, validate)."""
+    assert kind in STREAM_KINDS
+    search, live = kind == "search", kind == "live"
+    group = p.add_argument_group("live serving (continuous batching on this machine)" if live else "requests")
+    trace = ("CSV in the Azure LLM inference trace format (columns TIMESTAMP, ContextTokens, GeneratedTokens), e.g. "
+             "../shared/data/azure-llm-2023/conv.csv")
+    synthetic = "" if search else "; without it, synthetic requests at --rate"
     group.add_argument("--requests", metavar="FILE",
-                       help="request trace, CSV in the Azure LLM inference trace format (columns TIMESTAMP, "
-                            "ContextTokens, GeneratedTokens), e.g. ../shared/data/azure-llm-2023/conv.csv"
-                            + ("" if search else "; without it, synthetic requests at --rate"))
+                       help=f"serve this request trace live instead of decoding one batch ({trace}): requests arrive "
+                            "on the wall clock, prompts drawn from Python's bundled docs, each decodes exactly its "
+                            "output length; --batch, --prompt-len and --gen-len do not apply" if live else
+                            f"request trace, {trace}{synthetic}")
     if not search:
-        group.add_argument("--rate", type=positive_float, help="mean arrivals per second: the trace's scaled to it, "
-                                                               "or the synthetic stream's")
+        group.add_argument("--rate", type=positive_float,
+                           help="the trace's arrivals scaled to this mean rate per second" if live else
+                           "mean arrivals per second: the trace's scaled to it, or the synthetic stream's")
     group.add_argument("--rate-scale", type=positive_float, default=1.0,
                        help="a trace's arrivals this many times as frequent (default 1)" +
                             ("; the search scales from there" if search else ""))
@@ -256,8 +267,10 @@ def add_stream_flags(p: argparse.ArgumentParser, search: bool = False) -> None:
     group.add_argument("--max-requests", type=positive, default=1000 if search else None,
                        help="the stream's first N requests" + (" (default 1000: each rate tried simulates them)"
                                                                 if search else " (default: all)"))
-    add_length_scale_flag(group)
-    if search:
+    group.add_argument("--length-scale", type=positive_float, default=1.0,
+                       help="a trace's prompt and output lengths times this (rounded, at least 1): its distribution, "
+                            "smaller, for a slower machine (default 1)")
+    if kind != "serve":
         return
     group.add_argument("--count", type=positive, default=1000, help="synthetic: how many requests (default 1000)")
     group.add_argument("--lengths-from", metavar="FILE",
@@ -271,29 +284,6 @@ def add_stream_flags(p: argparse.ArgumentParser, search: bool = False) -> None:
     group.add_argument("--cv", type=positive_float, default=1.0,
                        help="synthetic gamma arrivals: coefficient of variation of the gaps (default 1)")
     group.add_argument("--seed", type=int, default=0, help="synthetic: random seed (default 0)")
-
-
-def add_length_scale_flag(group: Any) -> None:
-    group.add_argument("--length-scale", type=positive_float, default=1.0,
-                       help="a trace's prompt and output lengths times this (rounded, at least 1): its distribution, "
-                            "smaller, for a slower machine (default 1)")
-
-
-def add_live_stream_flags(p: argparse.ArgumentParser) -> None:
-    """A live server's requests (run, validate): a request trace, scaled to fit this machine."""
-    group = p.add_argument_group("live serving (continuous batching on this machine)")
-    group.add_argument("--requests", metavar="FILE",
-                       help="serve this request trace live instead of decoding one batch (CSV in the Azure LLM "
-                            "inference trace format, e.g. ../shared/data/azure-llm-2023/conv.csv): requests arrive "
-                            "on the wall clock, prompts drawn from Python's bundled docs, each decodes exactly its "
-                            "output length; --batch, --prompt-len and --gen-len do not apply")
-    group.add_argument("--rate", type=positive_float, help="the trace's arrivals scaled to this mean rate per second")
-    group.add_argument("--rate-scale", type=positive_float, default=1.0,
-                       help="the trace's arrivals this many times as frequent (default 1)")
-    group.add_argument("--window", type=window, metavar="START,DURATION",
-                       help="only the trace's requests arriving in this span (seconds from its first)")
-    group.add_argument("--max-requests", type=positive, help="the stream's first N requests (default: all)")
-    add_length_scale_flag(group)
 
 
 def add_scheduler_flags(p: argparse.ArgumentParser) -> None:

@@ -111,3 +111,8 @@ class PerPolicy:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+
+
+def describe_stream(stream: Any) -> str:
+    """A request stream in one line: how many, over how long, at what rate, from where (every scaling)."""
+    return f"{len(stream)} requests over {stream.duration_s:.0f} s ({stream.rate:.2f}/s): {stream.source}"

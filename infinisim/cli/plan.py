@@ -46,7 +46,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="simulate every config event by event (slower; the default computes the same answer "
                         "directly, docs/SIMULATOR.md)")
     p.add_argument("--json", action="store_true", help="print the best configs as JSON instead of a summary")
-    flags.add_stream_flags(p, search=True)
+    flags.add_stream_flags(p, "search")
     flags.add_scheduler_flags(p)
     p.epilog = ("With --requests: capacity planning for a request stream instead of a static batch: per hardware x "
                 "model x policy x knobs, the largest request rate (the stream's arrivals scaled) served within "

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from infinisim.cli import flags
-from infinisim.cli.output import PerPolicy, Progress, maybe, print_json, size
+from infinisim.cli.output import PerPolicy, Progress, describe_stream, maybe, print_json, size
 from infinisim.core.errors import InfinisimError
 from infinisim.core.files import check_output_dir, check_output_file, read_text
 
@@ -50,7 +50,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--trace", help="trace file to write (one policy only)")
     out.add_argument("--out", default="runs", help="folder for the traces, named by model, policy, the knobs set, "
                                                    "batch and lengths (default runs/)")
-    flags.add_live_stream_flags(p)
+    flags.add_stream_flags(p, "live")
     flags.add_scheduler_flags(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
@@ -99,10 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def check_live_serving(args: argparse.Namespace) -> None:
     """What a live server cannot do, refused before anything loads."""
-    for given, name, why in ((args.prefill != "whole", "--prefill", "a live server prefills whole prompts (chunked "
-                              "prefill is simulated only: `infinisim serve`)"),
-                             (args.tp > 1, "--tp", "a live server runs in one process"),
-                             (args.quality or args.record_selection, "--quality", "a live server measures timing"),
+    from infinisim.analysis.live_serving import refuse_unservable
+
+    refuse_unservable(args.prefill, args.tp)
+    for given, name, why in ((args.quality or args.record_selection, "--quality", "a live server measures timing"),
                              (args.temperature != 0, "--temperature", "a live server decodes greedily"),
                              (args.trace is not None, "--trace", "a live server writes one serving trace per "
                               "policy: name their folder with --out"),
@@ -118,31 +118,26 @@ def serve_requests(args: argparse.Namespace) -> int:
     from infinisim.cli.serve import print_table
     from infinisim.sim.latency import parse_slo, summarize_serving
     from infinisim.traces.requests import attribution
-    from infinisim.traces.trace import read_trace
 
     check_live_serving(args)
     check_output_dir(args.out, "--out")
     slo, schedule = parse_slo(args.slo), flags.scheduler(args)
     stream = flags.stream_spec(args).build()
-    print(f"{len(stream)} requests over {stream.duration_s:.0f} s ({stream.rate:.2f}/s): {stream.source}",
-          file=sys.stderr)
+    print(describe_stream(stream), file=sys.stderr)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     progress = PerPolicy("requests")
     try:
-        paths = serve_policies(args.out, stream, schedule, flags.policy_names(args.policy), args.model,
-                               args.random_weights, args.device, args.dtype, flags.knobs_given(args), args.link,
-                               args.weights_on_host, args.command_line, lambda line: print(line, file=sys.stderr),
-                               progress.update)
+        written = serve_policies(args.out, stream, schedule, flags.policy_names(args.policy), args.model,
+                                 args.random_weights, args.device, args.dtype, flags.knobs_given(args), args.link,
+                                 args.weights_on_host, args.command_line, lambda line: print(line, file=sys.stderr),
+                                 progress.update)
     finally:
         progress.close()
-    rows = []
-    for path in paths:
-        trace = read_trace(path)
-        rows.append({"policy": trace.run["policy"], **summarize_serving(measured_result(trace), slo),
-                     "trace": path})
+    rows = [{"policy": trace.run["policy"], **summarize_serving(measured_result(trace), slo), "trace": path}
+            for path, trace in written]
     credit = attribution(stream)
     if args.json:
         print_json({"stream": stream.source, "attribution": credit, "rows": rows})

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from infinisim.cli import flags
-from infinisim.cli.output import Progress, print_json
+from infinisim.cli.output import Progress, describe_stream, print_json
 from infinisim.core.files import atomic_path, check_output_dir, write_json
 
 
@@ -58,8 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serving_share(args.weights_on_host)) for name in policies]
     for c in configs:
         c.costs(profile)  # every policy's knobs and share checked before any serving
-    print(f"{len(stream)} requests over {stream.duration_s:.0f} s ({stream.rate:.2f}/s): {stream.source}",
-          file=sys.stderr)
+    print(describe_stream(stream), file=sys.stderr)
     with Progress("serve", len(configs), "policies") as bar:
         served = serve(stream, configs, slo, profile, lambda done, total: bar.update(done))
     rows = [row for row, _ in served]

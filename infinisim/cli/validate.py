@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from infinisim.cli import flags
-from infinisim.cli.output import PerPolicy, print_json
+from infinisim.cli.output import PerPolicy, describe_stream, print_json
 from infinisim.core.errors import InfinisimError
 from infinisim.core.files import check_output_dir
 
@@ -32,7 +32,7 @@ def add_validate_parser(sub: argparse._SubParsersAction) -> None:
                                                        "validation/)")
     p.add_argument("--quick", action="store_true", help="calibrate as `infinisim calibrate --quick` does (seconds, "
                                                        "less accurate)")
-    flags.add_live_stream_flags(p)
+    flags.add_stream_flags(p, "live")
     flags.add_scheduler_flags(p)
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
@@ -47,9 +47,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from infinisim.analysis.validation import validate
 
     check_output_dir(args.out, "--out")
-    if args.requests or (args.trace and serving_traces(args.trace)):
-        return validate_requests(args)
-    data = validate(args.out, traces=args.trace, profile=args.profile, policies=flags.policy_names(args.policy),
+    traces = read_traces(args.trace) if args.trace else None
+    if args.requests or (traces and traces[0].serving):
+        return validate_requests(args, traces)
+    data = validate(args.out, traces=traces, profile=args.profile, policies=flags.policy_names(args.policy),
                     batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, model=args.model,
                     random_weights=args.random_weights, device=args.device, dtype=args.dtype,
                     quick_calibration=args.quick, knobs=flags.knobs_given(args), link=args.link,
@@ -63,37 +64,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def serving_traces(paths: list[str]) -> bool:
-    """Whether the traces are a live server's (all of them; a mix is refused)."""
-    from infinisim.core.errors import InfinisimError
+def read_traces(paths: list[str]) -> list:
+    """The --trace files, read once: all a live server's (serving traces) or all batch traces."""
     from infinisim.traces.trace import read_trace
 
-    kinds = {p: read_trace(p).serving is not None for p in paths}
-    if len(set(kinds.values())) > 1:
+    traces = [read_trace(p) for p in paths]
+    if len({t.serving is not None for t in traces}) > 1:
         raise InfinisimError("give either serving traces (run --requests) or batch traces, not both",
                              field="--trace")
-    return next(iter(kinds.values()))
+    return traces
 
 
-def validate_requests(args: argparse.Namespace) -> int:
+def validate_requests(args: argparse.Namespace, traces: list | None) -> int:
     """The serving simulator against the live server: `validate --requests` (or serving --trace files)."""
     from pathlib import Path
 
+    from infinisim.analysis.live_serving import refuse_unservable
     from infinisim.analysis.serving_validation import validate_serving
     from infinisim.sim.latency import parse_slo
 
-    if args.tp > 1:
-        raise InfinisimError("does not apply with --requests: a live server runs in one process", field="--tp")
-    if args.prefill != "whole":
-        raise InfinisimError("does not apply with --requests: a live server prefills whole prompts", field="--prefill")
+    refuse_unservable(args.prefill, args.tp)
     slo = parse_slo(args.slo)
-    stream = flags.stream_spec(args).build() if args.requests and not args.trace else None
+    stream = flags.stream_spec(args).build() if not traces else None
     if stream is not None:
-        print(f"{len(stream)} requests over {stream.duration_s:.0f} s ({stream.rate:.2f}/s): {stream.source}",
-              file=sys.stderr)
+        print(describe_stream(stream), file=sys.stderr)
     progress = PerPolicy("requests")
     try:
-        data = validate_serving(args.out, stream, flags.scheduler(args), slo, traces=args.trace, profile=args.profile,
+        data = validate_serving(args.out, stream, flags.scheduler(args), slo, traces=traces, profile=args.profile,
                                 policies=flags.policy_names(args.policy), model=args.model,
                                 random_weights=args.random_weights, device=args.device, dtype=args.dtype,
                                 quick_calibration=args.quick, knobs=flags.knobs_given(args), link=args.link,
