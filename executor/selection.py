@@ -145,7 +145,7 @@ def select_top(kv_scores: Tensor, counts: Tensor, valid: Tensor, all_valid: bool
     n, fewest = max(listed), min(listed)
     if fewest == n and all_valid:  # every sequence keeps all n (the budget's cap binds alike): order is no matter
         indices = torch.topk(kv_scores, n, dim=-1, sorted=False).indices
-        return indices, torch.ones(indices.shape, dtype=torch.bool, device=indices.device)
+        return indices, torch.ones((1, 1, 1), dtype=torch.bool, device=indices.device).expand(indices.shape)
     indices = torch.topk(kv_scores, n, dim=-1).indices  # best first
     keep = torch.arange(n, device=kv_scores.device) < counts[:, None, None]
     if all_valid:

@@ -240,8 +240,7 @@ class InfiniGen(Policy):
         k, v, keep = self.rows.attend(layer, q, k_new, v_new, step)
         if self.speculates(layer):
             with step.recorder.span(layer, "attn"):
-                self.partial_keys[layer][..., step.start] = torch.einsum("bgd,gdr->bgr", k_new[:, :, 0],
-                                                                          self.key_skew[layer])
+                self.partial_keys[layer][..., step.start] = (k_new @ self.key_skew[layer])[:, :, 0]  # [B, G, r]
         return k, v, keep
 
 
