@@ -5,6 +5,8 @@ Writes JSON (default benchmarks/results/executor-<device>-<model>.json). Run on 
     .venv/bin/python benchmarks/bench_executor.py --model llama-3-8b --random-weights --batch 8 --device cuda
     .venv/bin/python benchmarks/bench_executor.py --batch 8 --prompt-len 4096 --link scaled-pcie3 \
         --policies resident,full,infinigen,h2o,int4      # CPU over an emulated link: overlap and stalls
+Speculating policies skip the trace's uncapped alpha counts (measurement the benchmark does not
+read, done outside the timed phases but inside each step's wall time) unless --alpha-counts-every N.
 With --link, each policy's report also has its compute time per step (the step less its waits),
 its link busy time per step and the share of the step spent waiting.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from infinisim.executor.generate import SamplingConfig
+from infinisim.executor.kvcache import Measurement
 from infinisim.executor.link import EmulatedLink
 from infinisim.executor.loaders import load_model
 from infinisim.executor.prompts import bundled_prompts
@@ -42,6 +45,9 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--link", help="CPU: an emulated link (as `infinisim run --link`)")
+    p.add_argument("--alpha-counts-every", type=int, default=0, metavar="N",
+                   help="record the trace's uncapped alpha counts every N-th decode step, as `infinisim run` "
+                        "does every 8th (default 0: never; they are measurement, not policy work)")
     p.add_argument("--out", help="JSON path")
     args = p.parse_args()
     link = EmulatedLink(parse_link(args.link)) if args.link else None
@@ -54,11 +60,12 @@ def main() -> int:
     sampling = SamplingConfig(args.gen_len, stop_at_eos=False)
     policies = args.policies.split(",")
     results: dict[str, list[dict]] = {name: [] for name in policies}
+    measure = Measurement(alpha_counts_every=args.alpha_counts_every)
     for rep in range(args.repeats):
         for name in policies:
             t0 = time.perf_counter()
-            _, trace = run_policy(loaded.model, prompts, name, sampling, {"model": args.model,
-                                                                           "weights": loaded.source}, link=link)
+            run_info = {"model": args.model, "weights": loaded.source}
+            _, trace = run_policy(loaded.model, prompts, name, sampling, run_info, link=link, measure=measure)
             summary = summarize(trace)
             step = summary["decode_ms_mean"]
             summary["compute_ms_per_step"] = step - summary["decode_wait_ms"]
