@@ -61,10 +61,10 @@ def main() -> int:
     policies = args.policies.split(",")
     results: dict[str, list[dict]] = {name: [] for name in policies}
     measure = Measurement(alpha_counts_every=args.alpha_counts_every)
+    run_info = {"model": args.model, "weights": loaded.source}
     for rep in range(args.repeats):
         for name in policies:
             t0 = time.perf_counter()
-            run_info = {"model": args.model, "weights": loaded.source}
             _, trace = run_policy(loaded.model, prompts, name, sampling, run_info, link=link, measure=measure)
             summary = summarize(trace)
             step = summary["decode_ms_mean"]
