@@ -109,11 +109,14 @@ def validation_sections(data: dict[str, Any], source: str) -> list[Section]:
     ran = data.get("command", f"infinisim validate (results in {source})")
     table = pd.DataFrame([{"policy": c["policy"], "batch": c["batch"], "prompt": c["prompt_len"],
                            "measured ms/step": c["decode_ms_measured"], "predicted ms/step": c["decode_ms_predicted"],
-                           "step MAPE %": c["step"]["mape"], "p90 %": c["step"]["p90"],
+                           "mean step error %": c["decode_total_s"]["error_pct"], "step MAPE %": c["step"]["mape"],
+                           "MAPE floor %": c["step"]["mape_floor"], "p90 %": c["step"]["p90"],
                            "end-to-end error %": c["end_to_end_s"]["error_pct"]} for c in comparisons])
     return [Section("Predicted vs measured (validation)",
                     f"The executor's runs, replayed by the simulator on profile `{comparisons[0]['profile']}` (for a "
-                    "fair check, one calibrated on the machine that ran them); errors relative to the measurement.",
+                    "fair check, one calibrated on the machine that ran them); errors relative to the measurement. The "
+                    "MAPE floor is the measured mean step's own MAPE: what the run's step-to-step spread costs a "
+                    "prediction of one time per step.",
                     figures.validation_steps(comparisons, "validation-steps", ran), table)]
 
 

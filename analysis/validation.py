@@ -6,6 +6,7 @@ is the replay of that trace's workload on a profile. Errors are relative to the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ def compare(workload: Workload, result: SimResult) -> dict[str, Any]:
     out: dict[str, Any] = {
         "policy": workload.policy, "profile": result.profile.name, "model": workload.spec.name,
         "batch": workload.batch, "prompt_len": workload.prompt_len, "decode_steps": n_steps,
-        "step": _errors(predicted_steps, measured_steps),
+        "step": {**_errors(predicted_steps, measured_steps),  # mape_floor: the MAPE of the measured mean itself
+                 "mape_floor": _errors(np.full_like(measured_steps, measured_steps.mean()), measured_steps)["mape"]},
         "decode_ms_measured": float(measured_steps.mean() * 1e3),
         "decode_ms_predicted": float(predicted_steps.mean() * 1e3),
     }
@@ -57,10 +59,11 @@ def compare(workload: Workload, result: SimResult) -> dict[str, Any]:
     busy = ("attn", "ffn", "wait", "comm", *workload.measured["serial"])  # the compute thread, besides host work
     host_measured = measured_steps - sum(
         layers[f"{p}_s"].to_numpy().reshape(n_steps, n_layers).sum(axis=1) for p in busy)
+    outside_layers = [PHASES.index(p) for p in ("embed", "head", "comm")]  # comm there: the head's all-gather
     phases["host (and embed, head)"] = {
         "measured_ms": float(host_measured.mean() * 1e3),
         "predicted_ms": result.summary()["decode_phase_ms"]["host"]
-        + float(result.phase_s[1:, n_layers, [PHASES.index("embed"), PHASES.index("head")]].sum(-1).mean() * 1e3)}
+        + float(result.phase_s[1:, n_layers, outside_layers].sum(-1).mean() * 1e3)}
     out["phases"] = phases
     measured_layer = sum(layers[f"{p}_s"].to_numpy().reshape(n_steps, n_layers) for p in COMPARED_PHASES).mean(0)
     predicted_layer = result.phase_s[1:, :n_layers][..., [PHASES.index(p) for p in COMPARED_PHASES]].sum(-1).mean(0)
@@ -109,6 +112,7 @@ def validate(out: str | Path, *, traces: list[Trace] | None = None, profile: str
     Writes validation.json, validation.png (and the profile and traces it made) into `out`.
     Returns what validation.json holds."""
     from infinisim.sim.engine import simulate
+    from infinisim.sim.lockstep import simulate_ranks
     from infinisim.sim.run import profile_for
     from infinisim.sim.workload import from_trace
     from infinisim.traces.trace import read_trace
@@ -127,16 +131,39 @@ def validate(out: str | Path, *, traces: list[Trace] | None = None, profile: str
             paths = [p for ranks in launch(tp, _run, *run, None, device=device or "cpu") for p in ranks]
         read = [read_trace(p) for p in paths]
     comparisons = []
-    for trace in read:
-        workload = from_trace(trace)
-        comparisons.append(compare(workload, simulate(workload, profile_for(trace, chosen))))
-        if trace.run.get("tp"):
-            comparisons[-1]["rank"] = trace.run["tp"]["rank"]
+    for group in by_run(read):
+        workloads = [from_trace(t) for t in group]
+        chosen_for = profile_for(group[0], chosen)
+        together = len(group) > 1  # every rank of a tensor-parallel run: replayed in lockstep
+        results = simulate_ranks(workloads, chosen_for) if together else [simulate(workloads[0], chosen_for)]
+        for trace, workload, result in zip(group, workloads, results, strict=True):
+            comparisons.append(compare(workload, result))
+            if trace.run.get("tp"):
+                comparisons[-1].update(rank=trace.run["tp"]["rank"], lockstep=together)
     data = {"command": command, "comparisons": comparisons, "relative": relative(comparisons),
             "profile": chosen.to_dict()}
     write_json(data, out / "validation.json")
     plot_steps(comparisons, str(out / "validation.png"), command)
     return data
+
+
+def by_run(traces: list[Trace]) -> list[list[Trace]]:
+    """The traces grouped by the run they record, in first-seen order: a tensor-parallel run's rank
+    traces (all its ranks, in rank order) together when every rank is there; any other trace alone."""
+    def key(trace: Trace) -> str:
+        tp = trace.run.get("tp")
+        return json.dumps({**trace.run, "tp": tp["degree"]}, sort_keys=True, default=str) if tp else str(id(trace))
+
+    groups: dict[str, list[Trace]] = {}
+    for trace in traces:
+        groups.setdefault(key(trace), []).append(trace)
+    out = []
+    for group in groups.values():
+        ranks = sorted(group, key=lambda t: t.run["tp"]["rank"]) if group[0].run.get("tp") else group
+        whole = group[0].run.get("tp") and [t.run["tp"]["rank"] for t in ranks] == list(
+            range(group[0].run["tp"]["degree"]))
+        out.extend([ranks] if whole else [[t] for t in group])
+    return out
 
 
 def machine_profile(out: Path, profile: str | None, device: str | None, dtype: str, quick: bool, tp: int = 1,

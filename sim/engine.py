@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import simpy
@@ -29,6 +29,9 @@ from infinisim.sim.costs import Costs, Work, any_positive
 from infinisim.sim.memory import MemoryPlan, memory_plan
 from infinisim.sim.result import PHASES, SimResult
 from infinisim.sim.workload import Workload
+
+if TYPE_CHECKING:
+    from infinisim.sim.lockstep import Collective
 
 P = {name: i for i, name in enumerate(PHASES)}
 
@@ -50,10 +53,15 @@ class Stream:
     """Runs ops in issue order; an op starts when issued, when the previous op is done, and when
     the events it waits for have happened; it then holds the stream's engine (when the engine is
     shared with another stream) for its duration. `account(stream, parts, start, waited, step)`
-    hears of each op when it is done (`step`: the decode step that issued it)."""
+    hears of each op when it is done (`step`: the decode step that issued it). With a `collective`
+    (tensor-parallel ranks simulated together), each all-reduce ("comm" part) first waits for every
+    rank to reach it (the head's all-gather too), and that wait counts as its comm time, as the
+    executor's timers see it."""
 
-    def __init__(self, env: simpy.Environment, name: str, engine: simpy.Resource | None, account: Account):
+    def __init__(self, env: simpy.Environment, name: str, engine: simpy.Resource | None, account: Account,
+                 collective: Collective | None = None):
         self.env, self.name, self.engine, self.account = env, name, engine, account
+        self.collective = collective
         self.queue: deque[tuple[list[tuple[str, int, float]], float, list[simpy.Event], simpy.Event, Any]] = deque()
         self.idle: simpy.Event | None = None  # set while the stream waits for work
         self.tail: simpy.Event | None = None
@@ -75,17 +83,35 @@ class Stream:
             elif pending:
                 yield env.all_of(pending)
             waited = env.now - ready
-            duration = sum(seconds for _, _, seconds in parts)
             if self.engine is None:
                 start = env.now
-                yield env.timeout(duration)
+                parts = yield from self.hold(parts)
             else:
                 with self.engine.request() as slot:
                     yield slot
                     start = env.now
-                    yield env.timeout(duration)
+                    parts = yield from self.hold(parts)
             self.account(self.name, parts, start, waited, step)
             done.succeed()
+
+    def hold(self, parts: list[tuple[str, int, Any]]) -> Generator[simpy.Event, Any, list[tuple[str, int, Any]]]:
+        """Spend the op's time; returns its parts with each all-reduce's wait for the other ranks added."""
+        if self.collective is None or all(phase != "comm" for phase, _, _ in parts):
+            yield self.env.timeout(sum(seconds for _, _, seconds in parts))
+            return parts
+        out, pending = [], 0.0
+        for phase, layer, seconds in parts:
+            if phase == "comm":
+                yield self.env.timeout(pending)
+                arrived, pending = self.env.now, 0.0
+                yield self.collective.arrive()
+                yield self.env.timeout(seconds)
+                seconds = self.env.now - arrived  # the wait for the last rank, then the transfer
+            else:
+                pending += seconds
+            out.append((phase, layer, seconds))
+        yield self.env.timeout(pending)
+        return out
 
     def submit(self, parts: list[tuple[str, int, float]], after: list[simpy.Event], issued: float = 0.0,
                step: Any = 0) -> simpy.Event:
@@ -102,9 +128,13 @@ class Stream:
 class Simulation:
     """One run of a workload on a profile."""
 
-    def __init__(self, workload: Workload, profile: Profile, memory: MemoryPlan, timeline: bool = False):
+    def __init__(self, workload: Workload, profile: Profile, memory: MemoryPlan, timeline: bool = False,
+                 collective: Collective | None = None):
+        """`collective`: this is one of the tensor-parallel ranks simulated together (`sim.lockstep`),
+        sharing the collective's environment and waiting for each other in every all-reduce."""
         profile = profile.for_tensor_parallel(workload.tp)  # one GPU's view: its share of shared links
         self.w, self.profile, self.memory = workload, profile, memory
+        self.collective = collective
         self.kv = workload.kv_policy
         self.costs = Costs(profile, workload.spec, workload.dtype, workload.batch, workload.sequences_apart)
         self.sync = profile.synchronous  # the host does everything in turn, copies included
@@ -132,10 +162,11 @@ class Simulation:
     def make_streams(self) -> dict[str, Any]:
         """Engines shared by two streams are resources; a stream alone on its engine needs none. On a
         CPU-only profile all four share the cores, but the host waits for each op, so none overlap."""
-        self.env = CountingEnvironment()
+        self.env = self.collective.env if self.collective else CountingEnvironment()
         link = None if self.profile.link.duplex or self.sync else simpy.Resource(self.env, 1)
         engines = {"compute": None, "spec": None, "h2d": link, "d2h": link}
-        return {name: Stream(self.env, name, engine, self.account) for name, engine in engines.items()}
+        return {name: Stream(self.env, name, engine, self.account, self.collective if name == "compute" else None)
+                for name, engine in engines.items()}
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -210,13 +241,13 @@ class Simulation:
 
     def head(self) -> list[tuple[str, int, Work]]:
         """The LM head of the batch's last positions; under tensor parallelism each GPU computes its share
-        of the vocabulary and the shares are all-gathered (padded to the widest), timed with the head as
-        the executor times it."""
+        of the vocabulary and the shares are all-gathered (padded to the widest): a collective, so comm
+        (in the head's row: the executor times it inside the head)."""
         n = self.w.spec.n_layers
         parts = [("head", n, self.costs.head())]
         if self.w.tp > 1:
             nbytes = self.w.batch * self.w.spec.vocab_size * self.w.tp * self.costs.e
-            parts.append(("head", n, Work(self.profile.all_gather_seconds(nbytes, self.w.tp), 1)))
+            parts.append(("comm", n, Work(self.profile.all_gather_seconds(nbytes, self.w.tp), 1)))
         return parts
 
     def stream_weights(self, layer: int) -> Generator[simpy.Event, Any, None]:

@@ -13,7 +13,7 @@ from infinisim.sim.memory import MemoryPlan
 from infinisim.sim.workload import Workload
 
 PHASES = ("embed", "attn", "ffn", "spec", "gather", "h2d", "d2h", "wait", "head", "bookkeeping", "comm")
-COMPUTE = ("embed", "attn", "ffn", "head", "comm")  # the compute stream's own work (comm: tensor-parallel all-reduce)
+COMPUTE = ("embed", "attn", "ffn", "head", "comm")  # the compute stream's own work (comm: tensor-parallel collectives)
 
 
 @dataclass

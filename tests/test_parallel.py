@@ -15,11 +15,12 @@ from infinisim.cli import main
 from infinisim.core.errors import InfinisimError
 from infinisim.hwprofiles.profile import Node, load_profile, write_profile
 from infinisim.sim.engine import simulate
+from infinisim.sim.lockstep import simulate_ranks
 from infinisim.sim.memory import memory_plan
 from infinisim.sim.result import PHASES
 from infinisim.sim.run import simulate_if_fits
 from infinisim.sim.workload import synthetic
-from infinisim.traces.spec import named_model
+from infinisim.traces.spec import Shard, named_model
 
 
 def node_profile(gpus: int = 4, per_link: int = 1, bandwidth: float = 1e9, latency: float = 1e-5,
@@ -36,7 +37,7 @@ def test_ring_all_reduce_closed_form():
 
 def test_the_compute_stream_waits_for_two_all_reduces_a_layer():
     """resident with instant compute: a decode step is 2 all-reduces of batch x hidden per layer, then
-    the head's all-gather of every GPU's share of the logits (timed with the head)."""
+    the head's all-gather of every GPU's share of the logits (comm, in the head's row)."""
     spec, p = named_model("llama-3-8b"), node_profile(gpus=4)
     w = synthetic(spec, 8, 128, 4, "resident", "float16", tp=4)
     result = simulate(w, p)
@@ -46,8 +47,8 @@ def test_the_compute_stream_waits_for_two_all_reduces_a_layer():
                                    + 3 / 4 * 8 * w.spec.vocab_size * 4 * 2 / p.node.interconnect_bandwidth)
     for s in range(w.n_steps):
         assert result.decode_step_s[s] == pytest.approx(spec.n_layers * 2 * each + gather, rel=1e-6)
-        assert result.phase_s[s + 1, -1, PHASES.index("head")] == pytest.approx(gather)
-        assert result.phase_s[s + 1, :, PHASES.index("comm")].sum() == pytest.approx(spec.n_layers * 2 * each)
+        assert result.phase_s[s + 1, -1, PHASES.index("comm")] == pytest.approx(gather)
+        assert result.phase_s[s + 1, :-1, PHASES.index("comm")].sum() == pytest.approx(spec.n_layers * 2 * each)
 
 
 @pytest.mark.parametrize("per_link", [1, 2])
@@ -62,6 +63,41 @@ def test_each_gpu_moves_its_own_kv_shard_over_its_link(per_link):
     for s in range(1, two.n_steps):
         expected = sum(2 * 1e-5 + per_link * two.bytes_h2d[s, layer] / 1e9 for layer in range(spec.n_layers))
         assert result.decode_step_s[s] == pytest.approx(expected, rel=1e-6)
+
+
+def uneven_ranks(policy: str = "full"):
+    """SmolLM2's three KV heads over two ranks (two and one), each rank's workload as its trace has it."""
+    whole = named_model("smollm2-135m")
+    return [replace(synthetic(Shard.of(whole, 2, r).spec(whole), 2, 256, 4, policy, "float32"), tp=2)
+            for r in range(2)]
+
+
+def test_ranks_in_lockstep_wait_for_the_busiest_inside_each_all_reduce():
+    """A CPU profile (everything in turn) with instant compute: a layer's time before its first all-reduce
+    is its KV copy, twice as long on rank 0 (two KV heads) as on rank 1. Together, both ranks take rank 0's
+    time alone, and rank 1's extra comm is exactly the difference."""
+    p = replace(node_profile(gpus=2, ring_latency=1e-4), kind="cpu")
+    ranks = uneven_ranks()
+    alone = [simulate(w, p) for w in ranks]
+    together = simulate_ranks(ranks, p)
+    slow, fast = (a.decode_step_s for a in alone)
+    assert (slow > fast * 1.2).all()
+    for result in together:
+        assert result.decode_step_s == pytest.approx(slow, rel=1e-9)
+    comm = PHASES.index("comm")
+    extra = together[1].phase_s[1:, :, comm].sum(-1) - alone[1].phase_s[1:, :, comm].sum(-1)
+    assert extra == pytest.approx(slow - fast, rel=1e-9)
+    assert together[0].phase_s[1:, :, comm].sum() == pytest.approx(alone[0].phase_s[1:, :, comm].sum(), rel=1e-9)
+
+
+def test_identical_ranks_in_lockstep_are_each_rank_alone():
+    spec, p = named_model("llama-3-8b"), node_profile(gpus=2)
+    w = synthetic(spec, 4, 512, 6, "infinigen", "float16", tp=2, speculated_fraction=0.1)
+    alone = simulate(w, p).decode_step_s
+    for result in simulate_ranks([w, w], p):
+        assert result.decode_step_s == pytest.approx(alone, rel=1e-12)
+    with pytest.raises(InfinisimError, match="not one run's 3 ranks"):
+        simulate_ranks([w, w, w], p)
 
 
 def test_tensor_parallel_memory_and_the_planning_example():

@@ -128,6 +128,9 @@ def test_report_is_self_contained_and_every_image_decodes(quality_traces, tmp_pa
                  "--target-ms", "500", "--out", str(plan)]) == 0
     workload = from_trace(read_trace(quality_traces["ig10"]))
     comparison = compare(workload, simulate(workload, load_profile("a6000-pcie3")))
+    measured = np.array(comparison["per_step_ms"]["measured"])  # the floor: the measured mean's own MAPE
+    assert comparison["step"]["mape_floor"] == pytest.approx(np.mean(abs(measured - measured.mean()) / measured) * 100,
+                                                             rel=1e-3)
     (tmp_path / "validation.json").write_text(json.dumps({"comparisons": [comparison], "command": "made by a test"},
                                                          default=float))
     out = tmp_path / "report"

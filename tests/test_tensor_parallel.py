@@ -129,6 +129,8 @@ def test_validate_tp2_calibrates_a_rank_and_replays_each_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr
     comparisons = json.loads(proc.stdout)["comparisons"]
     assert [(c["policy"], c["rank"]) for c in comparisons] == [("resident", 0), ("resident", 1)]
+    assert all(c["lockstep"] for c in comparisons)  # the ranks replayed together: one step time for both
+    assert comparisons[0]["per_step_ms"]["predicted"] == comparisons[1]["per_step_ms"]["predicted"]
     assert all(c["phases"]["comm"]["predicted_ms"] > 0 and c["phases"]["comm"]["measured_ms"] > 0
                for c in comparisons)
     node = load_profile(str(tmp_path / "profile.yaml")).node

@@ -138,17 +138,21 @@ def _value(key: str, v: float | None) -> str:
 
 
 def print_comparisons(comparisons: list[dict], ratios: list[dict]) -> None:
-    print(f"{'policy':<10} {'batch':>5} {'prompt':>6} {'measured':>9} {'predicted':>9} {'MAPE':>6} {'p50':>6} "
-          f"{'p90':>6} {'end-to-end':>10}  worst phase")
+    print(f"{'policy':<12} {'batch':>5} {'prompt':>6} {'measured':>9} {'predicted':>9} {'mean':>6} {'MAPE':>6} "
+          f"{'floor':>6} {'p50':>6} {'p90':>6} {'end-to-end':>10}  worst phase")
     for c in comparisons:
         phases = {k: v for k, v in c["phases"].items() if "error_pct" in v}
         worst = max(phases, key=lambda k: abs(phases[k]["error_pct"])) if phases else "-"
         worst_text = f"{worst} {phases[worst]['error_pct']:+.0f}%" if phases else "-"
         label = c["policy"] + (f"@r{c['rank']}" if "rank" in c else "")
-        print(f"{label:<10} {c['batch']:>5} {c['prompt_len']:>6} {c['decode_ms_measured']:>7.1f}ms "
-              f"{c['decode_ms_predicted']:>7.1f}ms {c['step']['mape']:>5.1f}% {c['step']['p50']:>5.1f}% "
-              f"{c['step']['p90']:>5.1f}% {c['end_to_end_s']['error_pct']:>+9.1f}%  {worst_text}")
-    print("(ms per decode step, means; MAPE/p50/p90: error per decode step; end-to-end: prefill + decode)")
+        step = c["step"]
+        print(f"{label:<12} {c['batch']:>5} {c['prompt_len']:>6} {c['decode_ms_measured']:>7.1f}ms "
+              f"{c['decode_ms_predicted']:>7.1f}ms {c['decode_total_s']['error_pct']:>+5.1f}% {step['mape']:>5.1f}% "
+              f"{step['mape_floor']:>5.1f}% {step['p50']:>5.1f}% {step['p90']:>5.1f}% "
+              f"{c['end_to_end_s']['error_pct']:>+9.1f}%  {worst_text}")
+    print("(ms per decode step, means; mean: error of the mean step; MAPE/p50/p90: error per decode step; floor: "
+          "the MAPE of the measured mean itself, what the steps' own spread costs a one-value prediction; "
+          "end-to-end: prefill + decode)")
     print()
     for r in (r for r in ratios if r["versus"] != r["policy"]):
         print(f"{r['policy']:<10} / {r['versus']:<10} decode time ratio: measured {r['measured']:.3f}, "

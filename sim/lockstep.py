@@ -1,0 +1,54 @@
+"""Tensor-parallel ranks replayed together: every all-reduce ends for all ranks at once.
+
+A rank's own trace replayed alone predicts its share of the work, but under tensor parallelism the
+ranks run in lockstep: an all-reduce cannot finish before the last rank reaches it, so a rank with
+less work (SmolLM2's three KV heads split two and one; InfiniGen fetching a different number of
+rows per head) waits for the busiest one inside the collective, and the executor times that wait
+as comm. Here the ranks' simulations share one event loop and one `Collective`: each collective
+("comm" part of a compute op: the all-reduces and the head's all-gather) starts when every rank has
+arrived, and each rank's comm is its wait plus the transfer.
+"""
+
+from __future__ import annotations
+
+import simpy
+
+from infinisim.core.errors import InfinisimError
+from infinisim.hwprofiles.profile import Profile
+from infinisim.sim.engine import CountingEnvironment, Simulation
+from infinisim.sim.memory import memory_plan
+from infinisim.sim.result import SimResult
+from infinisim.sim.workload import Workload
+
+
+class Collective:
+    """The ranks' collectives in issue order: the k-th succeeds once every rank has reached its k-th."""
+
+    def __init__(self, env: simpy.Environment, ranks: int):
+        self.env, self.ranks = env, ranks
+        self.open: simpy.Event | None = None  # the all-reduce the first ranks wait in
+        self.arrived = 0
+
+    def arrive(self) -> simpy.Event:
+        if self.open is None:
+            self.open, self.arrived = self.env.event(), 0
+        event, self.arrived = self.open, self.arrived + 1
+        if self.arrived == self.ranks:
+            self.open = None
+            event.succeed()
+        return event
+
+
+def simulate_ranks(workloads: list[Workload], profile: Profile) -> list[SimResult]:
+    """Each rank's workload (its shard's work, as its trace recorded it) simulated on one rank's
+    `profile`, all ranks in lockstep at every all-reduce; results in the workloads' order."""
+    tp = len(workloads)
+    if any(w.tp != tp for w in workloads) or len({w.n_steps for w in workloads}) != 1:
+        raise InfinisimError(f"{tp} rank workloads that are not one run's {tp} ranks (their tensor-parallel "
+                             "degree or step count differ)", field="tp")
+    collective = Collective(CountingEnvironment(), tp)
+    sims = [Simulation(w, profile, memory_plan(w, profile), collective=collective) for w in workloads]
+    for sim in sims:
+        collective.env.process(sim.host())
+    collective.env.run()
+    return [sim.result(collective.env.scheduled) for sim in sims]
