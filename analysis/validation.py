@@ -6,13 +6,13 @@ is the replay of that trace's workload on a profile. Errors are relative to the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from infinisim.core.errors import InfinisimError
 from infinisim.core.files import write_bytes_atomic, write_json
 from infinisim.sim.result import PHASES, SimResult
 from infinisim.sim.workload import Workload
@@ -111,10 +111,7 @@ def validate(out: str | Path, *, traces: list[Trace] | None = None, profile: str
     on the profile with that link.
     Writes validation.json, validation.png (and the profile and traces it made) into `out`.
     Returns what validation.json holds."""
-    from infinisim.sim.engine import simulate
-    from infinisim.sim.lockstep import simulate_ranks
-    from infinisim.sim.run import profile_for
-    from infinisim.sim.workload import from_trace
+    from infinisim.sim.run import replay_traces
     from infinisim.traces.trace import read_trace
 
     out = Path(out)
@@ -131,39 +128,17 @@ def validate(out: str | Path, *, traces: list[Trace] | None = None, profile: str
             paths = [p for ranks in launch(tp, _run, *run, None, device=device or "cpu") for p in ranks]
         read = [read_trace(p) for p in paths]
     comparisons = []
-    for group in by_run(read):
-        workloads = [from_trace(t) for t in group]
-        chosen_for = profile_for(group[0], chosen)
-        together = len(group) > 1  # every rank of a tensor-parallel run: replayed in lockstep
-        results = simulate_ranks(workloads, chosen_for) if together else [simulate(workloads[0], chosen_for)]
-        for trace, workload, result in zip(group, workloads, results, strict=True):
-            comparisons.append(compare(workload, result))
-            if trace.run.get("tp"):
-                comparisons[-1].update(rank=trace.run["tp"]["rank"], lockstep=together)
+    for trace, outcome in zip(read, replay_traces(read, chosen), strict=True):
+        if outcome.result is None:
+            raise InfinisimError(f"does not fit profile {chosen.name}: {outcome.memory.problem}", field="--profile")
+        comparisons.append(compare(outcome.workload, outcome.result))
+        if trace.run.get("tp"):
+            comparisons[-1].update(rank=trace.run["tp"]["rank"], lockstep=outcome.lockstep)
     data = {"command": command, "comparisons": comparisons, "relative": relative(comparisons),
             "profile": chosen.to_dict()}
     write_json(data, out / "validation.json")
     plot_steps(comparisons, str(out / "validation.png"), command)
     return data
-
-
-def by_run(traces: list[Trace]) -> list[list[Trace]]:
-    """The traces grouped by the run they record, in first-seen order: a tensor-parallel run's rank
-    traces (all its ranks, in rank order) together when every rank is there; any other trace alone."""
-    def key(trace: Trace) -> str:
-        tp = trace.run.get("tp")
-        return json.dumps({**trace.run, "tp": tp["degree"]}, sort_keys=True, default=str) if tp else str(id(trace))
-
-    groups: dict[str, list[Trace]] = {}
-    for trace in traces:
-        groups.setdefault(key(trace), []).append(trace)
-    out = []
-    for group in groups.values():
-        ranks = sorted(group, key=lambda t: t.run["tp"]["rank"]) if group[0].run.get("tp") else group
-        whole = group[0].run.get("tp") and [t.run["tp"]["rank"] for t in ranks] == list(
-            range(group[0].run["tp"]["degree"]))
-        out.extend([ranks] if whole else [[t] for t in group])
-    return out
 
 
 def machine_profile(out: Path, profile: str | None, device: str | None, dtype: str, quick: bool, tp: int = 1,

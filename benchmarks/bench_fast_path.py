@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -41,8 +42,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+@functools.cache
+def single_gpu_profiles() -> list[str]:
+    return list(builtin_profiles(single_gpu=True))
+
+
 def random_config(rng: random.Random, gen: tuple[int, int]) -> tuple[str, str, int, int, int, str, float | None]:
-    profiles = list(builtin_profiles(single_gpu=True))
+    profiles = single_gpu_profiles()
     profile, model, policy = rng.choice(profiles), rng.choice(list(MODELS)), rng.choice(list(POLICIES))
     spec = named_model(model)
     top = spec.max_positions - gen[1] if spec.family == "opt" else 32768

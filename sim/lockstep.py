@@ -11,6 +11,8 @@ arrived, and each rank's comm is its wait plus the transfer.
 
 from __future__ import annotations
 
+import json
+
 import simpy
 
 from infinisim.core.errors import InfinisimError
@@ -19,6 +21,7 @@ from infinisim.sim.engine import CountingEnvironment, Simulation
 from infinisim.sim.memory import memory_plan
 from infinisim.sim.result import SimResult
 from infinisim.sim.workload import Workload
+from infinisim.traces.trace import Trace
 
 
 class Collective:
@@ -39,7 +42,26 @@ class Collective:
         return event
 
 
-def simulate_ranks(workloads: list[Workload], profile: Profile) -> list[SimResult]:
+def runs_of(traces: list[Trace]) -> list[list[Trace]]:
+    """The traces grouped by the run they record, in first-seen order: a tensor-parallel run's rank
+    traces (all its ranks, in rank order) together when every rank is there; any other trace alone."""
+    def key(trace: Trace) -> str:
+        tp = trace.run.get("tp")
+        return json.dumps({**trace.run, "tp": tp["degree"]}, sort_keys=True, default=str) if tp else str(id(trace))
+
+    groups: dict[str, list[Trace]] = {}
+    for trace in traces:
+        groups.setdefault(key(trace), []).append(trace)
+    out = []
+    for group in groups.values():
+        tp = group[0].run.get("tp")
+        ranks = sorted(group, key=lambda t: t.run["tp"]["rank"]) if tp else group
+        whole = tp and [t.run["tp"]["rank"] for t in ranks] == list(range(tp["degree"]))
+        out.extend([ranks] if whole else [[t] for t in group])
+    return out
+
+
+def simulate_ranks(workloads: list[Workload], profile: Profile, timeline: bool = False) -> list[SimResult]:
     """Each rank's workload (its shard's work, as its trace recorded it) simulated on one rank's
     `profile`, all ranks in lockstep at every all-reduce; results in the workloads' order."""
     tp = len(workloads)
@@ -47,7 +69,7 @@ def simulate_ranks(workloads: list[Workload], profile: Profile) -> list[SimResul
         raise InfinisimError(f"{tp} rank workloads that are not one run's {tp} ranks (their tensor-parallel "
                              "degree or step count differ)", field="tp")
     collective = Collective(CountingEnvironment(), tp)
-    sims = [Simulation(w, profile, memory_plan(w, profile), collective=collective) for w in workloads]
+    sims = [Simulation(w, profile, memory_plan(w, profile), timeline, collective) for w in workloads]
     for sim in sims:
         collective.env.process(sim.host())
     collective.env.run()

@@ -17,9 +17,10 @@ from infinisim.core.files import write_json
 from infinisim.hwprofiles.profile import Profile
 from infinisim.sim.direct import simulate_direct
 from infinisim.sim.engine import simulate
+from infinisim.sim.lockstep import runs_of, simulate_ranks
 from infinisim.sim.memory import MemoryPlan, memory_plan
 from infinisim.sim.result import SimResult
-from infinisim.sim.workload import Workload, fetched_fraction, speculated_fraction_per_layer
+from infinisim.sim.workload import Workload, fetched_fraction, from_trace, speculated_fraction_per_layer
 from infinisim.traces.spec import ModelSpec
 from infinisim.traces.trace import Trace
 
@@ -30,6 +31,7 @@ class Outcome:
     profile: Profile
     memory: MemoryPlan
     result: SimResult | None  # None when it does not fit
+    lockstep: bool = False  # simulated together with the other ranks of its tensor-parallel run
 
     @property
     def fits(self) -> bool:
@@ -40,7 +42,7 @@ class Outcome:
         `per_step`), or why it does not fit."""
         w = self.workload
         shared = {"knobs": w.knobs.to_dict(), "fetched_fraction": fetched_fraction(w),
-                  "weights_on_host": w.weights_on_host, "tp": w.tp}
+                  "weights_on_host": w.weights_on_host, "tp": w.tp, **({"lockstep": self.lockstep} if w.tp > 1 else {})}
         if self.result is not None:
             steps = {"decode_step_ms": (self.result.decode_step_s * 1e3).round(4).tolist()} if per_step else {}
             return {**self.result.summary(), **shared, "does_not_fit": "", **steps}
@@ -69,6 +71,26 @@ def profile_for(trace: Trace, profile: Profile) -> Profile:
     if link and profile.host_computes:
         return profile.with_link(link["bandwidth"], link["latency"], link["duplex"], link["name"])
     return profile
+
+
+def replay_traces(traces: list[Trace], profile: Profile, timeline: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+    """Each trace's run replayed event by event on `profile` (a run over an emulated link on the
+    profile with that link), in the traces' order; a tensor-parallel run whose every rank's trace is
+    here has its ranks simulated together, in lockstep at each collective (`sim.lockstep`)."""
+    outcomes: dict[int, Outcome] = {}
+    for group in runs_of(traces):
+        on = profile_for(group[0], profile)
+        workloads = [from_trace(t) for t in group]
+        if len(group) > 1 and all(memory_plan(w, on).problem is None for w in workloads):
+            results = simulate_ranks(workloads, on, timeline)
+            done = [Outcome(w, on, r.memory, r, lockstep=True) for w, r in zip(workloads, results, strict=True)]
+        else:
+            done = [simulate_if_fits(w, on, timeline) for w in workloads]
+        outcomes.update((id(t), o) for t, o in zip(group, done, strict=True))
+        if progress:
+            progress(len(outcomes), len(traces))
+    return [outcomes[id(t)] for t in traces]
 
 
 def speculated_from_trace(trace: Trace, alpha: float | None, spec: ModelSpec) -> float | np.ndarray:

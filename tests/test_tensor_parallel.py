@@ -116,6 +116,14 @@ def test_run_tp2_writes_a_trace_per_rank_and_replays(tmp_path):
             assert f"-tp2r{rank}-" in path and trace.run["tp"]["rank"] == rank
             w = from_trace(trace)
             assert w.tp == 2 and w.spec.n_kv_heads == (2, 1)[rank]
+    ranks = summaries[1]["traces"]  # full's: both ranks replay together, one alone replays alone
+    both = infinisim("replay", *ranks, "--profile", "2x-rtx4090", "--json")
+    alone = infinisim("replay", ranks[1], "--profile", "2x-rtx4090", "--json")
+    assert both.returncode == 0 and alone.returncode == 0, both.stderr + alone.stderr
+    rows, row = json.loads(both.stdout), json.loads(alone.stdout)[0]
+    assert [r["lockstep"] for r in rows] == [True, True] and not row["lockstep"]
+    assert rows[0]["decode_step_ms"] == rows[1]["decode_step_ms"]
+    assert rows[1]["decode_ms_mean"] > row["decode_ms_mean"]  # rank 1 (one KV head) waits for rank 0
     assert infinisim("run", "--model", "smollm2-135m", "--random-weights", "--tp", "2", "--trace",
                      str(tmp_path / "x.trace.parquet")).returncode == 1
 

@@ -30,19 +30,20 @@ def add_replay_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_replay(args: argparse.Namespace) -> int:
     """Replay the fetch sizes a traced run really made (same model, batch, lengths, policy) on a
     hardware profile: per-step predicted time with a breakdown, throughput, memory peaks, link use.
-    A CPU run over an emulated link replays on a CPU profile with that link."""
+    A CPU run over an emulated link replays on a CPU profile with that link; the rank traces of a
+    tensor-parallel run, all given, replay together (in lockstep at each collective)."""
     from infinisim.hwprofiles.profile import load_profile
-    from infinisim.sim.run import profile_for
-    from infinisim.sim.workload import from_trace
+    from infinisim.sim.run import profile_for, replay_traces
     from infinisim.traces.trace import read_trace
 
     _check_outputs(args)
     profile = with_link(load_profile(args.profile), args.link)
     traces = [read_trace(path) for path in args.trace]
-    profiles = {profile_for(t, profile).name: profile_for(t, profile) for t in traces}
-    if len(profiles) > 1:
+    if len({profile_for(t, profile).name for t in traces}) > 1:
         raise InfinisimError("the traces ran over different links: replay them one link at a time", field="trace")
-    return _simulate_and_print([from_trace(t) for t in traces], next(iter(profiles.values())), args)
+    with Progress("replay", len(traces), "traces") as bar:
+        outcomes = replay_traces(traces, profile, bool(args.timeline), lambda done, total: bar.update(done))
+    return _print_outcomes(outcomes, args)
 
 
 def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
@@ -110,10 +111,16 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _simulate_and_print(workloads: list[Any], profile: Any, args: argparse.Namespace) -> int:
-    from infinisim.sim.run import simulate_all, write_timelines
+    from infinisim.sim.run import simulate_all
 
     with Progress("simulate", len(workloads), "configs") as bar:
         outcomes = simulate_all(workloads, profile, bool(args.timeline), lambda done, total: bar.update(done))
+    return _print_outcomes(outcomes, args)
+
+
+def _print_outcomes(outcomes: list[Any], args: argparse.Namespace) -> int:
+    from infinisim.sim.run import write_timelines
+
     results = [o.summary() for o in outcomes]
     if args.timeline:
         for path in write_timelines(outcomes, args.timeline):
