@@ -198,14 +198,15 @@ def _calibrate_rank(rank: int, tp: int, device: str, dtype: str, quick: bool, na
     from infinisim.executor.calibrate import calibrate
 
     return calibrate(device, dtype, quick, name, log=lambda line: print(f"  {line}", file=sys.stderr, flush=True)
-                     if rank == 0 else None)
+                     if rank == 0 else None, tp=(tp, rank))
 
 
 def calibrate_ranks(tp: int, device: str = "cpu", dtype: str = "float32", quick: bool = False,
                     name: str | None = None, log: Callable[[str], None] = lambda _: None) -> Profile:
     """A profile of one of `tp` ranks on this machine: `calibrate` run in all `tp` ranks at once (each
-    with the threads a rank gets, sharing the memory bus as the ranks of a run do; rank 0's
-    measurements kept), and the measured all-reduce between them as its node."""
+    with the threads a rank gets, sharing the memory bus as the ranks of a run do, speculation timed
+    on a rank's share of a tiny model between its all-reduces; rank 0's measurements kept), and the
+    measured all-reduce between them as its node."""
     log(f"calibrating in {tp} ranks at once (rank 0's measurements are kept) ...")
     profile = launch(tp, _calibrate_rank, device, dtype, quick, name, device=device)[0]
     node = measure_interconnect(tp, device, 8 if quick else 20, log)

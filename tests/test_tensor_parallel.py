@@ -141,5 +141,7 @@ def test_validate_tp2_calibrates_a_rank_and_replays_each_rank(tmp_path):
     assert comparisons[0]["per_step_ms"]["predicted"] == comparisons[1]["per_step_ms"]["predicted"]
     assert all(c["phases"]["comm"]["predicted_ms"] > 0 and c["phases"]["comm"]["measured_ms"] > 0
                for c in comparisons)
-    node = load_profile(str(tmp_path / "profile.yaml")).node
-    assert node is not None and node.gpus == 2 and "gloo" in node.interconnect
+    profile = load_profile(str(tmp_path / "profile.yaml"))
+    assert profile.node is not None and profile.node.gpus == 2 and "gloo" in profile.node.interconnect
+    # speculation timed on a rank's share of the tiny model (4 of its 8 query heads), between its all-reduces
+    assert profile.device.speculation_sweep[0][0] == 1 * 4 * (64 + 4)
