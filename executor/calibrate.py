@@ -235,10 +235,8 @@ def _tiny_model(n_heads: int, dev: torch.device, dt: torch.dtype, tp: tuple[int,
 
 def _launch_overhead(dev: torch.device, dt: torch.dtype) -> float:
     """Host seconds per dispatched op in the executor's own decode step, on a tiny random model (all
-    tensors tiny, so the time is dispatch and Python); ops counted with a dispatch mode. Under
-    tensor parallelism too it is measured without collectives: a sharded tiny model's step less its
-    all-reduces gave 11.4 against 3.3 us, and predicted SmolLM2's TP=2 attention at 35 ms against
-    23 measured (the slowdown after a collective is not spread evenly over the ops)."""
+    tensors tiny, so the time is dispatch and Python); ops counted with a dispatch mode. Measured
+    whole under --tp too: a rank's step less its all-reduces overpredicted attention by half."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from infinisim.executor.generate import SamplingConfig, generate
