@@ -18,7 +18,7 @@ import simpy
 from infinisim.core.errors import InfinisimError
 from infinisim.hwprofiles.profile import Profile
 from infinisim.sim.engine import CountingEnvironment, Simulation
-from infinisim.sim.memory import memory_plan
+from infinisim.sim.memory import MemoryPlan, memory_plan
 from infinisim.sim.result import SimResult
 from infinisim.sim.workload import Workload
 from infinisim.traces.trace import Trace
@@ -61,15 +61,18 @@ def runs_of(traces: list[Trace]) -> list[list[Trace]]:
     return out
 
 
-def simulate_ranks(workloads: list[Workload], profile: Profile, timeline: bool = False) -> list[SimResult]:
+def simulate_ranks(workloads: list[Workload], profile: Profile, timeline: bool = False,
+                   memories: list[MemoryPlan] | None = None) -> list[SimResult]:
     """Each rank's workload (its shard's work, as its trace recorded it) simulated on one rank's
-    `profile`, all ranks in lockstep at every all-reduce; results in the workloads' order."""
+    `profile`, all ranks in lockstep at every all-reduce; results in the workloads' order
+    (`memories`: their plans, when already computed)."""
     tp = len(workloads)
     if any(w.tp != tp for w in workloads) or len({w.n_steps for w in workloads}) != 1:
         raise InfinisimError(f"{tp} rank workloads that are not one run's {tp} ranks (their tensor-parallel "
                              "degree or step count differ)", field="tp")
     collective = Collective(CountingEnvironment(), tp)
-    sims = [Simulation(w, profile, memory_plan(w, profile), timeline, collective) for w in workloads]
+    memories = memories or [memory_plan(w, profile) for w in workloads]
+    sims = [Simulation(w, profile, m, timeline, collective) for w, m in zip(workloads, memories, strict=True)]
     for sim in sims:
         collective.env.process(sim.host())
     collective.env.run()

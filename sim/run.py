@@ -82,8 +82,9 @@ def replay_traces(traces: list[Trace], profile: Profile, timeline: bool = False,
     for group in runs_of(traces):
         on = profile_for(group[0], profile)
         workloads = [from_trace(t) for t in group]
-        if len(group) > 1 and all(memory_plan(w, on).problem is None for w in workloads):
-            results = simulate_ranks(workloads, on, timeline)
+        plans = [memory_plan(w, on) for w in workloads] if len(group) > 1 else []
+        if plans and all(plan.problem is None for plan in plans):
+            results = simulate_ranks(workloads, on, timeline, plans)
             done = [Outcome(w, on, r.memory, r, lockstep=True) for w, r in zip(workloads, results, strict=True)]
         else:
             done = [simulate_if_fits(w, on, timeline) for w in workloads]
