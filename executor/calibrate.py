@@ -185,7 +185,7 @@ def _selection(measure: Measure, dev: torch.device, repeats: int, large: tuple[i
     def seconds(b: int, h: int, length: int) -> float:
         scores = torch.randn(b, h, length, device=dev) * 3
         valid = torch.ones(b, length, dtype=torch.bool, device=dev)
-        budgets = torch.full((b,), budget_cap(0.2, length), device=dev)
+        budgets = [budget_cap(0.2, length)] * b
         return measure(lambda: choose_rows(scores, scores, valid, 5.0, budgets, h // 4, "softmax_sum", True)[0].cpu(),
                        repeats)
 

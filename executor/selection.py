@@ -101,18 +101,25 @@ def alpha_counts_per_kv_head(scores: Tensor, n_kv_heads: int) -> Tensor:
     return counts_within_alpha(gap_histogram(score_gaps(scores), n_kv_heads)).sum(0).float() / (b * (h // n_kv_heads))
 
 
-def fetch_counts(scores: Tensor, alpha: float, budgets: Tensor) -> Tensor:
+def fetch_counts(scores: Tensor, alpha: float, budgets: list[int]) -> list[int]:
     """Tokens to fetch per sequence for one layer: the count of keys scoring within alpha of their
     head's best (score > best - alpha), averaged over heads, capped by the sequence's budget, at
-    least 1. scores: [B, H, L] (-inf where not valid); budgets: [B] -> [B]."""
-    b, h, _ = scores.shape
-    within = (scores > scores.amax(dim=-1, keepdim=True) - alpha).view(b, -1).sum(-1, dtype=torch.int32)
-    return torch.minimum((within + (h - 1)) // h, budgets).clamp_(min=1)  # the mean over heads, rounded up
+    least 1. scores: [B, H, L] (-inf where not valid); budgets: per sequence -> per sequence.
+
+    The count is the sum of (score - (best - alpha) > 0) as 0/1 floats, which is exact (float32
+    below 2^24 per sequence) and is the comparison itself (x - y > 0 <=> x > y for floats, -inf
+    and NaN giving 0): on a CPU it costs half as much as a bool comparison and an integer sum,
+    and the rounding and cap in Python after the one `.tolist()` cost no more ops."""
+    b, h, length = scores.shape
+    above = scores - (scores.amax(dim=-1, keepdim=True) - alpha)
+    exact = torch.float32 if h * length < 1 << 24 else torch.float64
+    within = above.gt_(0).view(b, -1).sum(-1, dtype=exact).tolist()
+    return [max(1, min(-(-int(w) // h), cap)) for w, cap in zip(within, budgets, strict=True)]  # mean, rounded up
 
 
-def budget_tokens(budget: float, valid_lens: Tensor) -> Tensor:
-    """The cap per sequence (`infinisim.core.policies.budget_cap` of its cached tokens): [B] -> [B]."""
-    return torch.tensor([budget_cap(budget, n) for n in valid_lens.tolist()], device=valid_lens.device)
+def budget_tokens(budget: float, valid_lens: Tensor) -> list[int]:
+    """The cap per sequence (`infinisim.core.policies.budget_cap` of its cached tokens): [B] -> B ints."""
+    return [budget_cap(budget, n) for n in valid_lens.tolist()]
 
 
 def group_scores(scores: Tensor, n_kv_heads: int, combine: str = "softmax_sum", all_rows_valid: bool = False
@@ -133,32 +140,36 @@ def group_scores(scores: Tensor, n_kv_heads: int, combine: str = "softmax_sum", 
     raise ValueError(f"unknown GQA combine {combine!r} (softmax_sum, max)")
 
 
-def select_top(kv_scores: Tensor, counts: Tensor, valid: Tensor, all_valid: bool = False) -> tuple[Tensor, Tensor]:
+def select_top(kv_scores: Tensor, counts: list[int], valid: Tensor, all_valid: bool = False
+               ) -> tuple[Tensor, Tensor | None]:
     """Per sequence b and KV head, the counts[b] best keys.
 
-    kv_scores: [B, G, L]; counts: [B]; valid: bool [B, L] (all_valid: every key is, so it need not
-    be read). The batch fetches max(counts) rows per sequence (one shape for one copy); rows beyond
-    a sequence's own count, or on padding, come back marked False in `keep`. Returns (indices
-    [B, G, n], keep [B, G, n]).
+    kv_scores: [B, G, L]; counts: B ints; valid: bool [B, L] (all_valid: every key is, so it need
+    not be read). The batch fetches max(counts) rows per sequence (one shape for one copy); rows
+    beyond a sequence's own count, or on padding, come back marked False in `keep`. Returns
+    (indices [B, G, n], keep [B, G, n]), keep None when every row is kept (see `kept`).
     """
-    listed = counts.tolist()
-    n, fewest = max(listed), min(listed)
+    n, fewest = max(counts), min(counts)
     if fewest == n and all_valid:  # every sequence keeps all n (the budget's cap binds alike): order is no matter
-        indices = torch.topk(kv_scores, n, dim=-1, sorted=False).indices
-        return indices, torch.ones((1, 1, 1), dtype=torch.bool, device=indices.device).expand(indices.shape)
+        return torch.topk(kv_scores, n, dim=-1, sorted=False).indices, None
     indices = torch.topk(kv_scores, n, dim=-1).indices  # best first
-    keep = torch.arange(n, device=kv_scores.device) < counts[:, None, None]
+    keep = torch.arange(n, device=kv_scores.device) < torch.tensor(counts, device=kv_scores.device)[:, None, None]
     if all_valid:
         return indices, keep.expand_as(indices)
     return indices, keep & valid[:, None, :].expand_as(kv_scores).gather(-1, indices)
 
 
-def choose_rows(scores: Tensor, rank_scores: Tensor, valid: Tensor, alpha: float, budgets: Tensor, n_kv_heads: int,
-                combine: str = "softmax_sum", all_valid: bool = False) -> tuple[Tensor, Tensor]:
+def kept(keep: Tensor | None, indices: Tensor) -> Tensor:
+    """select_top's keep mask as a tensor [B, G, n], also where it says every row is kept (None)."""
+    return torch.ones_like(indices, dtype=torch.bool) if keep is None else keep
+
+
+def choose_rows(scores: Tensor, rank_scores: Tensor, valid: Tensor, alpha: float, budgets: list[int], n_kv_heads: int,
+                combine: str = "softmax_sum", all_valid: bool = False) -> tuple[Tensor, Tensor | None]:
     """InfiniGen's count-and-choose for one layer: how many rows (tokens within alpha of the max in
-    the speculated `scores` [B, H, L], averaged over heads, capped by each sequence's budget [B]) and
+    the speculated `scores` [B, H, L], averaged over heads, capped by each sequence's budget) and
     which (the top `rank_scores` per KV head). all_valid: no key is masked (padding or evicted).
-    Returns (indices [B, G, n], keep [B, G, n])."""
+    Returns select_top's (indices [B, G, n], keep [B, G, n] or None)."""
     counts = fetch_counts(scores, alpha, budgets)
     ranked = group_scores(rank_scores, n_kv_heads, combine, all_valid or bool(valid.any(-1).all()))
     return select_top(ranked, counts, valid, all_valid)

@@ -25,13 +25,13 @@ from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
 # Host-issued ops (PyTorch dispatcher calls, views included) per phase of one decode layer, as the
 # executor issues them; counted with `benchmarks/count_ops.py` (SmolLM2 for "llama", OPT-125m for
 # "opt"). Each costs the profile's launch overhead of host time.
-QKV_OPS = {"llama": 32, "opt": 11}  # norm, three projections, RoPE, cache write
+QKV_OPS = {"llama": 25, "opt": 11}  # norm, three projections, RoPE, cache write
 ATTEND_OPS = {"llama": 15, "opt": 9}  # mask, scaled_dot_product_attention, output projection, residual
-FFN_OPS = {"llama": 14, "opt": 5}
+FFN_OPS = {"llama": 7, "opt": 5}
 EMBED_OPS = {"llama": 7, "opt": 4}
-HEAD_OPS = {"llama": 21, "opt": 14}  # final norm, output projection, sampling, per-step bookkeeping
-SPEC_OPS = {"llama": 83, "opt": 61}  # per speculating layer (uncalibrated profiles)
-SELECTED_ATTEND_OPS = 9  # concatenating the fetched rows with the newest, the per-head mask
+HEAD_OPS = {"llama": 14, "opt": 14}  # final norm, output projection, sampling, per-step bookkeeping
+SPEC_OPS = {"llama": 72, "opt": 57}  # per speculating layer (uncalibrated profiles)
+SELECTED_ATTEND_OPS = 8  # concatenating the fetched rows with the newest, the per-head mask
 H2O_UPDATE_OPS = 46
 INT4_OPS = 68  # quantizing the new row, dequantizing the fetched cache
 COPY_OPS = {"h2d": 1, "d2h": 2}  # per tensor copied (d2h also slices the host store)

@@ -17,10 +17,12 @@ Why it does not grow with the layers: identical layers (the same rows fetched an
 same speculation) settle into a cycle of two layers (the two prefetch slots alternate): each
 pair moves every clock (the host's, each stream's last end, the slots') by the same amount as
 the pair before. While every `max` above picks the same argument, the clocks stay affine in the
-number of pairs, so the simulation jumps ahead k pairs, copies the cycle's phase rows, and then
-runs two more identical layers to check the cycle still holds there (a choice that flipped
-between shows as a different cycle: it then goes back and on layer by layer, as when a host
-that ran ahead of the streams catches up with them mid-step).
+number of pairs, so once two pairs move the clocks alike and repeat the same phases, the
+simulation jumps ahead k pairs, copies the cycle's phase rows, and then runs two more identical
+layers to check the cycle and its phases still hold there (a choice that flipped between shows
+as a different cycle: it then goes back and on layer by layer, as when a host that ran ahead of
+the streams catches up with them mid-step). The phases are checked too, since a flip can leave
+the clocks alike and only move time between phases (see `repeats`).
 
 Where an assumption fails (a half-duplex link shared by both directions, copies of zero bytes in
 some steps only, a step still busy when the next starts, weights streamed from the host)
@@ -129,18 +131,25 @@ class DirectSimulation(Simulation):
             if skipping and first - 1 <= layer <= n - 2:
                 states[layer] = self.clocks()
                 if check is not None and check[0] == layer:
-                    if not close(states[layer] - states[layer - 2], check[1]):
+                    if not (close(states[layer] - states[layer - 2], check[1]) and self.repeats(layer)):
                         # a choice flipped within the skipped cycles: go back, and on layer by layer
                         layer, skipping = self.restore(check[2]), False
                     check = None
                 elif check is None and layer - 4 in states and layer + 4 <= n - 2:
                     cycle = states[layer] - states[layer - 2]
-                    if close(cycle, states[layer - 2] - states[layer - 4]):
+                    if close(cycle, states[layer - 2] - states[layer - 4]) and self.repeats(layer):
                         k = (n - 4 - layer) // 2  # two identical layers are left to check the cycle held
                         saved = self.save(layer)
                         layer = self.skip_cycles(layer, k, cycle)
                         states, check = {layer: self.clocks()}, (layer + 2, cycle, saved)
             layer += 1
+
+    def repeats(self, layer: int) -> bool:
+        """The last two layers' phases are the two before's. The clocks alone can miss a choice that
+        flips: a stream waiting for a copy starts at the copy's end whether the host issued before
+        or after the stream's last op, but the wait is measured from the later of the two."""
+        rows = self.phase_s[self.step]
+        return all(close(rows[..., i, :], rows[..., i - 2, :]) for i in (layer - 1, layer))
 
     def save(self, layer: int) -> tuple[Any, ...]:
         """What a jump from `layer` changes: the clocks, and of the phases only the next layer's

@@ -20,6 +20,7 @@ from infinisim.executor.selection import (
     fetch_counts,
     gap_histogram,
     group_scores,
+    kept,
     partial_columns,
     rope_skew,
     score_gaps,
@@ -43,17 +44,27 @@ def test_fetch_counts_average_heads_and_cap():
     scores = torch.tensor([[[10.0, 9.5, 7.0, 2.0], [5.0, 5.0, 5.0, 5.0]],
                            [[3.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]]])
     # sequence 0: heads count 2 and 4 within alpha=1 -> mean 3; sequence 1: 1 and 1 -> 1
-    assert fetch_counts(scores, 1.0, torch.tensor([10, 10])).tolist() == [3, 1]
-    assert fetch_counts(scores, 1.0, torch.tensor([2, 10])).tolist() == [2, 1]
-    assert fetch_counts(scores, 2.5, torch.tensor([10, 10])).tolist() == [3, 1]  # 7.0 is 3 below: 2 and 4
-    assert budget_tokens(0.2, torch.tensor([100, 7])).tolist() == [20, 2]
-    assert budget_tokens(50, torch.tensor([100, 7])).tolist() == [50, 7]
+    assert fetch_counts(scores, 1.0, [10, 10]) == [3, 1]
+    assert fetch_counts(scores, 1.0, [2, 10]) == [2, 1]
+    assert fetch_counts(scores, 2.5, [10, 10]) == [3, 1]  # 7.0 is 3 below: 2 and 4
+    assert budget_tokens(0.2, torch.tensor([100, 7])) == [20, 2]
+    assert budget_tokens(50, torch.tensor([100, 7])) == [50, 7]
+
+
+def test_select_top_says_every_row_kept_when_counts_agree():
+    kv_scores = torch.tensor([[[0.1, 0.9, 0.5, 0.7]], [[0.3, 0.0, 0.8, 0.6]]])  # [B=2, G=1, L=4]
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    indices, keep = select_top(kv_scores, [2, 2], valid, all_valid=True)
+    assert keep is None and kept(keep, indices).shape == (2, 1, 2) and bool(kept(keep, indices).all())
+    assert [set(row[0].tolist()) for row in indices] == [{1, 3}, {2, 3}]
+    indices, keep = select_top(kv_scores, [2, 1], valid, all_valid=True)  # counts differ: a mask
+    assert keep[1, 0].tolist() == [True, False] and indices[1, 0, 0] == 2
 
 
 def test_select_top_per_sequence_counts_and_padding():
     kv_scores = torch.tensor([[[0.1, 0.9, 0.5, 0.7]], [[0.0, 0.0, 0.8, 0.6]]])  # [B=2, G=1, L=4]
     valid = torch.tensor([[True, True, True, True], [False, False, True, True]])
-    indices, keep = select_top(kv_scores, torch.tensor([2, 3]), valid)
+    indices, keep = select_top(kv_scores, [2, 3], valid)
     assert indices.shape == (2, 1, 3)
     assert indices[0, 0, :2].tolist() == [1, 3] and keep[0, 0].tolist() == [True, True, False]
     assert set(indices[1, 0, :2].tolist()) == {2, 3}
@@ -123,7 +134,7 @@ def test_selects_per_kv_head_with_budget(smollm2, pg19_text, monkeypatch):
     original = InfiniGen.fetch
 
     def spy(self, layer, indices, keep, step):
-        seen.append((layer, step.start, indices.clone(), keep.clone()))
+        seen.append((layer, step.start, indices.clone(), kept(keep, indices).clone()))
         return original(self, layer, indices, keep, step)
 
     monkeypatch.setattr(InfiniGen, "fetch", spy)
@@ -170,10 +181,9 @@ def test_counts_within_alpha_equals_direct_count():
     assert torch.equal(counts_within_alpha(gap_histogram(score_gaps(scores), 4)), direct)  # [B, H, 9]
     assert torch.equal(counts_within_alpha(gap_histogram(score_gaps(scores), 2)),
                        direct.view(3, 2, 2, 9).sum(2))  # two query heads per KV head
-    budgets = torch.full((3,), 1000)
     for alpha in range(1, 10):  # the fetch count (a comparison) is the histogram's mean over heads, rounded up
         from_histogram = (direct[..., alpha - 1].float().mean(-1)).ceil().long().clamp(min=1)
-        assert torch.equal(fetch_counts(scores, alpha, budgets), from_histogram)
+        assert fetch_counts(scores, alpha, [1000] * 3) == from_histogram.tolist()
     per_kv_head = alpha_counts_per_kv_head(scores, 2)  # the trace's counts: mean over the batch and the group
     assert torch.allclose(per_kv_head, direct.view(3, 2, 2, 9).float().mean(dim=(0, 2)))
 

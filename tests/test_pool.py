@@ -9,6 +9,7 @@ from infinisim.core.errors import InfinisimError
 from infinisim.executor.generate import SamplingConfig, generate
 from infinisim.executor.policies import InfiniGen
 from infinisim.executor.pool import HostPool, evict_order
+from infinisim.executor.selection import kept
 
 STORED = torch.tensor([0, 1, 2, 3, 4, 5])
 FETCHES = torch.tensor([5, 0, 3, 0, 0, 9])  # position 1 and 3 never fetched; 4 is recent
@@ -48,7 +49,7 @@ def test_evicted_tokens_are_gone_for_every_later_step_and_layer(smollm2, pg19_te
     original = InfiniGen.fetch
 
     def spy(self, layer, indices, keep, step):
-        fetched_after.append((step.index, set(indices[keep].tolist())))
+        fetched_after.append((step.index, set(indices[kept(keep, indices)].tolist())))
         return original(self, layer, indices, keep, step)
 
     monkeypatch.setattr(InfiniGen, "fetch", spy)

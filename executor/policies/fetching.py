@@ -17,7 +17,7 @@ from torch import Tensor
 from infinisim.executor.kvcache import KVStore, PolicyContext
 from infinisim.executor.model import Step
 from infinisim.executor.policies.base import record_layer
-from infinisim.executor.selection import decode_logits
+from infinisim.executor.selection import decode_logits, kept
 from infinisim.traces.trace import encode_selection
 
 
@@ -52,7 +52,7 @@ class Prefetch:
 
     slot: int
     indices: Tensor  # [B, G, n] positions
-    keep: Tensor  # bool [B, G, n]
+    keep: Tensor | None  # bool [B, G, n]; None: every row is kept
     handle: object
 
 
@@ -72,7 +72,7 @@ class SelectedRows:
         self.pending: dict[int, Prefetch] = {}
         self.row_base = torch.arange(b * g).view(b, g, 1) * ctx.capacity  # (b, g)'s first row in the host cache
 
-    def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: Step) -> None:
+    def fetch(self, layer: int, indices: Tensor, keep: Tensor | None, step: Step) -> None:
         """Gather the chosen rows on the host into a staging buffer and start their copy."""
         b, g, n = indices.shape
         d = self.ctx.head_dim
@@ -91,7 +91,8 @@ class SelectedRows:
         self.gathered_free[slot] = handle
         self.pending[layer] = Prefetch(slot, indices, keep, handle)
         if self.ctx.measure.record_selection:
-            step.recorder.count(layer, selected=encode_selection(indices.cpu().numpy(), keep.cpu().numpy()))
+            chosen = kept(keep, indices)
+            step.recorder.count(layer, selected=encode_selection(indices.cpu().numpy(), chosen.cpu().numpy()))
 
     def attend(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                ) -> tuple[Tensor, Tensor, Tensor]:
@@ -106,7 +107,9 @@ class SelectedRows:
         with step.recorder.span(layer, "attn"):
             k, v = self.slot_view(fetched.slot, b, g, n)
             k[:, :, n:], v[:, :, n:] = k_new, v_new  # after the fetched rows: no copy of them to join
-            keep = torch.cat([fetched.keep, torch.ones(b, g, 1, dtype=torch.bool, device=k.device)], dim=2)
+            keep = torch.ones((1, 1, 1), dtype=torch.bool, device=k.device).expand(b, 1, n + 1) \
+                if fetched.keep is None else \
+                torch.cat([fetched.keep, torch.ones(b, g, 1, dtype=torch.bool, device=k.device)], dim=2)
         row = self.host.token_bytes
         record_layer(step, layer, kv_len=step.start + 1, fetched=n, attended=n + 1, bytes_h2d=n * row,
                      bytes_d2h=row)
@@ -123,7 +126,7 @@ class SelectedRows:
         exact top rows of the same count. The newest row is always attended and counts as captured."""
         cached = self.host.k[layer][:, :, :step.start].to(q.device)
         probs, top_overlap = attention_quality(q, torch.cat([cached, k_new], dim=2), step.valid[:, :step.start + 1],
-                                               fetched.indices, fetched.keep)
+                                               fetched.indices, kept(fetched.keep, fetched.indices))
         step.recorder.count(layer, recall=probs.tolist(), topk_overlap=top_overlap.tolist())
 
 

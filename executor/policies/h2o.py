@@ -149,7 +149,7 @@ class H2O(Policy):
         t = k.shape[2]
         self.scores[layer, :, :, :t] = accumulated_attention(q, k, valid)
         lengths = valid.sum(-1)
-        sizes = budget_tokens(self.knobs.budget, lengths)
+        sizes = torch.tensor(budget_tokens(self.knobs.budget, lengths), device=k.device)
         recent = (sizes.float() * self.knobs.recent_ratio).floor().long()
         positions = torch.arange(t, device=k.device).expand(*self.scores.shape[1:3], t)
         usable = valid[:, None, :].expand_as(positions)

@@ -39,6 +39,7 @@ from infinisim.executor.selection import (
     budget_tokens,
     choose_rows,
     decode_logits,
+    kept,
     partial_columns,
     rope_skew,
     select_top,
@@ -53,7 +54,7 @@ class CachedRows:
     """A decode step's cached rows as every layer sees them."""
 
     valid: Tensor  # bool [B, start]: not padding, not evicted
-    budgets: Tensor  # [B] the most rows a layer fetches per sequence
+    budgets: list[int]  # the most rows a layer fetches, per sequence
     all_valid: bool  # no row masked: the masks need not be applied
 
     @classmethod
@@ -142,7 +143,7 @@ class InfiniGen(Policy):
                 return self.whole.attend(layer, k_new, v_new, step)
             stored = self.cached_valid(step)  # fetch every stored row, nothing evicted
             indices, keep = select_top(stored[:, None, :].expand(-1, self.ctx.n_kv_heads, -1).float(),
-                                       stored.sum(-1).clamp(min=1), stored)
+                                       stored.sum(-1).clamp(min=1).tolist(), stored)
             self.fetch(layer, indices, keep, step)
         return self.attend_prefetched(layer, q, k_new, v_new, step)
 
@@ -165,7 +166,7 @@ class InfiniGen(Policy):
         scores = (q_partial.view(b, g, h // g, self.r) @ keys).view(b, h, step.start).float()  # [B, H, L]
         return scores if self.cached.all_valid else scores.masked_fill_(~self.cached.valid[:, None, :], float("-inf"))
 
-    def choose(self, scores: Tensor, rank_scores: Tensor) -> tuple[Tensor, Tensor]:
+    def choose(self, scores: Tensor, rank_scores: Tensor) -> tuple[Tensor, Tensor | None]:
         """How many (from the speculated `scores`) and which (by `rank_scores`) rows to fetch."""
         c = self.cached
         return choose_rows(scores, rank_scores, c.valid, self.knobs.alpha, c.budgets, self.ctx.n_kv_heads,
@@ -199,9 +200,9 @@ class InfiniGen(Policy):
             stacked = rope_skew(skews, turned_skews, cos, sin)  # [B, layers, G, d, r]
             self.rotated = dict(zip(layers, stacked.unbind(1), strict=True))
 
-    def fetch(self, layer: int, indices: Tensor, keep: Tensor, step: Step) -> None:
+    def fetch(self, layer: int, indices: Tensor, keep: Tensor | None, step: Step) -> None:
         if self.pool is not None:
-            self.pool.record_fetch(indices, keep, step.index)
+            self.pool.record_fetch(indices, kept(keep, indices), step.index)
         self.rows.fetch(layer, indices, keep, step)
 
     def on_attention_start(self, layer: int, residual: Tensor, step: Step) -> None:
@@ -217,7 +218,7 @@ class InfiniGen(Policy):
             scores = self.speculate(target, residual, step)
             indices, keep = self.choose(scores, scores)
             indices = indices.cpu()  # the host gather needs them; on CUDA this waits for the spec stream only
-        if self.spec_stream is not None:
+        if self.spec_stream is not None and keep is not None:
             keep.record_stream(torch.cuda.current_stream())  # made on the spec stream, read by the compute stream
         self.record_alpha_counts(target, scores, step)
         self.fetch(target, indices, keep, step)
