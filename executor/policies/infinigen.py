@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +47,8 @@ from infinisim.executor.selection import (
     turned,
 )
 from infinisim.executor.weight_stream import linear_weights
+
+NO_STREAM = nullcontext()  # reusable: a CPU's speculation runs on the caller's thread
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,9 @@ class InfiniGen(Policy):
         self.partial_wq: dict[int, tuple[Tensor, Tensor | None]] = {}  # OPT: folded (W_q A)[:, cols], bias
         # Llama: W_q, bias, taken at the prefill (a streamed block's rows are on the device only while it runs)
         self.query_weights: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self.norms = [block.attention_norm for block in ctx.model.layers]  # looked up once, not per decode layer
+        first = ctx.model.layers[0].attention
+        self.heads = (first.n_heads, first.n_kv_heads, first.head_dim)  # this rank's
         pool = self.knobs.pool_capacity
         self.pool = HostPool(pool, self.knobs.eviction, ctx.batch, ctx.capacity) if pool is not None else None
         self.stored: Tensor | None = None  # this step's pool membership on the device
@@ -152,10 +157,8 @@ class InfiniGen(Policy):
     def speculate(self, layer: int, residual: Tensor, step: Step) -> Tensor:
         """Approximate attention logits of `layer` for this step's query (scaled by 1/sqrt(d) through
         the partial keys; -inf where a key is not valid): [B, H, start]."""
-        block = self.ctx.model.layers[layer]
-        attention = block.attention
-        b, h, g, d = residual.shape[0], attention.n_heads, attention.n_kv_heads, attention.head_dim
-        x = block.attention_norm(residual)  # layer i's norm on layer i-1's input
+        (h, g, d), b = self.heads, residual.shape[0]
+        x = self.norms[layer](residual)  # layer i's norm on layer i-1's input
         if layer in self.partial_wq:
             weight, bias = self.partial_wq[layer]
             q_partial = F.linear(x, weight, bias).view(b, h, self.r)
@@ -223,13 +226,13 @@ class InfiniGen(Policy):
         self.record_alpha_counts(target, scores, step)
         self.fetch(target, indices, keep, step)
 
-    @contextmanager
-    def on_spec_stream(self) -> Iterator[None]:
+    def on_spec_stream(self) -> AbstractContextManager[None]:
         """CUDA: run the block on the speculation stream, after the work already issued on the
         compute stream (the residual and the partial key cache it reads). CPU: the same thread."""
-        if self.spec_stream is None:
-            yield
-            return
+        return NO_STREAM if self.spec_stream is None else self.spec_stream_block()
+
+    @contextmanager
+    def spec_stream_block(self) -> Iterator[None]:
         compute = torch.cuda.current_stream()
         self.spec_stream.wait_stream(compute)
         with torch.cuda.stream(self.spec_stream):
