@@ -182,7 +182,7 @@ class DirectSimulation(Simulation):
         partial = rows[layer + 1].copy()  # the next layer's prefetch, issued in this one
         end = layer + 2 * k + 1
         cycle = rows[layer - 1:layer + 1]
-        for p in np.flatnonzero(cycle.reshape(-1, cycle.shape[-1]).any(axis=0)):  # the rest stay 0
+        for p in np.flatnonzero(cycle.any(axis=tuple(range(cycle.ndim - 1)))):  # the rest stay 0
             rows[layer + 1:end:2, ..., p] = cycle[0, ..., p]  # the cycle's two layers, repeated
             rows[layer + 2:end:2, ..., p] = cycle[1, ..., p]
         rows[end] = partial
