@@ -8,7 +8,8 @@ What is measured, each over the shapes decoding uses, with working sets larger t
 - matmul: the streaming rate of decode projections (bytes of weights per second) and the FLOP/s
   of a large matmul;
 - decode attention: bytes of KV per second through scaled_dot_product_attention;
-- the host's cost of issuing one small op (the launch overhead).
+- the host's cost of issuing one small op (the launch overhead), InfiniGen's speculation and prompt
+  blocks, on the executor's own code (executor.calibrate_model).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from infinisim.executor import calibrate_model as runs
 from infinisim.executor.machine import cpu_name, last_level_cache, ram_bytes
 from infinisim.hwprofiles.profile import Device, Host, Link, Profile
 
@@ -209,79 +211,6 @@ def _skew(measure: Measure, dev: torch.device, repeats: int, sizes: tuple[int, i
     return per_row, max(t_small - per_row * small, 0.0)
 
 
-def _tiny_model(n_heads: int, dev: torch.device, dt: torch.dtype, tp: tuple[int, int] = (1, 0)) -> object:
-    """A tiny random model; `tp` (degree, rank) > 1: this rank's share of it, whose layers issue the
-    all-reduces a tensor-parallel rank's do (on a CPU, InfiniGen's speculation between them took
-    2.3x as long as without them: 0.32-0.40 against 0.14-0.17 ms a layer; the head stays whole)."""
-    from infinisim.executor.model import Transformer
-    from infinisim.traces.spec import ModelSpec, Shard
-
-    degree, rank = tp
-    kv = max(2, degree)
-    spec = ModelSpec("calibration-tiny", "llama", n_layers=3, hidden=64, n_heads=kv * -(-n_heads // kv), n_kv_heads=kv,
-                     head_dim=16, ffn_hidden=128, vocab_size=256)
-    torch.manual_seed(0)
-    model = Transformer(spec).to(device=dev, dtype=dt).eval()
-    if degree == 1:
-        return model
-    import torch.distributed as dist
-
-    from infinisim.executor.parallel import shard_model
-
-    shard = shard_model(model, Shard.of(spec, degree, rank), dist.group.WORLD)
-    shard.output = model.output
-    return shard
-
-
-def _launch_overhead(dev: torch.device, dt: torch.dtype) -> float:
-    """Host seconds per dispatched op in the executor's own decode step, on a tiny random model (all
-    tensors tiny, so the time is dispatch and Python); ops counted with a dispatch mode. Measured
-    whole under --tp too: a rank's step less its all-reduces overpredicted attention by half."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from infinisim.executor.generate import SamplingConfig, generate
-    from infinisim.executor.policies import make_policy
-
-    model = _tiny_model(4, dev, dt)
-    prompt = [list(range(1, 65))]
-
-    class Count(TorchDispatchMode):
-        ops, on = 0, False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += Count.on
-            return func(*args, **(kwargs or {}))
-
-    def after_step(record: object) -> None:
-        Count.on = True  # decode steps only
-
-    with Count():
-        generate(model, prompt, make_policy("resident"), SamplingConfig(4, stop_at_eos=False), after_step)
-    ops_per_step = Count.ops / 3
-    resident = generate(model, prompt, make_policy("resident"), SamplingConfig(24, stop_at_eos=False))
-    walls = sorted(r.times.wall_s for r in resident.steps[1:])
-    return walls[len(walls) // 2] / ops_per_step
-
-
-def _speculation(dev: torch.device, dt: torch.dtype, shapes: tuple[tuple[int, int], ...], tp: tuple[int, int] = (1, 0)
-                 ) -> list[tuple[float, float]]:
-    """(speculated scores, seconds) of one layer's InfiniGen speculation, run by the executor on a
-    narrow model (8 query heads) at (batch, prompt length) shapes: its fixed and size-dependent host
-    costs, without the projections of a real model (the simulator adds those from the roofline)."""
-    from infinisim.executor.generate import SamplingConfig, generate
-    from infinisim.executor.policies import make_policy
-
-    model = _tiny_model(8, dev, dt, tp)
-    out = []
-    for batch, length in shapes:
-        prompts = [[1 + i % 250 for i in range(length)]] * batch
-        run = generate(model, prompts, make_policy("infinigen", dense_layers=1), SamplingConfig(9, stop_at_eos=False))
-        times = sorted(phases["spec"] for r in run.steps[1:] for phases in r.times.layer_phases.values()
-                       if "spec" in phases)
-        out.append((float(batch * model.spec.n_heads * (length + 4)), times[len(times) // 2]))
-    return out
-
-
 def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, name: str | None = None,
               log: Callable[[str], None] = lambda _: None, tp: tuple[int, int] = (1, 0)) -> Profile:
     """Measure this machine (under two minutes; `quick`: a few seconds, smaller shapes) and return it
@@ -324,10 +253,13 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     log(f"InfiniGen count-and-choose: {selection_per_score * 1e9:.2f} ns per speculated score")
     skew_row, skew_head = _skew(measure, dev, repeats, (256, 1024) if quick else (256, 8192))
     log(f"skew build: {skew_head * 1e6:.0f} us per KV head + {skew_row * 1e9:.1f} ns per query row")
-    launch = _launch_overhead(dev, dt)
+    launch = runs.launch_overhead(dev, dt)
     log(f"executor: {launch * 1e6:.1f} us per dispatched op")
-    speculation = _speculation(dev, dt, ((1, 64), (1, 512)) if quick else ((1, 64), (1, 1024), (4, 2048)), tp)
+    speculation = runs.speculation(dev, dt, ((1, 64), (1, 512)) if quick else ((1, 64), (1, 1024), (4, 2048)), tp)
     log("InfiniGen speculation per layer: " + ", ".join(f"{int(n)} scores {t * 1e3:.3f} ms" for n, t in speculation))
+    blocks = runs.prompt_blocks(dev, dt, (64, 256) if quick else (64, 256, 1024), streamed, 1 if quick else 2)
+    log("the executor's prefill per layer: " + ", ".join(
+        f"{int(t)} tokens attn {a * 1e3:.2f} ms ffn {f * 1e3:.2f} ms" for t, a, f in blocks))
 
     warnings = _implausible(spreads, selection_per_score, launch, streams)
     if selection_per_score <= 0:  # the large case was no slower than the tiny one: noise; take the upper bound
@@ -344,7 +276,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         matmul_flops_fp32=max(p[1] for p in matmuls), memory_bandwidth=stream_bw, launch_overhead=launch,
         matmul_efficiency=1.0, bandwidth_efficiency=1.0, attention_efficiency=min(1.0, attention_bw / stream_bw),
         matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_sweep=tuple(prefill),
-        speculation_sweep=tuple(speculation),
+        speculation_sweep=tuple(speculation), prefill_block_sweep=tuple(blocks),
         selection_per_score=selection_per_score, skew_per_row=skew_row, skew_per_head=skew_head)
     top = sweep[-1]
     link = Link(name="PCIe (measured)" if cuda else "memcpy between buffers (measured)",

@@ -52,6 +52,9 @@ class Device:
     # InfiniGen's speculation of one layer, measured on the executor's own code on a narrow model (so
     # its projections cost nothing): seconds by speculated scores (batch x query heads x cached keys)
     speculation_sweep: tuple[tuple[float, float], ...] = ()
+    # the executor's own prefill of traces.spec.CALIBRATION_BLOCK, batch 1, in the calibration's dtype: seconds
+    # per layer of its attention phase (projections, RoPE, masked attention) and of its FFN, by prompt length
+    prefill_block_sweep: tuple[tuple[float, float, float], ...] = ()
     selection_per_score: float | None = _q("time", 0, 1e-3, doc="InfiniGen's count-and-choose per speculated score",
                                            optional=True)
     skew_per_row: float | None = _q("time", 0, 1e-3, doc="building InfiniGen's skew: per query row per KV head",
@@ -200,6 +203,7 @@ SWEEPS = {"sweep": (("bytes", "h2d", "d2h"), ("bytes", "bandwidth", "bandwidth")
           "matmul_sweep": (("size", "float32", "bfloat16"), ("number", "flops", "flops")),
           "prefill_attention_sweep": (("tokens", "flops"), ("number", "flops")),
           "speculation_sweep": (("scores", "seconds"), ("number", "time")),
+          "prefill_block_sweep": (("tokens", "attn", "ffn"), ("number", "time", "time")),
           "stream_sweep": (("rows", "inner", "bandwidth"), ("number", "number", "bandwidth"))}
 
 

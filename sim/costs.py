@@ -11,6 +11,7 @@ the same name in a trace.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ import numpy as np
 
 from infinisim.core.policies import partial_width
 from infinisim.hwprofiles.profile import Profile
-from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
+from infinisim.traces.spec import CALIBRATION_BLOCK, DTYPE_BYTES, ModelSpec
 
 # Host-issued ops (PyTorch dispatcher calls, views included) per phase of one decode layer, as the
 # executor issues them; counted with `benchmarks/count_ops.py` (SmolLM2 for "llama", OPT-125m for
@@ -38,6 +39,7 @@ COPY_OPS = {"h2d": 1, "d2h": 2}  # per tensor copied (d2h also slices the host s
 GATHER_OPS = 6
 SELECTION_BYTES_PER_SCORE = 128  # uncalibrated: ~32 float32 passes over the speculated scores (gaps, histogram, ...)
 PREFILL_ATTENTION_EFFICIENCY = 0.5  # uncalibrated: masked prompt attention vs the matmul rate
+MIN_FACTOR = 0.1  # a prompt block measured under a tenth of its roofline is taken as a tenth (noise, or launches)
 H2O_PASSES = 10  # passes over [B, H, kept] scores to accumulate attention and re-choose the kept set
 INT4_DEQUANT_PASSES = 6  # unpack, convert, scale, add min, interleave, concatenate (per value)
 
@@ -203,20 +205,58 @@ class Costs:
 
     # ---------------------------------------------------------------- the prefill of one layer
 
-    def prefill_qkv(self, n_tokens: int) -> Work:
-        s, m = self.spec, self.batch * n_tokens
-        t = self.linear(s.hidden, (s.n_heads + 2 * s.n_kv_heads) * s.head_dim, m)
-        return Work(t + self.elementwise(3 * m * s.hidden * self.e), QKV_OPS[s.family])
+    def prefill_qkv(self, n_tokens: Any) -> Work:
+        t = self.prefill_roofline(n_tokens)[0]
+        return Work(t * self.prefill_efficiency(n_tokens)[0], QKV_OPS[self.spec.family])
 
-    def prefill_attend(self, n_tokens: int) -> Work:
+    def prefill_attend(self, n_tokens: Any) -> Work:
         """Attention over the prompt with an explicit causal mask (the executor's padded batches need
         one), so every one of the T x T scores is computed, and the output projection."""
+        t = self.prefill_roofline(n_tokens)[1]
+        return Work(t * self.prefill_efficiency(n_tokens)[0], ATTEND_OPS[self.spec.family])
+
+    def prefill_ffn(self, n_tokens: Any) -> Work:
+        ffn = self.ffn(self.batch * n_tokens)
+        return Work(ffn.seconds * self.prefill_efficiency(n_tokens)[1], ffn.kernels)
+
+    def prefill_roofline(self, n_tokens: Any) -> tuple[Any, Any]:
+        """Seconds of a layer's prompt projections (with norm, RoPE and cache write as three passes)
+        and of its masked attention with the output projection, from the kernels' calibrated rates."""
         s, m = self.spec, self.batch * n_tokens
+        qkv = self.linear(s.hidden, (s.n_heads + 2 * s.n_kv_heads) * s.head_dim, m) + \
+            self.elementwise(3 * m * s.hidden * self.e)
         flops = 4.0 * self.batch * s.n_heads * n_tokens * n_tokens * s.head_dim
         sweep = self.profile.device.prefill_attention_sweep
         rate = interpolate_log([p[0] for p in sweep], [p[1] for p in sweep], n_tokens) if sweep else \
             PREFILL_ATTENTION_EFFICIENCY * self.profile.matmul_rate(self.dtype)
-        return Work(flops / rate + self.linear(s.n_heads * s.head_dim, s.hidden, m), ATTEND_OPS[s.family])
+        return qkv, flops / rate + self.linear(s.n_heads * s.head_dim, s.hidden, m)
+
+    def prefill_efficiency(self, n_tokens: Any) -> tuple[Any, Any]:
+        """How much longer than their roofline a prompt's attention phase and FFN take, as the
+        calibrated executor's own prefill of CALIBRATION_BLOCK took at that prompt length (log-
+        interpolated, clamped at the sweep's ends); (1, 1) without a sweep."""
+        if self.block_factors is None:
+            return 1.0, 1.0
+        sizes, attn, ffn = self.block_factors
+        return interpolate_log(sizes, attn, n_tokens), interpolate_log(sizes, ffn, n_tokens)
+
+    @functools.cached_property
+    def block_factors(self) -> tuple[list[float], list[float], list[float]] | None:
+        """(prompt lengths, attention factors, FFN factors) of the profile's prefill_block_sweep: each
+        measured time, less its launches where the host runs the kernels, over its roofline here."""
+        sweep = self.profile.device.prefill_block_sweep
+        if not sweep:
+            return None
+        block = Costs(self.profile, CALIBRATION_BLOCK, self.dtype, 1)
+        launch = self.profile.device.launch_overhead if self.profile.host_computes else 0.0
+        attn_ops = QKV_OPS[CALIBRATION_BLOCK.family] + ATTEND_OPS[CALIBRATION_BLOCK.family]
+        attn, ffn = [], []
+        for tokens, attn_s, ffn_s in sweep:
+            qkv, attend = block.prefill_roofline(int(tokens))
+            roof = block.ffn(int(tokens))
+            attn.append(max(attn_s - launch * attn_ops, MIN_FACTOR * (qkv + attend)) / (qkv + attend))
+            ffn.append(max(ffn_s - launch * roof.kernels, MIN_FACTOR * roof.seconds) / roof.seconds)
+        return [p[0] for p in sweep], attn, ffn
 
     def skew_build(self, n_tokens: int) -> Work:
         """InfiniGen's prefill work per speculating layer: per KV head an SVD of its group's queries

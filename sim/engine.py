@@ -288,7 +288,7 @@ class Simulation:
         yield from self.stream_weights(-1)  # the first block
         yield from self.launch("compute", [("embed", head, c.embed())])
         written = (w.bytes_d2h[0, 0] if w.n_steps else 0) * self.kv.prefill_written(w)
-        works = (c.prefill_qkv(t), c.prefill_attend(t), c.ffn(w.batch * t), written, self.all_reduce(w.batch * t))
+        works = (c.prefill_qkv(t), c.prefill_attend(t), c.prefill_ffn(t), written, self.all_reduce(w.batch * t))
         yield from self.layers("prefill", functools.partial(self.prefill_layer, works))
         done = yield from self.launch("compute", self.head())
         yield from self.wait(done)

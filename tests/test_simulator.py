@@ -212,6 +212,41 @@ def test_costs_scale_as_rooflines():
     assert c.attend(2000).seconds > c.attend(1000).seconds
 
 
+def test_prefill_scales_by_the_calibrated_block_over_its_roofline():
+    """A profile whose calibration block took 1.5x / 1.2x its roofline at 64 tokens and 1.2x / 1.1x at
+    1024 (plus its launches, which a CPU's host runs): any model's prompt attention and FFN take those
+    factors times their own roofline, log-interpolated between, clamped outside; launches unscaled."""
+    from infinisim.sim.costs import ATTEND_OPS, FFN_OPS, QKV_OPS
+    from infinisim.traces.spec import CALIBRATION_BLOCK
+
+    plain = replace(load_profile("a6000-pcie3"), kind="cpu")
+    launch = plain.device.launch_overhead
+    block = Costs(plain, CALIBRATION_BLOCK, "float32", 1)
+    rows = []
+    for tokens, attn_x, ffn_x in ((64, 1.5, 1.2), (1024, 1.2, 1.1)):
+        ffn = block.ffn(tokens)
+        attn = attn_x * sum(block.prefill_roofline(tokens)) + launch * (QKV_OPS["llama"] + ATTEND_OPS["llama"])
+        rows.append((tokens, attn, ffn_x * ffn.seconds + launch * ffn.kernels))
+    swept = replace(plain, device=replace(plain.device, prefill_block_sweep=tuple(rows)))
+    spec = named_model("smollm2-135m")
+    c = Costs(swept, spec, "float32", 1)
+    assert c.prefill_efficiency(64) == pytest.approx((1.5, 1.2))
+    assert c.prefill_efficiency(32) == pytest.approx((1.5, 1.2))
+    assert c.prefill_efficiency(4096) == pytest.approx((1.2, 1.1))
+    assert c.prefill_efficiency(256) == pytest.approx((np.sqrt(1.5 * 1.2), np.sqrt(1.2 * 1.1)))  # log midpoint
+    lanes = c.prefill_efficiency(np.array([64, 1024]))  # the serving simulator's prompts at once
+    assert np.allclose(lanes[0], [1.5, 1.2]) and np.allclose(lanes[1], [1.2, 1.1])
+    assert Costs(plain, spec, "float32", 1).prefill_efficiency(256) == (1.0, 1.0)  # no sweep: the roofline
+
+    w = synthetic(spec, 1, 256, 2, "resident", "float32")
+    before, after = simulate(w, plain).phase_s[0, :spec.n_layers], simulate(w, swept).phase_s[0, :spec.n_layers]
+    attn_x, ffn_x = c.prefill_efficiency(256)
+    layer_ops = QKV_OPS["llama"] + ATTEND_OPS["llama"] + FFN_OPS["llama"]  # a layer's one op: its launches go first
+    for phase, factor, ops in (("attn", attn_x, layer_ops), ("ffn", ffn_x, 0)):
+        i = PHASES.index(phase)
+        assert np.allclose(after[:, i] - launch * ops, factor * (before[:, i] - launch * ops), rtol=1e-9)
+
+
 @pytest.mark.slow
 def test_validate_runs_calibrates_replays_and_plots(tmp_path, capsys):
     out = tmp_path / "v"

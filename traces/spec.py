@@ -225,6 +225,13 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in [
 ]}
 
 
+# The block `calibrate` times its prompts on (the executor's own prefill, random weights, as many layers as
+# the caches cannot hold): the simulator scales its prefill roofline by what this block took against its
+# own roofline (`sim.costs.Costs.prefill_efficiency`). A mid-sized Llama layer, no model's own shape.
+CALIBRATION_BLOCK = ModelSpec("calibration-block", "llama", n_layers=1, hidden=768, n_heads=12, n_kv_heads=4,
+                              head_dim=64, ffn_hidden=2048, vocab_size=256)
+
+
 def named_model(name: str) -> ModelSpec:
     try:
         return MODELS[name]

@@ -1,0 +1,108 @@
+"""Calibration that runs the executor's own model code, where timing kernels alone misses what the
+model does around them: the host's cost per dispatched op, InfiniGen's speculation, and prompt
+blocks as the model composes them.
+
+Each runs a random model built here (no weights are loaded) and reads the times off the
+executor's own per-phase recorder, so a phase measured here is the phase of that name in a trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import torch
+
+from infinisim.executor.generate import SamplingConfig, generate
+from infinisim.executor.model import Transformer
+from infinisim.executor.policies import make_policy
+from infinisim.traces.spec import CALIBRATION_BLOCK, ModelSpec, Shard
+
+
+def tiny_model(n_heads: int, dev: torch.device, dt: torch.dtype, tp: tuple[int, int] = (1, 0)) -> Transformer:
+    """A tiny random model; `tp` (degree, rank) > 1: this rank's share of it, whose layers issue the
+    all-reduces a tensor-parallel rank's do (on a CPU, InfiniGen's speculation between them took
+    2.3x as long as without them: 0.32-0.40 against 0.14-0.17 ms a layer; the head stays whole)."""
+    degree, rank = tp
+    kv = max(2, degree)
+    spec = ModelSpec("calibration-tiny", "llama", n_layers=3, hidden=64, n_heads=kv * -(-n_heads // kv), n_kv_heads=kv,
+                     head_dim=16, ffn_hidden=128, vocab_size=256)
+    torch.manual_seed(0)
+    model = Transformer(spec).to(device=dev, dtype=dt).eval()
+    if degree == 1:
+        return model
+    import torch.distributed as dist
+
+    from infinisim.executor.parallel import shard_model
+
+    shard = shard_model(model, Shard.of(spec, degree, rank), dist.group.WORLD)
+    shard.output = model.output
+    return shard
+
+
+def launch_overhead(dev: torch.device, dt: torch.dtype) -> float:
+    """Host seconds per dispatched op in the executor's own decode step, on a tiny random model (all
+    tensors tiny, so the time is dispatch and Python); ops counted with a dispatch mode. Measured
+    whole under --tp too: a rank's step less its all-reduces overpredicted attention by half."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_model(4, dev, dt)
+    prompt = [list(range(1, 65))]
+
+    class Count(TorchDispatchMode):
+        ops, on = 0, False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += Count.on
+            return func(*args, **(kwargs or {}))
+
+    def after_step(record: object) -> None:
+        Count.on = True  # decode steps only
+
+    with Count():
+        generate(model, prompt, make_policy("resident"), SamplingConfig(4, stop_at_eos=False), after_step)
+    ops_per_step = Count.ops / 3
+    resident = generate(model, prompt, make_policy("resident"), SamplingConfig(24, stop_at_eos=False))
+    walls = sorted(r.times.wall_s for r in resident.steps[1:])
+    return walls[len(walls) // 2] / ops_per_step
+
+
+def speculation(dev: torch.device, dt: torch.dtype, shapes: tuple[tuple[int, int], ...], tp: tuple[int, int] = (1, 0)
+                ) -> list[tuple[float, float]]:
+    """(speculated scores, seconds) of one layer's InfiniGen speculation, run by the executor on a
+    narrow model (8 query heads) at (batch, prompt length) shapes: its fixed and size-dependent host
+    costs, without the projections of a real model (the simulator adds those from the roofline)."""
+    model = tiny_model(8, dev, dt, tp)
+    out = []
+    for batch, length in shapes:
+        prompts = [[1 + i % 250 for i in range(length)]] * batch
+        run = generate(model, prompts, make_policy("infinigen", dense_layers=1), SamplingConfig(9, stop_at_eos=False))
+        times = sorted(phases["spec"] for r in run.steps[1:] for phases in r.times.layer_phases.values()
+                       if "spec" in phases)
+        out.append((float(batch * model.spec.n_heads * (length + 4)), times[len(times) // 2]))
+    return out
+
+
+def prompt_blocks(dev: torch.device, dt: torch.dtype, lengths: tuple[int, ...], weight_bytes: int, repeats: int
+                  ) -> list[tuple[float, float, float]]:
+    """(prompt tokens, attention seconds, FFN seconds) per layer of the executor's own prefill of
+    CALIBRATION_BLOCK layers (batch 1, resident), with more layers than `weight_bytes` of weights so
+    each layer's weights come from memory, as a real model's do: what the roofline of the kernels
+    alone misses (RoPE and transposes on strided views, the mask, the cache write, allocations;
+    0.7-0.8x the calibrated matmul rate in the FFN on a CPU). Each time is the mean over the layers,
+    the median over `repeats` prompts."""
+    n_layers = max(2, -(-weight_bytes // (CALIBRATION_BLOCK.layer_param_count() * dt.itemsize)))
+    spec = dataclasses.replace(CALIBRATION_BLOCK, n_layers=n_layers)
+    torch.manual_seed(0)
+    model = Transformer(spec).to(device=dev, dtype=dt).eval()
+    out = []
+    for length in lengths:
+        prompt = [[1 + i % 250 for i in range(length)]]
+        attn, ffn = [], []
+        for _ in range(repeats + 1):  # the first warms this length's allocations
+            layers = generate(model, prompt, make_policy("resident"),
+                              SamplingConfig(1, stop_at_eos=False)).steps[0].times.layer_phases.values()
+            attn.append(statistics.mean(p["attn"] for p in layers))
+            ffn.append(statistics.mean(p["ffn"] for p in layers))
+        out.append((float(length), statistics.median(attn[1:]), statistics.median(ffn[1:])))
+    return out
