@@ -257,9 +257,13 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     log(f"executor: {launch * 1e6:.1f} us per dispatched op")
     speculation = runs.speculation(dev, dt, ((1, 64), (1, 512)) if quick else ((1, 64), (1, 1024), (4, 2048)), tp)
     log("InfiniGen speculation per layer: " + ", ".join(f"{int(n)} scores {t * 1e3:.3f} ms" for n, t in speculation))
-    blocks = runs.prompt_blocks(dev, dt, (64, 256) if quick else (64, 256, 1024), streamed, 1 if quick else 2)
+    block = runs.block_model(dev, dt, streamed)
+    prompts = runs.prompt_blocks(block, (64, 256) if quick else (64, 256, 1024), 1 if quick else 2)
     log("the executor's prefill per layer: " + ", ".join(
-        f"{int(t)} tokens attn {a * 1e3:.2f} ms ffn {f * 1e3:.2f} ms" for t, a, f in blocks))
+        f"{int(t)} tokens attn {a * 1e3:.2f} ms ffn {f * 1e3:.2f} ms" for t, a, f in prompts))
+    decodes = runs.decode_blocks(block, (1, 4) if quick else (1, 4, 16), 3 if quick else 9)
+    log("the executor's decode FFN per layer: " + ", ".join(f"{int(b)} rows {f * 1e3:.3f} ms" for b, f in decodes))
+    del block
 
     warnings = _implausible(spreads, selection_per_score, launch, streams)
     if selection_per_score <= 0:  # the large case was no slower than the tiny one: noise; take the upper bound
@@ -276,7 +280,8 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         matmul_flops_fp32=max(p[1] for p in matmuls), memory_bandwidth=stream_bw, launch_overhead=launch,
         matmul_efficiency=1.0, bandwidth_efficiency=1.0, attention_efficiency=min(1.0, attention_bw / stream_bw),
         matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_sweep=tuple(prefill),
-        speculation_sweep=tuple(speculation), prefill_block_sweep=tuple(blocks),
+        speculation_sweep=tuple(speculation), prefill_block_sweep=tuple(prompts),
+        decode_block_sweep=tuple(decodes),
         selection_per_score=selection_per_score, skew_per_row=skew_row, skew_per_head=skew_head)
     top = sweep[-1]
     link = Link(name="PCIe (measured)" if cuda else "memcpy between buffers (measured)",

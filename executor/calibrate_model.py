@@ -83,18 +83,20 @@ def speculation(dev: torch.device, dt: torch.dtype, shapes: tuple[tuple[int, int
     return out
 
 
-def prompt_blocks(dev: torch.device, dt: torch.dtype, lengths: tuple[int, ...], weight_bytes: int, repeats: int
-                  ) -> list[tuple[float, float, float]]:
-    """(prompt tokens, attention seconds, FFN seconds) per layer of the executor's own prefill of
-    CALIBRATION_BLOCK layers (batch 1, resident), with more layers than `weight_bytes` of weights so
-    each layer's weights come from memory, as a real model's do: what the roofline of the kernels
-    alone misses (RoPE and transposes on strided views, the mask, the cache write, allocations;
-    0.7-0.8x the calibrated matmul rate in the FFN on a CPU). Each time is the mean over the layers,
-    the median over `repeats` prompts."""
+def block_model(dev: torch.device, dt: torch.dtype, weight_bytes: int) -> Transformer:
+    """Random CALIBRATION_BLOCK layers, more of them than `weight_bytes` of weights, so each layer's
+    weights come from memory, as a real model's do."""
     n_layers = max(2, -(-weight_bytes // (CALIBRATION_BLOCK.layer_param_count() * dt.itemsize)))
-    spec = dataclasses.replace(CALIBRATION_BLOCK, n_layers=n_layers)
     torch.manual_seed(0)
-    model = Transformer(spec).to(device=dev, dtype=dt).eval()
+    return Transformer(dataclasses.replace(CALIBRATION_BLOCK, n_layers=n_layers)).to(device=dev, dtype=dt).eval()
+
+
+def prompt_blocks(model: Transformer, lengths: tuple[int, ...], repeats: int) -> list[tuple[float, float, float]]:
+    """(prompt tokens, attention seconds, FFN seconds) per layer of the executor's own prefill of
+    `block_model` (batch 1, resident): what the roofline of the kernels alone misses (RoPE and
+    transposes on strided views, the mask, the cache write, allocations; 0.7-0.8x the calibrated
+    matmul rate in the FFN on a CPU). Each time is the mean over the layers, the median over
+    `repeats` prompts."""
     out = []
     for length in lengths:
         prompt = [[1 + i % 250 for i in range(length)]]
@@ -105,4 +107,18 @@ def prompt_blocks(dev: torch.device, dt: torch.dtype, lengths: tuple[int, ...], 
             attn.append(statistics.mean(p["attn"] for p in layers))
             ffn.append(statistics.mean(p["ffn"] for p in layers))
         out.append((float(length), statistics.median(attn[1:]), statistics.median(ffn[1:])))
+    return out
+
+
+def decode_blocks(model: Transformer, batches: tuple[int, ...], steps: int) -> list[tuple[float, float]]:
+    """(rows, FFN seconds) per layer of the executor's own decode steps of `block_model` (resident, a
+    64-token prompt per sequence): its weights streamed from memory between the layer's other ops,
+    slower than projections timed back to back (on a CPU 0.8x their rate). The mean over the
+    layers, the median over `steps` decode steps."""
+    out = []
+    for batch in batches:
+        run = generate(model, [[1 + i % 250 for i in range(64)]] * batch, make_policy("resident"),
+                       SamplingConfig(steps + 2, stop_at_eos=False))
+        means = [statistics.mean(p["ffn"] for p in r.times.layer_phases.values()) for r in run.steps[2:]]
+        out.append((float(batch), statistics.median(means)))  # after one warm-up step
     return out

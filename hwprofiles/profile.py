@@ -55,6 +55,8 @@ class Device:
     # the executor's own prefill of traces.spec.CALIBRATION_BLOCK, batch 1, in the calibration's dtype: seconds
     # per layer of its attention phase (projections, RoPE, masked attention) and of its FFN, by prompt length
     prefill_block_sweep: tuple[tuple[float, float, float], ...] = ()
+    # the same block's decode steps: seconds per layer of its FFN (weights streamed), by rows in the batch
+    decode_block_sweep: tuple[tuple[float, float], ...] = ()
     selection_per_score: float | None = _q("time", 0, 1e-3, doc="InfiniGen's count-and-choose per speculated score",
                                            optional=True)
     skew_per_row: float | None = _q("time", 0, 1e-3, doc="building InfiniGen's skew: per query row per KV head",
@@ -204,6 +206,7 @@ SWEEPS = {"sweep": (("bytes", "h2d", "d2h"), ("bytes", "bandwidth", "bandwidth")
           "prefill_attention_sweep": (("tokens", "flops"), ("number", "flops")),
           "speculation_sweep": (("scores", "seconds"), ("number", "time")),
           "prefill_block_sweep": (("tokens", "attn", "ffn"), ("number", "time", "time")),
+          "decode_block_sweep": (("rows", "ffn"), ("number", "time")),
           "stream_sweep": (("rows", "inner", "bandwidth"), ("number", "number", "bandwidth"))}
 
 

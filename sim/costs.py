@@ -102,8 +102,10 @@ class Costs:
         return interpolate_log(inners, by_inner, k)
 
     def linear(self, k: int, n: int, m: int | None = None) -> float:
-        """One projection of m rows (default: the batch's one new token each) by a k x n weight."""
-        m = self.batch if m is None else m
+        """One projection of m rows (default: the batch's one new token each, at the calibrated
+        decode efficiency) by a k x n weight."""
+        if m is None:
+            return self.linear(k, n, self.batch) * self.decode_efficiency
         flops = 2.0 * m * k * n
         nbytes = self.e * (k * n + m * k + m * n)
         compute, stream = flops / self.matmul_rate(k, n), nbytes / self.weight_stream_bw(m, k)
@@ -239,6 +241,24 @@ class Costs:
             return 1.0, 1.0
         sizes, attn, ffn = self.block_factors
         return interpolate_log(sizes, attn, n_tokens), interpolate_log(sizes, ffn, n_tokens)
+
+    @functools.cached_property
+    def decode_efficiency(self) -> float:
+        """How much longer than their roofline a decode step's projections take at this batch, as the
+        calibrated executor's decode FFN of CALIBRATION_BLOCK took over its own (less its launches and
+        activation where the host runs them; log-interpolated in rows, clamped); 1 without a sweep."""
+        sweep = self.profile.device.decode_block_sweep
+        if not sweep:
+            return 1.0
+        launch = self.profile.device.launch_overhead if self.profile.host_computes else 0.0
+        s = CALIBRATION_BLOCK
+        factors = []
+        for rows, ffn_s in sweep:
+            block = Costs(self.profile, s, self.dtype, int(rows))
+            matmuls = 3 * block.linear(s.hidden, s.ffn_hidden, int(rows))
+            rest = launch * FFN_OPS[s.family] + block.elementwise(3.0 * rows * s.ffn_hidden * self.e)
+            factors.append(max(ffn_s - rest, MIN_FACTOR * matmuls) / matmuls)
+        return float(interpolate_log([p[0] for p in sweep], factors, self.batch))
 
     @functools.cached_property
     def block_factors(self) -> tuple[list[float], list[float], list[float]] | None:
