@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +30,28 @@ class Timings:
     step_counts: dict[str, int]
     copies: dict[int, list[float]] = field(default_factory=dict)  # per layer: direction (0 h2d, 1 d2h), start, end
     done: dict[int, float] = field(default_factory=dict)  # per layer: when its compute (the FFN) ended
+
+
+class Span:
+    """One timed block of a Recorder (a plain class, not a generator: a decode step opens hundreds)."""
+
+    __slots__ = ("host", "layer", "phase", "recorder", "start", "stream")
+
+    def __init__(self, recorder: Recorder, layer: int | None, phase: str, stream: torch.cuda.Stream | None,
+                 host: bool):
+        self.recorder, self.layer, self.phase, self.stream, self.host = recorder, layer, phase, stream, host
+
+    def __enter__(self) -> None:
+        self.start = self.recorder._mark(self.stream, self.host)
+
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        if kind is not None:
+            return  # the block failed: nothing to time
+        rec, start = self.recorder, self.start
+        end = rec._mark(self.stream, self.host)
+        rec._spans.append((self.layer, self.phase, start, end))
+        if self.phase in COPY_PHASES and self.layer is not None:
+            rec._copies.append((self.layer, self.phase, start, end))
 
 
 @dataclass
@@ -57,16 +78,11 @@ class Recorder:
         self._counts = {}
         self._start = self._mark()
 
-    @contextmanager
     def span(self, layer: int | None, phase: str, stream: torch.cuda.Stream | None = None,
-             host: bool = False) -> Iterator[None]:
+             host: bool = False) -> Span:
         """Time the work issued inside the block: on `stream` (default: the current one), or, with
         host=True, work the CPU does itself (a gather) on perf_counter even when CUDA is present."""
-        start = self._mark(stream, host)
-        yield
-        self._spans.append((layer, phase, start, end := self._mark(stream, host)))
-        if phase in COPY_PHASES and layer is not None:
-            self._copies.append((layer, phase, start, end))
+        return Span(self, layer, phase, stream, host)
 
     def add_copy(self, layer: int, phase: str, start: float, end: float, busy: float) -> None:
         """A copy another thread timed itself on perf_counter (a copy engine of an emulated link): it
