@@ -4,8 +4,11 @@ The simulator charges the host a launch overhead per dispatched op; its op count
 (sim/costs.py: QKV_OPS, ATTEND_OPS, FFN_OPS, SPEC_OPS, ...) come from this script. Every
 PyTorch dispatcher call counts (views included), attributed to the timed phase it runs in
 ("outside": between phases: bookkeeping, sampling). Random weights; decode steps only.
+--live: the same for a live server's decode steps (executor/serving.py) at 1, 2 and 4 running
+sequences, where each sequence attends through its own policy (sim/costs.py: APART_ATTEND_OPS,
+SEQUENCE_OPS are the per-sequence increments).
 
-    .venv/bin/python benchmarks/count_ops.py [--model smollm2-135m] [--out PATH]
+    .venv/bin/python benchmarks/count_ops.py [--model smollm2-135m] [--live] [--out PATH]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from infinisim.executor import timing
 from infinisim.executor.generate import SamplingConfig, generate
 from infinisim.executor.loaders import load_model
 from infinisim.executor.policies import make_policy
+from infinisim.executor.serving import LiveBatch
 
 POLICIES = ("resident", "full", "infinigen", "h2o", "int4")
 
@@ -31,7 +35,8 @@ POLICIES = ("resident", "full", "infinigen", "h2o", "int4")
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="a small named architecture (random weights)")
-    p.add_argument("--out", default="benchmarks/results/op-counts.json")
+    p.add_argument("--live", action="store_true", help="count a live server's decode steps at 1, 2 and 4 sequences")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/op-counts.json, -live.json with --live)")
     args = p.parse_args()
 
     loaded = load_model(args.model, "float32", "cpu", random_weights=True)
@@ -55,11 +60,30 @@ def main() -> int:
                 counts[phase[0]] += 1
             return func(*args, **(kwargs or {}))
 
+    def per_step(n_steps: int) -> dict[str, float]:
+        return {k: round(v / n_steps if k in ("embed", "head", "outside") else v / n_steps / n_layers, 1)
+                for k, v in counts.items()}
+
     timing.Recorder.span = span  # type: ignore[method-assign]
     results = {}
     steps = 4
     try:
-        for name in POLICIES:
+        for name in POLICIES if args.live else ():
+            for batch in (1, 2, 4):
+                live = LiveBatch(loaded.model, name)
+                for key in range(batch):
+                    live.prefill(key, list(range(1, 200 + key)), 300)
+                live.decode(list(range(batch)))  # warm-up
+                counts.clear()
+                with Count():
+                    counting[0] = True
+                    for _ in range(steps):
+                        live.decode(list(range(batch)))
+                    counting[0] = False
+                results[f"{name} x{batch}"] = per_step(steps)
+                print(f"{name:<10} {batch} running: {results[f'{name} x{batch}']}  (embed/head/outside: per step; "
+                      "others: per layer)")
+        for name in () if args.live else POLICIES:
             counts.clear()
             counting[0] = False
 
@@ -69,13 +93,11 @@ def main() -> int:
             with Count():
                 generate(loaded.model, [list(range(1, 300))], make_policy(name),
                          SamplingConfig(steps + 1, stop_at_eos=False), after_step)
-            per_step = {k: v / steps for k, v in counts.items()}
-            results[name] = {k: round(v if k in ("embed", "head", "outside") else v / n_layers, 1)
-                             for k, v in per_step.items()}
+            results[name] = per_step(steps)
             print(f"{name:<10} {results[name]}  (embed/head/outside: per step; others: per layer)")
     finally:
         timing.Recorder.span = original_span  # type: ignore[method-assign]
-    out = Path(args.out)
+    out = Path(args.out or f"benchmarks/results/op-counts{'-live' if args.live else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "layers": n_layers, "ops": results}, indent=1))
     print(f"wrote {out}")

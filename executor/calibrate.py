@@ -116,6 +116,19 @@ def _streaming(measure: Measure, dt: torch.dtype, dev: torch.device, repeats: in
     return out
 
 
+def _cached_streaming(measure: Measure, dt: torch.dtype, dev: torch.device, repeats: int, inners: tuple[int, ...]
+                      ) -> list[tuple[float, float]]:
+    """(weight bytes, B/s) of a one-row projection by a k x k weight it has just read (a live server's
+    sequences each speculate with the same W_q, one after another: after the first it is in cache)."""
+    out = []
+    for k in inners:
+        w = torch.randn(k, k, device=dev).to(dt)
+        x = torch.randn(1, 1, k, device=dev).to(dt)
+        seconds = measure(lambda x=x, w=w: [F.linear(x, w) for _ in range(16)], repeats) / 16
+        out.append((float(k * k * dt.itemsize), k * k * dt.itemsize / seconds))
+    return out
+
+
 def _matmul_sweep(measure: Measure, dev: torch.device, repeats: int, m: int, sizes: tuple[int, ...]
                   ) -> list[tuple[float, float, float]]:
     """(inner size d, float32 FLOP/s, bfloat16 FLOP/s) of prompt-sized projections: m rows by
@@ -238,6 +251,9 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         log(f"decode projections, inner size {int(k):>4}: " + ", ".join(
             f"{int(m)} rows {bw / 1e9:.1f}" for m, inner, bw in streams if inner == k) + " GB/s")
     stream_bw = sorted(p[2] for p in streams)[len(streams) // 2]  # the median
+    cached = _cached_streaming(measure, dt, dev, repeats, (512, 2048) if quick else (512, 1024, 2048, 4096))
+    log("a one-row projection by a weight in cache: " + ", ".join(
+        f"{int(b) >> 10} KiB {bw / 1e9:.1f} GB/s" for b, bw in cached))
     matmuls = _matmul_sweep(measure, dev, repeats, 128 if quick else 512,
                             (256, 1024) if quick else (256, 512, 1024, 2048))
     for d, f32, bf16 in matmuls:
@@ -280,7 +296,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         matmul_flops_fp32=max(p[1] for p in matmuls), memory_bandwidth=stream_bw, launch_overhead=launch,
         matmul_efficiency=1.0, bandwidth_efficiency=1.0, attention_efficiency=min(1.0, attention_bw / stream_bw),
         matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_sweep=tuple(prefill),
-        speculation_sweep=tuple(speculation), prefill_block_sweep=tuple(prompts),
+        speculation_sweep=tuple(speculation), prefill_block_sweep=tuple(prompts), cached_stream_sweep=tuple(cached),
         decode_block_sweep=tuple(decodes),
         selection_per_score=selection_per_score, skew_per_row=skew_row, skew_per_head=skew_head)
     top = sweep[-1]

@@ -57,6 +57,8 @@ class Device:
     prefill_block_sweep: tuple[tuple[float, float, float], ...] = ()
     # the same block's decode steps: seconds per layer of its FFN (weights streamed), by rows in the batch
     decode_block_sweep: tuple[tuple[float, float], ...] = ()
+    # a one-row projection by a weight just read (in cache): B/s of weights by weight bytes
+    cached_stream_sweep: tuple[tuple[float, float], ...] = ()
     selection_per_score: float | None = _q("time", 0, 1e-3, doc="InfiniGen's count-and-choose per speculated score",
                                            optional=True)
     skew_per_row: float | None = _q("time", 0, 1e-3, doc="building InfiniGen's skew: per query row per KV head",
@@ -207,6 +209,7 @@ SWEEPS = {"sweep": (("bytes", "h2d", "d2h"), ("bytes", "bandwidth", "bandwidth")
           "speculation_sweep": (("scores", "seconds"), ("number", "time")),
           "prefill_block_sweep": (("tokens", "attn", "ffn"), ("number", "time", "time")),
           "decode_block_sweep": (("rows", "ffn"), ("number", "time")),
+          "cached_stream_sweep": (("bytes", "bandwidth"), ("bytes", "bandwidth")),
           "stream_sweep": (("rows", "inner", "bandwidth"), ("number", "number", "bandwidth"))}
 
 

@@ -32,6 +32,11 @@ FFN_OPS = {"llama": 7, "opt": 5}
 EMBED_OPS = {"llama": 7, "opt": 4}
 HEAD_OPS = {"llama": 14, "opt": 14}  # final norm, output projection, sampling, per-step bookkeeping
 SPEC_OPS = {"llama": 72, "opt": 57}  # per speculating layer (uncalibrated profiles)
+# A live server's decode step (`apart`), counted with `benchmarks/count_ops.py --live`: of ATTEND_OPS, the
+# ops each sequence issues itself (its mask and attention; the output projection and residual stay batched,
+# SmolLM2 and OPT-125m alike), and per layer and sequence the server's own (its rows of the batch, sliced)
+APART_ATTEND_OPS = 8
+SEQUENCE_OPS = 4
 SELECTED_ATTEND_OPS = 8  # concatenating the fetched rows with the newest, the per-head mask
 H2O_UPDATE_OPS = 46
 INT4_OPS = 68  # quantizing the new row, dequantizing the fetched cache
@@ -133,8 +138,10 @@ class Costs:
 
     def attend(self, n_keys: float) -> Work:
         s = self.spec
-        mix = self.per_sequence(lambda c, _: Work(c.attention_over(n_keys), ATTEND_OPS[s.family]))
-        return Work(mix.seconds + self.linear(s.n_heads * s.head_dim, s.hidden), mix.kernels)
+        own = APART_ATTEND_OPS if self.apart else ATTEND_OPS[s.family]  # the ops each sequence issues itself
+        mix = self.per_sequence(lambda c, _: Work(c.attention_over(n_keys), own))
+        return Work(mix.seconds + self.linear(s.n_heads * s.head_dim, s.hidden),
+                    mix.kernels + ATTEND_OPS[s.family] - own)
 
     def ffn(self, m: int | None = None) -> Work:
         s = self.spec
@@ -166,11 +173,20 @@ class Costs:
     def speculation(self, n_keys: float, partial_ratio: float) -> Work:
         """InfiniGen's speculation for one layer: the partial query (Llama: the full W_q then RoPE
         and the rotation; OPT: the folded partial weight), scores against the partial key cache,
-        counting within alpha and choosing the top rows per KV head (apart: each sequence its own,
-        its query weight read for each)."""
-        if self.apart and self.batch > 1:
-            return self.per_sequence(lambda c, _: c.speculation(n_keys, partial_ratio))
+        counting within alpha and choosing the top rows per KV head (apart: each sequence its own; the
+        Llama family's W_q is the model's, so after the first sequence's read it comes from cache,
+        where the profile measured that; OPT's folded weight is each sequence's own)."""
         s = self.spec
+        if self.apart and self.batch > 1:
+            each = self.per_sequence(lambda c, _: c.speculation(n_keys, partial_ratio))
+            cached = self.profile.device.cached_stream_sweep
+            if s.family == "opt" or not cached:
+                return each
+            one = replace(self, batch=1, apart=False)
+            weight = s.hidden * s.n_heads * s.head_dim * self.e
+            warm = weight / interpolate_log([p[0] for p in cached], [p[1] for p in cached], weight)
+            saved = max(one.linear(s.hidden, s.n_heads * s.head_dim) - warm, 0.0)
+            return Work(each.seconds - (self.batch - 1) * saved, each.kernels)
         r = partial_width(partial_ratio, s.head_dim)
         if s.family == "opt":
             query = self.linear(s.hidden, s.n_heads * r)
@@ -314,8 +330,10 @@ class Costs:
                                                        GATHER_OPS))
 
     def bookkeeping(self, host_ops: int) -> Work:
-        """The policy's own host work per layer (apart: each sequence's policy does it)."""
-        return self.per_sequence(lambda c, _: Work(0.0, host_ops))
+        """The policy's own host work per layer (apart: each sequence's policy does it, and the live
+        server hands each its rows)."""
+        ops = host_ops + (SEQUENCE_OPS if self.apart else 0)
+        return self.per_sequence(lambda c, _: Work(0.0, ops))
 
 
 def any_positive(x: Any) -> bool:
