@@ -10,9 +10,7 @@ the same name in a trace.
 
 from __future__ import annotations
 
-import bisect
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -21,6 +19,7 @@ import numpy as np
 
 from infinisim.core.policies import partial_width
 from infinisim.hwprofiles.profile import Profile
+from infinisim.sim.tables import any_positive, choose, copy_time, interpolate_log
 from infinisim.traces.spec import CALIBRATION_BLOCK, DTYPE_BYTES, ModelSpec
 
 # Host-issued ops (PyTorch dispatcher calls, views included) per phase of one decode layer, as the
@@ -44,7 +43,7 @@ COPY_OPS = {"h2d": 1, "d2h": 2}  # per tensor copied (d2h also slices the host s
 GATHER_OPS = 6
 SELECTION_BYTES_PER_SCORE = 128  # uncalibrated: ~32 float32 passes over the speculated scores (gaps, histogram, ...)
 PREFILL_ATTENTION_EFFICIENCY = 0.5  # uncalibrated: masked prompt attention vs the matmul rate
-MIN_FACTOR = 0.1  # a prompt block measured under a tenth of its roofline is taken as a tenth (noise, or launches)
+MIN_FACTOR = 0.1  # a calibration block measured under a tenth of its roofline counts as a tenth (noise)
 H2O_PASSES = 10  # passes over [B, H, kept] scores to accumulate attention and re-choose the kept set
 INT4_DEQUANT_PASSES = 6  # unpack, convert, scale, add min, interleave, concatenate (per value)
 
@@ -334,49 +333,3 @@ class Costs:
         server hands each its rows)."""
         ops = host_ops + (SEQUENCE_OPS if self.apart else 0)
         return self.per_sequence(lambda c, _: Work(0.0, ops))
-
-
-def any_positive(x: Any) -> bool:
-    """x > 0 for a number, or for any element of an array (the direct simulation's steps at once)."""
-    return bool((x > 0).any()) if isinstance(x, np.ndarray) else x > 0
-
-
-def interpolate_log(sizes: list[float], values: list[float], size: Any) -> Any:
-    """The value at `size` (a number, or an array of them) between measured points, linear in
-    log-log; clamped outside them."""
-    if np.ndim(size):
-        return np.exp(np.interp(np.log(size), np.log(sizes), np.log(values)))
-    if size <= sizes[0]:
-        return values[0]
-    if size >= sizes[-1]:
-        return values[-1]
-    i = bisect.bisect_right(sizes, size)
-    w = (math.log(size) - math.log(sizes[i - 1])) / (math.log(sizes[i]) - math.log(sizes[i - 1]))
-    low, high = values[i - 1], values[i]
-    if np.ndim(low) or np.ndim(high):  # values that are themselves arrays (another axis interpolated first)
-        return np.exp((1 - w) * np.log(low) + w * np.log(high))
-    return math.exp((1 - w) * math.log(low) + w * math.log(high))
-
-
-def choose(condition: Any, yes: Any, no: Any) -> Any:
-    """`yes` where the condition holds, else `no`: for numbers, or elementwise for arrays (the
-    direct simulation times every decode step at once)."""
-    if np.ndim(condition):
-        return np.where(condition, yes, no)
-    return yes if condition else no
-
-
-def copy_time(profile: Profile, nbytes: float, direction: str, pinned: bool = True) -> float:
-    """Latency + bytes / bandwidth; with a calibrated sweep, bytes / (the sweep's effective bandwidth
-    at that size, interpolated in log size; clamped at the sweep's ends, plus latency below it)."""
-    link = profile.link
-    if not pinned:
-        return link.latency + nbytes / link.pageable_bandwidth
-    peak = link.h2d_bandwidth if direction == "h2d" else link.d2h_bandwidth
-    if not link.sweep:
-        return link.latency + nbytes / peak
-    sizes = [p[0] for p in link.sweep]
-    rates = [p[1] if direction == "h2d" else p[2] for p in link.sweep]
-    # below the sweep, latency-bound: the smallest measured copy's time, less the bytes not sent
-    return choose(nbytes <= sizes[0], np.maximum(link.latency, sizes[0] / rates[0] - (sizes[0] - nbytes) / rates[-1]),
-                  nbytes / interpolate_log(sizes, rates, nbytes))

@@ -25,9 +25,10 @@ import numpy as np
 import simpy
 
 from infinisim.hwprofiles.profile import Profile
-from infinisim.sim.costs import Costs, Work, any_positive
+from infinisim.sim.costs import Costs, Work
 from infinisim.sim.memory import MemoryPlan, memory_plan
 from infinisim.sim.result import PHASES, SimResult
+from infinisim.sim.tables import any_positive
 from infinisim.sim.workload import Workload
 
 if TYPE_CHECKING:

@@ -14,10 +14,11 @@ from infinisim.executor.generate import SamplingConfig
 from infinisim.executor.loaders import load_model
 from infinisim.executor.recording import run_policy
 from infinisim.hwprofiles.profile import Device, Host, Link, Profile, load_profile
-from infinisim.sim.costs import Costs, copy_time
+from infinisim.sim.costs import Costs
 from infinisim.sim.engine import Stream, simulate
 from infinisim.sim.memory import memory_plan
 from infinisim.sim.result import PHASES
+from infinisim.sim.tables import copy_time
 from infinisim.sim.workload import from_trace, speculated_fraction_per_layer, synthetic
 from infinisim.traces.spec import named_model
 from infinisim.traces.trace import write_trace
