@@ -73,8 +73,13 @@ class Costs:
         share 1 (batched), or when apart `batch` times one sequence's (its costs, 1/batch of the bytes)."""
         if not self.apart or self.batch == 1:
             return work(self, 1.0)
-        one = work(replace(self, batch=1, apart=False), 1.0 / self.batch)
+        one = work(self.one_sequence, 1.0 / self.batch)
         return Work(one.seconds * self.batch, one.kernels * self.batch)
+
+    @functools.cached_property
+    def one_sequence(self) -> Costs:
+        """The costs of one of the batch's sequences on its own (what `apart` charges each)."""
+        return replace(self, batch=1, apart=False)
 
     @property
     def e(self) -> int:
@@ -181,10 +186,9 @@ class Costs:
             cached = self.profile.device.cached_stream_sweep
             if s.family == "opt" or not cached:
                 return each
-            one = replace(self, batch=1, apart=False)
             weight = s.hidden * s.n_heads * s.head_dim * self.e
             warm = weight / interpolate_log([p[0] for p in cached], [p[1] for p in cached], weight)
-            saved = max(one.linear(s.hidden, s.n_heads * s.head_dim) - warm, 0.0)
+            saved = max(self.one_sequence.linear(s.hidden, s.n_heads * s.head_dim) - warm, 0.0)
             return Work(each.seconds - (self.batch - 1) * saved, each.kernels)
         r = partial_width(partial_ratio, s.head_dim)
         if s.family == "opt":
@@ -223,30 +227,25 @@ class Costs:
     # ---------------------------------------------------------------- the prefill of one layer
 
     def prefill_qkv(self, n_tokens: Any) -> Work:
-        t = self.prefill_roofline(n_tokens)[0]
-        return Work(t * self.prefill_efficiency(n_tokens)[0], QKV_OPS[self.spec.family])
+        s, m = self.spec, self.batch * n_tokens
+        t = self.linear(s.hidden, (s.n_heads + 2 * s.n_kv_heads) * s.head_dim, m)
+        t = t + self.elementwise(3 * m * s.hidden * self.e)  # norm, RoPE, cache write
+        return Work(t * self.prefill_efficiency(n_tokens)[0], QKV_OPS[s.family])
 
     def prefill_attend(self, n_tokens: Any) -> Work:
         """Attention over the prompt with an explicit causal mask (the executor's padded batches need
         one), so every one of the T x T scores is computed, and the output projection."""
-        t = self.prefill_roofline(n_tokens)[1]
-        return Work(t * self.prefill_efficiency(n_tokens)[0], ATTEND_OPS[self.spec.family])
-
-    def prefill_ffn(self, n_tokens: Any) -> Work:
-        ffn = self.ffn(self.batch * n_tokens)
-        return Work(ffn.seconds * self.prefill_efficiency(n_tokens)[1], ffn.kernels)
-
-    def prefill_roofline(self, n_tokens: Any) -> tuple[Any, Any]:
-        """Seconds of a layer's prompt projections (with norm, RoPE and cache write as three passes)
-        and of its masked attention with the output projection, from the kernels' calibrated rates."""
         s, m = self.spec, self.batch * n_tokens
-        qkv = self.linear(s.hidden, (s.n_heads + 2 * s.n_kv_heads) * s.head_dim, m) + \
-            self.elementwise(3 * m * s.hidden * self.e)
         flops = 4.0 * self.batch * s.n_heads * n_tokens * n_tokens * s.head_dim
         sweep = self.profile.device.prefill_attention_sweep
         rate = interpolate_log([p[0] for p in sweep], [p[1] for p in sweep], n_tokens) if sweep else \
             PREFILL_ATTENTION_EFFICIENCY * self.profile.matmul_rate(self.dtype)
-        return qkv, flops / rate + self.linear(s.n_heads * s.head_dim, s.hidden, m)
+        t = flops / rate + self.linear(s.n_heads * s.head_dim, s.hidden, m)
+        return Work(t * self.prefill_efficiency(n_tokens)[0], ATTEND_OPS[s.family])
+
+    def prefill_ffn(self, n_tokens: Any) -> Work:
+        ffn = self.ffn(self.batch * n_tokens)
+        return Work(ffn.seconds * self.prefill_efficiency(n_tokens)[1], ffn.kernels)
 
     def prefill_efficiency(self, n_tokens: Any) -> tuple[Any, Any]:
         """How much longer than their roofline a prompt's attention phase and FFN take, as the
@@ -265,33 +264,39 @@ class Costs:
         sweep = self.profile.device.decode_block_sweep
         if not sweep:
             return 1.0
-        launch = self.profile.device.launch_overhead if self.profile.host_computes else 0.0
         s = CALIBRATION_BLOCK
         factors = []
         for rows, ffn_s in sweep:
             block = Costs(self.profile, s, self.dtype, int(rows))
             matmuls = 3 * block.linear(s.hidden, s.ffn_hidden, int(rows))
-            rest = launch * FFN_OPS[s.family] + block.elementwise(3.0 * rows * s.ffn_hidden * self.e)
+            rest = self.host_launch * FFN_OPS[s.family] + block.elementwise(3.0 * rows * s.ffn_hidden * self.e)
             factors.append(max(ffn_s - rest, MIN_FACTOR * matmuls) / matmuls)
         return float(interpolate_log([p[0] for p in sweep], factors, self.batch))
 
     @functools.cached_property
     def block_factors(self) -> tuple[list[float], list[float], list[float]] | None:
         """(prompt lengths, attention factors, FFN factors) of the profile's prefill_block_sweep: each
-        measured time, less its launches where the host runs the kernels, over its roofline here."""
+        measured time, less its launches where the host runs the kernels, over the block's time here
+        without the sweep (its roofline)."""
         sweep = self.profile.device.prefill_block_sweep
         if not sweep:
             return None
-        block = Costs(self.profile, CALIBRATION_BLOCK, self.dtype, 1)
-        launch = self.profile.device.launch_overhead if self.profile.host_computes else 0.0
-        attn_ops = QKV_OPS[CALIBRATION_BLOCK.family] + ATTEND_OPS[CALIBRATION_BLOCK.family]
+        plain = replace(self.profile, device=replace(self.profile.device, prefill_block_sweep=()))
+        block = Costs(plain, CALIBRATION_BLOCK, self.dtype, 1)
         attn, ffn = [], []
         for tokens, attn_s, ffn_s in sweep:
-            qkv, attend = block.prefill_roofline(int(tokens))
-            roof = block.ffn(int(tokens))
-            attn.append(max(attn_s - launch * attn_ops, MIN_FACTOR * (qkv + attend)) / (qkv + attend))
-            ffn.append(max(ffn_s - launch * roof.kernels, MIN_FACTOR * roof.seconds) / roof.seconds)
+            n = int(tokens)
+            qkv, attend, mlp = block.prefill_qkv(n), block.prefill_attend(n), block.prefill_ffn(n)
+            roof = qkv.seconds + attend.seconds
+            attn.append(max(attn_s - self.host_launch * (qkv.kernels + attend.kernels), MIN_FACTOR * roof) / roof)
+            ffn.append(max(ffn_s - self.host_launch * mlp.kernels, MIN_FACTOR * mlp.seconds) / mlp.seconds)
         return [p[0] for p in sweep], attn, ffn
+
+    @property
+    def host_launch(self) -> float:
+        """Host seconds per op inside a measured phase: the launch overhead where the host runs the
+        kernels itself (a CPU), else 0 (a GPU's phases are timed on the device)."""
+        return self.profile.device.launch_overhead if self.profile.host_computes else 0.0
 
     def skew_build(self, n_tokens: int) -> Work:
         """InfiniGen's prefill work per speculating layer: per KV head an SVD of its group's queries
