@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -64,37 +65,44 @@ def main() -> int:
         return {k: round(v / n_steps if k in ("embed", "head", "outside") else v / n_steps / n_layers, 1)
                 for k, v in counts.items()}
 
+    steps = 4
+
+    def static(name: str) -> Callable[[], None]:
+        """generate's decode steps, counted from the first on."""
+        def run() -> None:
+            def after_step(record: object) -> None:
+                counting[0] = True
+
+            generate(loaded.model, [list(range(1, 300))], make_policy(name),
+                     SamplingConfig(steps + 1, stop_at_eos=False), after_step)
+        return run
+
+    def live(name: str, batch: int) -> Callable[[], None]:
+        """A live server's decode steps of `batch` running sequences (prefilled and warmed up first)."""
+        server, keys = LiveBatch(loaded.model, name), list(range(batch))
+        for key in keys:
+            server.prefill(key, list(range(1, 200 + key)), 300)
+        server.decode(keys)
+
+        def run() -> None:
+            counting[0] = True
+            for _ in range(steps):
+                server.decode(keys)
+        return run
+
+    cases = [(f"{name} x{batch}", functools.partial(live, name, batch)) for name in POLICIES for batch in (1, 2, 4)] \
+        if args.live else [(name, functools.partial(static, name)) for name in POLICIES]
     timing.Recorder.span = span  # type: ignore[method-assign]
     results = {}
-    steps = 4
     try:
-        for name in POLICIES if args.live else ():
-            for batch in (1, 2, 4):
-                live = LiveBatch(loaded.model, name)
-                for key in range(batch):
-                    live.prefill(key, list(range(1, 200 + key)), 300)
-                live.decode(list(range(batch)))  # warm-up
-                counts.clear()
-                with Count():
-                    counting[0] = True
-                    for _ in range(steps):
-                        live.decode(list(range(batch)))
-                    counting[0] = False
-                results[f"{name} x{batch}"] = per_step(steps)
-                print(f"{name:<10} {batch} running: {results[f'{name} x{batch}']}  (embed/head/outside: per step; "
-                      "others: per layer)")
-        for name in () if args.live else POLICIES:
+        for label, make in cases:
+            run = make()
             counts.clear()
-            counting[0] = False
-
-            def after_step(record: object) -> None:
-                counting[0] = True  # from the first decode step on
-
             with Count():
-                generate(loaded.model, [list(range(1, 300))], make_policy(name),
-                         SamplingConfig(steps + 1, stop_at_eos=False), after_step)
-            results[name] = per_step(steps)
-            print(f"{name:<10} {results[name]}  (embed/head/outside: per step; others: per layer)")
+                run()
+            counting[0] = False
+            results[label] = per_step(steps)
+            print(f"{label:<12} {results[label]}  (embed/head/outside: per step; others: per layer)")
     finally:
         timing.Recorder.span = original_span  # type: ignore[method-assign]
     out = Path(args.out or f"benchmarks/results/op-counts{'-live' if args.live else ''}.json")
