@@ -11,7 +11,9 @@ policy hooks) on `Lane`s that compute those times at submit.
 Why it does not grow with the generation length: every decode step issues the same ops, with
 durations that depend on its context length, and starts with the streams idle (the host waits
 for the sampled token). So all steps but the first run at once, each time an array over the
-steps. The first runs alone: it can still be copying the prompt's KV out when it starts.
+steps. The first runs alone: it can still be copying the prompt's KV out when it starts. Their
+phases are kept as sums over the steps (what the result reports): only the clocks and the ops'
+durations are arrays over the steps, not a row per step, layer and phase.
 
 Why it does not grow with the layers: identical layers (the same rows fetched and attended, the
 same speculation) settle into a cycle of two layers (the two prefetch slots alternate): each
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from infinisim.hwprofiles.profile import Profile
-from infinisim.sim.engine import Simulation
+from infinisim.sim.engine import P, Simulation
 from infinisim.sim.memory import MemoryPlan
 from infinisim.sim.result import SimResult
 from infinisim.sim.workload import Workload
@@ -78,11 +80,25 @@ class DirectSimulation(Simulation):
         self.same_from = {"prefill": speculating_from(workload), "decode": identical_from(workload)}
         self.ops = 0
 
+    phases_per_step = False
+
     def phase_array(self, shape: tuple[int, int, int]) -> np.ndarray:
-        """The same [step, layer, phase] array, laid out with steps innermost: a phase of one layer
-        over all steps (what each op adds to) is then contiguous."""
-        steps, layers, phases = shape
-        return np.zeros((layers, phases, steps)).transpose(2, 0, 1)
+        """Busy seconds per [layer, phase] of the prefill, the first decode step and all the others
+        summed: what the result reports is their sum, and rows per step would grow with the length."""
+        return np.zeros((3, *shape[1:]))
+
+    @staticmethod
+    def row(step: Any) -> tuple[Any, ...]:
+        """The steps after the first, run at once (a slice of steps), share the last row."""
+        return (slice(2, 3),) if isinstance(step, slice) else Simulation.row(step)
+
+    def book(self, step: Any, layer: int, phase: str, seconds: Any) -> None:
+        if not isinstance(step, slice):
+            self.phase_s[(*Simulation.row(step), layer, P[phase])] += seconds
+        elif isinstance(seconds, np.ndarray):  # seconds in each step of the slice
+            self.phase_s[2, layer, P[phase]] += np.add.reduce(seconds)
+        else:  # the same in each
+            self.phase_s[2, layer, P[phase]] += seconds * (step.stop - step.start)
 
     def make_streams(self) -> dict[str, Any]:
         return {name: Lane(name, self.account) for name in ("compute", "spec", "h2d", "d2h")}
@@ -148,20 +164,20 @@ class DirectSimulation(Simulation):
         """The last two layers' phases are the two before's. The clocks alone can miss a choice that
         flips: a stream waiting for a copy starts at the copy's end whether the host issued before
         or after the stream's last op, but the wait is measured from the later of the two."""
-        rows = self.phase_s[self.step]
+        rows = self.phase_s[self.row(self.step)]
         return all(close(rows[..., i, :], rows[..., i - 2, :]) for i in (layer - 1, layer))
 
     def save(self, layer: int) -> tuple[Any, ...]:
         """What a jump from `layer` changes: the clocks, and of the phases only the next layer's
         (the later layers' rows are still empty)."""
         return (layer, self.host_t, [(lane.tail, lane.ops) for lane in self.streams.values()], list(self.slot_free),
-                dict(self.pending), self.phase_s[self.step][..., layer + 1, :].copy())
+                dict(self.pending), self.phase_s[self.row(self.step)][..., layer + 1, :].copy())
 
     def restore(self, saved: tuple[Any, ...]) -> int:
         layer, self.host_t, lanes, self.slot_free, self.pending, partial = saved
         for lane, (tail, ops) in zip(self.streams.values(), lanes, strict=True):
             lane.tail, lane.ops = tail, ops
-        rows = self.phase_s[self.step]
+        rows = self.phase_s[self.row(self.step)]
         rows[..., layer + 1:self.w.spec.n_layers, :] = 0.0
         rows[..., layer + 1, :] = partial
         return layer
@@ -178,7 +194,7 @@ class DirectSimulation(Simulation):
         """Jump k two-layer cycles ahead of `layer`, each moving every clock by the last cycle's
         `step` (per clock: a host that runs ahead of the streams falls further behind); the
         skipped layers' phases repeat the last cycle's, the prefetch in flight moves with them."""
-        rows = np.moveaxis(self.phase_s[self.step], -2, 0)  # [layers, ..., phases]: copies a layer at once
+        rows = np.moveaxis(self.phase_s[self.row(self.step)], -2, 0)  # [layers, ..., phases]: copies a layer at once
         partial = rows[layer + 1].copy()  # the next layer's prefetch, issued in this one
         end = layer + 2 * k + 1
         cycle = rows[layer - 1:layer + 1]
@@ -239,7 +255,8 @@ class PrefillLanes(DirectSimulation):
         lanes, layers, phases = shape[0] - 1, shape[1], shape[2]
         return np.zeros((layers, phases, 2, lanes)).transpose(3, 2, 0, 1)
 
-    def run(self) -> SimResult:
+    def times(self) -> np.ndarray:
+        """[2, lanes]: each lane's prefill seconds and its first decode step's."""
         lanes = len(self.w.prompt_len)
         self.step_s = np.zeros((2, lanes))
         self.host_t, self.step = np.zeros(lanes), (slice(None), 0)
@@ -247,8 +264,7 @@ class PrefillLanes(DirectSimulation):
         start, self.step = self.host_t, (slice(None), 1)
         run_through(self.decode_step(slice(None)))
         self.step_s[1] = self.host_t - start
-        self.count_ops()
-        return self.result(self.ops)
+        return self.step_s
 
 
 def prefill_lanes(workload: Workload, profile: Profile, memory: MemoryPlan) -> np.ndarray | None:
@@ -257,7 +273,7 @@ def prefill_lanes(workload: Workload, profile: Profile, memory: MemoryPlan) -> n
     if not (profile.link.duplex or profile.synchronous):
         return None
     try:
-        return PrefillLanes(workload, profile, memory).run().step_s
+        return PrefillLanes(workload, profile, memory).times()
     except NotDirect:
         return None
 

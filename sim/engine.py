@@ -156,6 +156,8 @@ class Simulation:
         self.timeline = timeline
         self.spans: list[tuple[str, str, int, int, float, float]] = []
 
+    phases_per_step = True  # the result holds each step's phases (the fast path only their sums)
+
     def phase_array(self, shape: tuple[int, int, int]) -> np.ndarray:
         """Busy seconds per [step, layer, phase]."""
         return np.zeros(shape)
@@ -176,17 +178,20 @@ class Simulation:
         """The phase array's leading index of a step: a step, a slice of steps, or (lanes, step)."""
         return step if isinstance(step, tuple) else (step,)
 
+    def book(self, step: Any, layer: int, phase: str, seconds: Any) -> None:
+        """Busy seconds of a layer's phase in a step (or in each of a slice of steps)."""
+        self.phase_s[(*self.row(step), layer, P[phase])] += seconds
+
     def account(self, stream: str, parts: list[tuple[str, int, Any]], start: Any, waited: Any, step: Any) -> None:
-        row = self.row(step)
         for phase, layer, seconds in parts:
-            self.phase_s[(*row, layer, P[phase])] += seconds
+            self.book(step, layer, phase, seconds)
         if self.timeline:
             t = start
             for phase, layer, seconds in parts:
                 self.spans.append((stream, phase, step, layer, t, t + seconds))
                 t = t + seconds  # not in place: `start` may be an array
         if stream == "compute" and parts[0][1] != self.w.spec.n_layers:
-            self.phase_s[(*row, parts[0][1], P["wait"])] += waited
+            self.book(step, parts[0][1], "wait", waited)
             if self.timeline and waited > 0:
                 self.spans.append((stream, "wait", step, parts[0][1], start - waited, start))
 
@@ -221,7 +226,7 @@ class Simulation:
         if not any_positive(seconds):
             return
         start, self.host_t = self.host_t, self.host_t + seconds
-        self.phase_s[(*self.row(self.step), layer, P[phase])] += seconds
+        self.book(self.step, layer, phase, seconds)
         if self.timeline:
             self.spans.append(("host", phase, self.step, layer, start, start + seconds))
 
@@ -272,8 +277,9 @@ class Simulation:
 
     def result(self, events: int) -> SimResult:
         link = self.phase_s[..., P["h2d"]].sum() + self.phase_s[..., P["d2h"]].sum()
-        return SimResult(self.w, self.profile, self.step_s, self.phase_s, self.memory, float(link), events,
-                         self.spans)
+        per_step = self.phase_s if self.phases_per_step else None
+        return SimResult(self.w, self.profile, self.step_s, per_step, self.phase_s[1:].sum(axis=0), self.memory,
+                         float(link), events, self.spans)
 
     def host(self) -> Generator[simpy.Event, Any, None]:
         yield from self.prefill()

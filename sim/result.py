@@ -21,7 +21,9 @@ class SimResult:
     workload: Workload
     profile: Profile
     step_s: np.ndarray  # [1 + decode steps]; index 0 is the prefill
-    phase_s: np.ndarray  # [1 + decode steps, layers + 1, len(PHASES)] busy seconds; last layer row: embed/head
+    phase_s: np.ndarray | None  # [1 + decode steps, layers + 1, len(PHASES)] busy seconds; last layer row: embed/head
+    # (None from the fast path, sim.direct, which keeps only the sums over the decode steps)
+    decode_phase_s: np.ndarray  # [layers + 1, len(PHASES)]: busy seconds summed over the decode steps
     memory: MemoryPlan
     link_busy_s: float
     events: int
@@ -37,7 +39,7 @@ class SimResult:
 
     def summary(self) -> dict[str, Any]:
         decode = self.decode_step_s
-        per_phase = self.phase_s[1:].sum(axis=1).mean(axis=0) if len(decode) else np.zeros(len(PHASES))
+        per_phase = self.decode_phase_s.sum(axis=0) / len(decode) if len(decode) else np.zeros(len(PHASES))
         phase_ms = {name: float(per_phase[i] * 1e3) for i, name in enumerate(PHASES)}
         step_ms = float(decode.mean() * 1e3) if len(decode) else 0.0
         phase_ms["host"] = host_bound_ms(step_ms, phase_ms, self.profile.serial_phases())
