@@ -86,6 +86,7 @@ class CopyEngine:
 
     def __init__(self, device: torch.device, link: EmulatedLink | None = None):
         self.cuda, self.link = device.type == "cuda", link
+        self.one_memory = not self.cuda and link is None  # a CPU without a link: "device" rows are host rows
         self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
         self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
 

@@ -340,11 +340,14 @@ class Simulation:
 
     def prefetch(self, s: int, layer: int) -> Generator[simpy.Event, Any, None]:
         """Chosen rows of `layer`: gathered on the host into the staging buffer of its slot (once
-        that slot's previous copy has left it), then copied in; its attention waits on `pending`."""
+        that slot's previous copy has left it), then copied in; its attention waits on `pending`.
+        A CPU-only machine without a link gathers them straight into the slot (one memory)."""
         slot = layer % 2
         yield from self.wait(self.slot_free[slot])
         nbytes = self.w.bytes_h2d[s, layer]
         self.host_work("gather", layer, self.costs.gather(nbytes))
+        if self.sync:
+            return
         copied = yield from self.copy("h2d", layer, nbytes, (self.streams["compute"].tail,
                                                              self.streams["d2h"].tail))
         self.slot_free[slot] = copied

@@ -13,6 +13,7 @@ from infinisim.executor.kvcache import Measurement
 from infinisim.executor.loaders import load_model
 from infinisim.executor.model import apply_rope
 from infinisim.executor.policies import InfiniGen, Oracle, Resident, make_policy
+from infinisim.executor.policies.fetching import SelectedRows
 from infinisim.executor.selection import (
     alpha_counts_per_kv_head,
     budget_tokens,
@@ -152,6 +153,33 @@ def test_selects_per_kv_head_with_budget(smollm2, pg19_text, monkeypatch):
     assert counts[0]["tokens_fetched"] == 501 and counts[5]["tokens_fetched"] <= 51
     alpha_counts = torch.tensor(counts[5]["alpha_counts"]).view(spec.n_kv_heads, 9)
     assert (alpha_counts.diff(dim=1) >= 0).all() and alpha_counts[:, -1].max() <= 501
+
+
+def test_cpu_without_a_link_gathers_the_chosen_rows_into_the_slot(smollm2, pg19_text, monkeypatch):
+    """One memory: the slot a speculating layer attends holds the host cache's chosen rows, gathered
+    there directly (no staging, no copy); the dense layer still copies its whole cache."""
+    ids = smollm2.tokenizer.encode(pg19_text[:8000]).ids
+    checked = []
+    original = SelectedRows.attend
+
+    def spy(self, layer, q, k_new, v_new, step):
+        fetched = self.pending[layer]
+        k, v, keep = original(self, layer, q, k_new, v_new, step)
+        n = fetched.indices.shape[-1]
+        for cache, got in ((self.host.k[layer], k), (self.host.v[layer], v)):
+            rows = cache.gather(2, fetched.indices[..., None].expand(-1, -1, -1, cache.shape[-1]))
+            assert torch.equal(got[:, :, :n], rows)
+        assert torch.equal(k[:, :, n:], k_new) and torch.equal(v[:, :, n:], v_new)
+        checked.append(layer)
+        return k, v, keep
+
+    monkeypatch.setattr(SelectedRows, "attend", spy)
+    policy = InfiniGen(budget=0.1, dense_layers=1)
+    gen = generate(smollm2.model, [ids[:300], ids[400:520]], policy, SamplingConfig(3, stop_at_eos=False))
+    assert policy.rows.copies.one_memory and not policy.rows.gathered
+    assert set(checked) == set(range(1, smollm2.model.spec.n_layers))
+    phases = gen.steps[2].times.layer_phases
+    assert phases[0]["h2d"] > 0 and "h2d" not in phases[5] and phases[5]["gather"] > 0
 
 
 def test_oracle_captures_at_least_as_much_exact_attention(smollm2, pg19_text):

@@ -2,7 +2,9 @@
 chosen per KV head (InfiniGen, H2O, the oracle). Parts that policies are composed of.
 
 Chosen rows are gathered on the host into a (pinned) staging buffer and copied into one of two
-device slots, so layer i's rows can arrive while layer i-1 still reads its own.
+device slots, so layer i's rows can arrive while layer i-1 still reads its own. On a CPU without
+a link the slots are in the same memory as the host cache: the rows are gathered straight into
+the slot, and nothing is copied.
 
 Shapes: B batch, H query heads, G KV heads, n rows fetched per KV head, d head dim.
 """
@@ -66,17 +68,26 @@ class SelectedRows:
         # a device slot holds each (sequence, KV head)'s fetched rows and, after them, the newest row
         self.slots = [tuple(torch.empty(b * g * (max_rows + 1) * d, dtype=ctx.dtype, device=ctx.device)
                             for _ in "kv") for _ in range(2)]
-        self.gathered = [tuple(torch.empty(b * g * max_rows * d, dtype=ctx.dtype, pin_memory=ctx.host_pinned)
-                               for _ in "kv") for _ in range(2)]
+        self.gathered = [] if self.copies.one_memory else \
+            [tuple(torch.empty(b * g * max_rows * d, dtype=ctx.dtype, pin_memory=ctx.host_pinned) for _ in "kv")
+             for _ in range(2)]
         self.gathered_free: list[torch.cuda.Event | None] = [None, None]
         self.pending: dict[int, Prefetch] = {}
         self.row_base = torch.arange(b * g).view(b, g, 1) * ctx.capacity  # (b, g)'s first row in the host cache
 
     def fetch(self, layer: int, indices: Tensor, keep: Tensor | None, step: Step) -> None:
-        """Gather the chosen rows on the host into a staging buffer and start their copy."""
+        """Start moving the chosen rows into the slot layer `layer` reads."""
+        slot = layer % 2  # layer i-1 may still read the other slot
+        move = self.gather_into_slot if self.copies.one_memory else self.gather_and_copy
+        self.pending[layer] = Prefetch(slot, indices, keep, move(layer, slot, indices, step))
+        if self.ctx.measure.record_selection:
+            chosen = kept(keep, indices)
+            step.recorder.count(layer, selected=encode_selection(indices.cpu().numpy(), chosen.cpu().numpy()))
+
+    def gather_and_copy(self, layer: int, slot: int, indices: Tensor, step: Step) -> object:
+        """Gather the rows on the host into the slot's staging buffer, start their copy; its handle."""
         b, g, n = indices.shape
         d = self.ctx.head_dim
-        slot = layer % 2  # layer i-1 may still read the other slot
         size = b * g * n * d
         host_k, host_v = (buf[:size].view(b, g, n, d) for buf in self.gathered[slot])
         if self.gathered_free[slot] is not None:
@@ -89,10 +100,19 @@ class SelectedRows:
         dev_k, dev_v = (slot_rows[:, :, :n] for slot_rows in self.slot_view(slot, b, g, n))
         handle = self.copies.to_device([dev_k, dev_v], [host_k, host_v], layer, step.recorder)
         self.gathered_free[slot] = handle
-        self.pending[layer] = Prefetch(slot, indices, keep, handle)
-        if self.ctx.measure.record_selection:
-            chosen = kept(keep, indices)
-            step.recorder.count(layer, selected=encode_selection(indices.cpu().numpy(), chosen.cpu().numpy()))
+        return handle
+
+    def gather_into_slot(self, layer: int, slot: int, indices: Tensor, step: Step) -> None:
+        """One memory: each (sequence, KV head)'s chosen rows and one more, which `attend` overwrites
+        with the newest row, straight into the slot (which is then one contiguous gather); no copy."""
+        b, g, n = indices.shape
+        d = self.ctx.head_dim
+        newest = torch.full((b, g, 1), step.start, dtype=indices.dtype)  # in capacity; its row is replaced
+        rows = (torch.cat([indices, newest], dim=-1) + self.row_base).view(-1)
+        with step.recorder.span(layer, "gather", host=True):
+            for cache, dest in zip((self.host.k[layer], self.host.v[layer]), self.slot_view(slot, b, g, n),
+                                   strict=True):
+                torch.index_select(cache.view(-1, d), 0, rows, out=dest.view(-1, d))
 
     def attend(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                ) -> tuple[Tensor, Tensor, Tensor]:
