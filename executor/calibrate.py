@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from infinisim.executor import calibrate_model as runs
 from infinisim.executor.machine import cpu_name, last_level_cache, ram_bytes
 from infinisim.hwprofiles.profile import Device, Host, Link, Profile
+from infinisim.traces.spec import CALIBRATION_BLOCK
 
 SWEEP_SIZES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 QUICK_SWEEP_SIZES = (4 << 10, 256 << 10, 4 << 20)
@@ -273,13 +274,20 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     log(f"executor: {launch * 1e6:.1f} us per dispatched op")
     speculation = runs.speculation(dev, dt, ((1, 64), (1, 512)) if quick else ((1, 64), (1, 1024), (4, 2048)), tp)
     log("InfiniGen speculation per layer: " + ", ".join(f"{int(n)} scores {t * 1e3:.3f} ms" for n, t in speculation))
-    block = runs.block_model(dev, dt, streamed)
+    block = runs.block_model(dev, dt, streamed, tp)
     prompts = runs.prompt_blocks(block, (64, 256) if quick else (64, 256, 1024), 1 if quick else 2)
     log("the executor's prefill per layer: " + ", ".join(
         f"{int(t)} tokens attn {a * 1e3:.2f} ms ffn {f * 1e3:.2f} ms" for t, a, f in prompts))
     decodes = runs.decode_blocks(block, (1, 4) if quick else (1, 4, 16), 3 if quick else 9)
-    log("the executor's decode FFN per layer: " + ", ".join(f"{int(b)} rows {f * 1e3:.3f} ms" for b, f in decodes))
+    log("the executor's decode FFN per layer: " + ", ".join(f"{int(b)} rows {f * 1e3:.3f} ms" for b, f, _ in decodes)
+        + "".join(f"; all-reduce of {int(b)} rows {c * 1e3:.3f} ms" for b, _, c in decodes if c > 0))
     del block
+    node = None
+    if tp[0] > 1:  # the all-reduce as the block's decode issued it (where sharded), and back to back
+        from infinisim.executor.parallel import measure_interconnect
+
+        in_model = [(rows * CALIBRATION_BLOCK.hidden * dt.itemsize, comm) for rows, _, comm in decodes if comm > 0]
+        node = measure_interconnect(tp[0], device, in_model, 8 if quick else 20, log)
 
     warnings = _implausible(spreads, selection_per_score, launch, streams)
     if selection_per_score <= 0:  # the large case was no slower than the tiny one: noise; take the upper bound
@@ -297,7 +305,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         matmul_efficiency=1.0, bandwidth_efficiency=1.0, attention_efficiency=min(1.0, attention_bw / stream_bw),
         matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_sweep=tuple(prefill),
         speculation_sweep=tuple(speculation), prefill_block_sweep=tuple(prompts), cached_stream_sweep=tuple(cached),
-        decode_block_sweep=tuple(decodes),
+        decode_block_sweep=tuple((rows, ffn) for rows, ffn, _ in decodes), block_shards=runs.block_shards(tp[0]),
         selection_per_score=selection_per_score, skew_per_row=skew_row, skew_per_head=skew_head)
     top = sweep[-1]
     link = Link(name="PCIe (measured)" if cuda else "memcpy between buffers (measured)",
@@ -312,4 +320,4 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
                      "are folded into the measured rates (1.0); attention's is relative to the streaming rate."
                      + "".join(f" Warning: {w}." for w in warnings)),
         sources=(f"infinisim calibrate on {platform.node()}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",),
-        device=device_part, link=link, host=host)
+        device=device_part, link=link, host=host, node=node)

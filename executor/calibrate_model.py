@@ -23,21 +23,32 @@ def tiny_model(n_heads: int, dev: torch.device, dt: torch.dtype, tp: tuple[int, 
     """A tiny random model; `tp` (degree, rank) > 1: this rank's share of it, whose layers issue the
     all-reduces a tensor-parallel rank's do (on a CPU, InfiniGen's speculation between them took
     2.3x as long as without them: 0.32-0.40 against 0.14-0.17 ms a layer; the head stays whole)."""
-    degree, rank = tp
-    kv = max(2, degree)
+    kv = max(2, tp[0])
     spec = ModelSpec("calibration-tiny", "llama", n_layers=3, hidden=64, n_heads=kv * -(-n_heads // kv), n_kv_heads=kv,
                      head_dim=16, ffn_hidden=128, vocab_size=256)
     torch.manual_seed(0)
-    model = Transformer(spec).to(device=dev, dtype=dt).eval()
+    return rank_share(Transformer(spec).to(device=dev, dtype=dt).eval(), tp)
+
+
+def rank_share(model: Transformer, tp: tuple[int, int]) -> Transformer:
+    """A random model as is, or (`tp` degree > 1) this rank's shard of it, whose layers all-reduce
+    their partial outputs between the ranks (the head stays whole: every rank samples alike)."""
+    degree, rank = tp
     if degree == 1:
         return model
     import torch.distributed as dist
 
     from infinisim.executor.parallel import shard_model
 
-    shard = shard_model(model, Shard.of(spec, degree, rank), dist.group.WORLD)
+    shard = shard_model(model, Shard.of(model.spec, degree, rank), dist.group.WORLD)
     shard.output = model.output
     return shard
+
+
+def block_shards(tp: int) -> int:
+    """The degree CALIBRATION_BLOCK is sharded to under `calibrate --tp`: the run's, where every rank
+    gets a KV head; else 1 (the block whole in each rank)."""
+    return tp if tp <= CALIBRATION_BLOCK.n_kv_heads else 1
 
 
 def launch_overhead(dev: torch.device, dt: torch.dtype) -> float:
@@ -83,12 +94,17 @@ def speculation(dev: torch.device, dt: torch.dtype, shapes: tuple[tuple[int, int
     return out
 
 
-def block_model(dev: torch.device, dt: torch.dtype, weight_bytes: int) -> Transformer:
-    """Random CALIBRATION_BLOCK layers, more of them than `weight_bytes` of weights, so each layer's
-    weights come from memory, as a real model's do."""
-    n_layers = max(2, -(-weight_bytes // (CALIBRATION_BLOCK.layer_param_count() * dt.itemsize)))
+def block_model(dev: torch.device, dt: torch.dtype, weight_bytes: int, tp: tuple[int, int] = (1, 0)
+                ) -> Transformer:
+    """Random CALIBRATION_BLOCK layers, more of them than `weight_bytes` of weights (in this rank's
+    share, under `tp`), so each layer's weights come from memory, as a real model's do. Under `tp`
+    (see `block_shards`) this rank's shard: its layers issue a tensor-parallel rank's all-reduces."""
+    shards = block_shards(tp[0])
+    per_layer = CALIBRATION_BLOCK.layer_param_count() * dt.itemsize / shards
+    n_layers = max(2, int(-(-weight_bytes // per_layer)))
     torch.manual_seed(0)
-    return Transformer(dataclasses.replace(CALIBRATION_BLOCK, n_layers=n_layers)).to(device=dev, dtype=dt).eval()
+    whole = Transformer(dataclasses.replace(CALIBRATION_BLOCK, n_layers=n_layers)).to(device=dev, dtype=dt).eval()
+    return rank_share(whole, (shards, tp[1]))
 
 
 def prompt_blocks(model: Transformer, lengths: tuple[int, ...], repeats: int) -> list[tuple[float, float, float]]:
@@ -110,15 +126,19 @@ def prompt_blocks(model: Transformer, lengths: tuple[int, ...], repeats: int) ->
     return out
 
 
-def decode_blocks(model: Transformer, batches: tuple[int, ...], steps: int) -> list[tuple[float, float]]:
-    """(rows, FFN seconds) per layer of the executor's own decode steps of `block_model` (resident, a
-    64-token prompt per sequence): its weights streamed from memory between the layer's other ops,
-    which on this project's CPU took 1.06x the back-to-back projections' time at 1 and 4 rows and
-    0.83x at 16. The mean over the layers, the median over `steps` decode steps."""
+def decode_blocks(model: Transformer, batches: tuple[int, ...], steps: int) -> list[tuple[float, float, float]]:
+    """(rows, FFN seconds, seconds per all-reduce) per layer of the executor's own decode steps of
+    `block_model` (resident, a 64-token prompt per sequence): its weights streamed from memory between
+    the layer's other ops, which on this project's CPU took 1.06x the back-to-back projections' time
+    at 1 and 4 rows and 0.83x at 16 (rank 0 of two's shard, between its all-reduces: 1.24x and 1.30x
+    at 1 row); a rank's shard all-reduces twice a layer (0 unsharded). The mean over the layers, the
+    median over `steps` decode steps."""
     out = []
     for batch in batches:
         run = generate(model, [[1 + i % 250 for i in range(64)]] * batch, make_policy("resident"),
                        SamplingConfig(steps + 2, stop_at_eos=False))
-        means = [statistics.mean(p["ffn"] for p in r.times.layer_phases.values()) for r in run.steps[2:]]
-        out.append((float(batch), statistics.median(means)))  # after one warm-up step
+        layers = [r.times.layer_phases.values() for r in run.steps[2:]]  # after one warm-up step
+        ffn = [statistics.mean(p["ffn"] for p in step) for step in layers]
+        comm = [statistics.mean(p.get("comm", 0.0) for p in step) / 2 for step in layers]
+        out.append((float(batch), statistics.median(ffn), statistics.median(comm)))
     return out

@@ -153,9 +153,9 @@ def _rank(rank: int, tp: int, store: str, device: str, results: mp.Queue, worker
 ALL_REDUCE_SIZES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)  # bytes: decode rows to prefill
 
 
-def _all_reduce_times(rank: int, tp: int, sizes: tuple[int, ...], repeats: int, device: str) -> list[float]:
-    """This rank's seconds per all-reduce of float32 tensors of each size, back to back (as a decode's
-    layers issue them: the ranks wait for each other inside each one), the median of five rounds."""
+def _all_reduce_times(sizes: tuple[int, ...], repeats: int, device: str) -> list[float]:
+    """This rank's seconds per all-reduce of float32 tensors of each size, back to back, the median
+    of five rounds (in a process group of the ranks, each running this at once)."""
     import statistics
     import time
 
@@ -175,23 +175,39 @@ def _all_reduce_times(rank: int, tp: int, sizes: tuple[int, ...], repeats: int, 
     return out
 
 
-def measure_interconnect(tp: int, device: str = "cpu", repeats: int = 20,
+def measure_interconnect(tp: int, device: str, in_model: list[tuple[float, float]], repeats: int = 20,
                          log: Callable[[str], None] = lambda _: None) -> Node:
-    """The all-reduce between `tp` ranks on this machine, fitted to the simulator's ring model
-    (2(tp-1) steps of latency plus 2(tp-1)/tp of the bytes over the bandwidth): a node section."""
-    import numpy as np
-
-    times = launch(tp, _all_reduce_times, ALL_REDUCE_SIZES, repeats, device, device=device)[0]
+    """The all-reduce between the `tp` ranks of the current process group as the simulator's ring
+    model (2(tp-1) steps of latency plus 2(tp-1)/tp of the bytes over the bandwidth): the bandwidth
+    fitted to all-reduces back to back, from decode rows to prefill sizes; the latency from
+    `in_model`, (bytes, seconds) of the all-reduces the executor's decode of the calibration block
+    issued between its layers' compute. On this project's 2-core CPU those took 1.2 ms each in two
+    calibrations, where back to back the fitted step ran from 244 to 477 us between calibrations
+    (predicting SmolLM2's in-model 0.95-1.05 ms at -10% to -50%)."""
+    times = _all_reduce_times(ALL_REDUCE_SIZES, repeats, device)
     for size, t in zip(ALL_REDUCE_SIZES, times, strict=True):
-        log(f"all-reduce of {size >> 10:>5} KiB over {tp} ranks: {t * 1e6:.0f} us")
-    slope, intercept = np.polyfit(np.array(ALL_REDUCE_SIZES, dtype=float), np.array(times), 1)
-    steps = 2 * (tp - 1)
-    latency = float(np.clip(intercept / steps, 0.0, 1e-3))
-    bandwidth = float(max(steps / tp / max(slope, 1e-15), 1e8))
-    log(f"ring fit: {latency * 1e6:.1f} us per step, {bandwidth / 1e9:.2f} GB/s")
+        log(f"all-reduce of {size >> 10:>5} KiB over {tp} ranks, back to back: {t * 1e6:.0f} us")
+    latency, bandwidth = ring_fit(tp, list(zip(ALL_REDUCE_SIZES, times, strict=True)), in_model)
+    log(f"ring fit: {latency * 1e6:.1f} us per step ({'in the model' if in_model else 'back to back'}), "
+        f"{bandwidth / 1e9:.2f} GB/s")
     name = "NCCL between GPUs (measured)" if device == "cuda" else "gloo between processes on this host (measured)"
     return Node(gpus=tp, interconnect=name, interconnect_bandwidth=bandwidth, interconnect_latency=latency,
                 gpus_per_host_link=1)
+
+
+def ring_fit(tp: int, back_to_back: list[tuple[float, float]], in_model: list[tuple[float, float]]
+             ) -> tuple[float, float]:
+    """(latency per ring step, bandwidth) of the ring model from (bytes, seconds) all-reduces: the
+    bandwidth from the slope over the back-to-back sizes, the latency from the `in_model` ones less
+    their bytes' time (the median), or without them from the back-to-back intercept."""
+    import numpy as np
+
+    sizes, times = (np.array(v, dtype=float) for v in zip(*back_to_back, strict=True))
+    slope, intercept = np.polyfit(sizes, times, 1)
+    steps = 2 * (tp - 1)
+    bandwidth = float(max(steps / tp / max(slope, 1e-15), 1e8))
+    per_step = [(t - steps / tp * nbytes / bandwidth) / steps for nbytes, t in in_model] or [intercept / steps]
+    return float(np.clip(np.median(per_step), 0.0, 1e-3)), bandwidth
 
 
 def _calibrate_rank(rank: int, tp: int, device: str, dtype: str, quick: bool, name: str | None) -> Profile:
@@ -204,11 +220,10 @@ def _calibrate_rank(rank: int, tp: int, device: str, dtype: str, quick: bool, na
 def calibrate_ranks(tp: int, device: str = "cpu", dtype: str = "float32", quick: bool = False,
                     name: str | None = None, log: Callable[[str], None] = lambda _: None) -> Profile:
     """A profile of one of `tp` ranks on this machine: `calibrate` run in all `tp` ranks at once (each
-    with the threads a rank gets, sharing the memory bus as the ranks of a run do, speculation timed
-    on a rank's share of a tiny model between its all-reduces; rank 0's measurements kept), and the
-    measured all-reduce between them as its node."""
+    with the threads a rank gets, sharing the memory bus as the ranks of a run do; speculation and
+    the calibration block timed on a rank's share, between its all-reduces; rank 0's measurements
+    kept), with the all-reduce between them as its node."""
     log(f"calibrating in {tp} ranks at once (rank 0's measurements are kept) ...")
     profile = launch(tp, _calibrate_rank, device, dtype, quick, name, device=device)[0]
-    node = measure_interconnect(tp, device, 8 if quick else 20, log)
-    return replace(profile, node=node, description=profile.description + f" One of {tp} tensor-parallel ranks, "
+    return replace(profile, description=profile.description + f" One of {tp} tensor-parallel ranks, "
                    f"calibrated with all {tp} running.")

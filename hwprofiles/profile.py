@@ -27,8 +27,8 @@ def _q(dimension: str, low: float = 0.0, high: float = math.inf, doc: str = "", 
     return field(default=None, metadata=meta) if optional else field(metadata=meta)
 
 
-def _n(low: float, high: float, doc: str = "") -> Any:
-    return field(metadata={"dimension": "number", "range": (low, high), "doc": doc})
+def _n(low: float, high: float, doc: str = "", default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"dimension": "number", "range": (low, high), "doc": doc})
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class Device:
     prefill_block_sweep: tuple[tuple[float, float, float], ...] = ()
     # the same block's decode steps: seconds per layer of its FFN (weights streamed), by rows in the batch
     decode_block_sweep: tuple[tuple[float, float], ...] = ()
+    block_shards: int = _n(1, 64, "the block sweeps ran on one of this many tensor-parallel shards of the block "
+                                  "(calibrate --tp), between its all-reduces", default=1)
     # a one-row projection by a weight just read (in cache): B/s of weights by weight bytes
     cached_stream_sweep: tuple[tuple[float, float], ...] = ()
     selection_per_score: float | None = _q("time", 0, 1e-3, doc="InfiniGen's count-and-choose per speculated score",
@@ -248,7 +250,7 @@ def _section(cls: type, data: Any, path: Path, where: str) -> Any:
         if not low <= value <= high:
             raise InfinisimError(f"{raw!r} is out of range [{low:g}, {high:g}] ({f.metadata['doc']})", path,
                                  f"{where}.{name}")
-        values[name] = int(value) if name in ("cores", "gpus", "gpus_per_host_link") else value
+        values[name] = int(value) if name in ("cores", "gpus", "gpus_per_host_link", "block_shards") else value
     return cls(**values)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from infinisim.core.policies import partial_width
 from infinisim.hwprofiles.profile import Profile
 from infinisim.sim.tables import any_positive, choose, copy_time, interpolate_log
-from infinisim.traces.spec import CALIBRATION_BLOCK, DTYPE_BYTES, ModelSpec
+from infinisim.traces.spec import CALIBRATION_BLOCK, DTYPE_BYTES, ModelSpec, Shard
 
 # Host-issued ops (PyTorch dispatcher calls, views included) per phase of one decode layer, as the
 # executor issues them; counted with `benchmarks/count_ops.py` (SmolLM2 for "llama", OPT-125m for
@@ -264,7 +264,7 @@ class Costs:
         sweep = self.profile.device.decode_block_sweep
         if not sweep:
             return 1.0
-        s = CALIBRATION_BLOCK
+        s = self.calibration_block
         factors = []
         for rows, ffn_s in sweep:
             block = Costs(self.profile, s, self.dtype, int(rows))
@@ -272,6 +272,12 @@ class Costs:
             rest = self.host_launch * FFN_OPS[s.family] + block.elementwise(3.0 * rows * s.ffn_hidden * self.e)
             factors.append(max(ffn_s - rest, MIN_FACTOR * matmuls) / matmuls)
         return float(interpolate_log([p[0] for p in sweep], factors, self.batch))
+
+    @property
+    def calibration_block(self) -> ModelSpec:
+        """The shape the block sweeps were measured on: CALIBRATION_BLOCK, or rank 0's shard of it."""
+        shards = self.profile.device.block_shards
+        return CALIBRATION_BLOCK if shards == 1 else Shard.of(CALIBRATION_BLOCK, shards, 0).spec(CALIBRATION_BLOCK)
 
     @functools.cached_property
     def block_factors(self) -> tuple[list[float], list[float], list[float]] | None:
@@ -282,7 +288,7 @@ class Costs:
         if not sweep:
             return None
         plain = replace(self.profile, device=replace(self.profile.device, prefill_block_sweep=()))
-        block = Costs(plain, CALIBRATION_BLOCK, self.dtype, 1)
+        block = Costs(plain, self.calibration_block, self.dtype, 1)
         attn, ffn = [], []
         for tokens, attn_s, ffn_s in sweep:
             n = int(tokens)

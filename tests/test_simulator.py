@@ -260,24 +260,27 @@ def test_decode_projections_scale_by_the_calibrated_block_decode_over_its_roofli
     1.1x at 16 (plus its activation and launches): a decode step's projections take those factors
     times their roofline at the batch's rows (log-interpolated, clamped); prompts do not."""
     from infinisim.sim.costs import FFN_OPS
-    from infinisim.traces.spec import CALIBRATION_BLOCK as s
+    from infinisim.traces.spec import CALIBRATION_BLOCK, Shard
 
-    plain = replace(load_profile("a6000-pcie3"), kind="cpu")
-    launch, rows = plain.device.launch_overhead, []
-    for batch, factor in ((1, 1.3), (16, 1.1)):
-        block = Costs(plain, s, "float32", batch)
-        matmuls = 3 * block.linear(s.hidden, s.ffn_hidden, batch)
-        rows.append((batch, factor * matmuls + launch * FFN_OPS["llama"]
-                     + block.elementwise(3.0 * batch * s.ffn_hidden * 4)))
-    swept = replace(plain, device=replace(plain.device, decode_block_sweep=tuple(rows)))
-    spec = named_model("smollm2-135m")
-    for batch, factor in ((1, 1.3), (4, np.sqrt(1.3 * 1.1)), (16, 1.1), (64, 1.1)):
-        c, roof = Costs(swept, spec, "float32", batch), Costs(plain, spec, "float32", batch)
-        assert c.decode_efficiency == pytest.approx(factor) and roof.decode_efficiency == 1.0
-        assert c.ffn().seconds - roof.ffn().seconds == pytest.approx(
-            (factor - 1) * 3 * roof.linear(spec.hidden, spec.ffn_hidden))
-        assert c.qkv().seconds > roof.qkv().seconds
-        assert c.ffn(batch * 256).seconds == roof.ffn(batch * 256).seconds  # a prompt's rows: not a decode step
+    for shards in (1, 2):  # calibrate --tp 2 measures rank 0's shard of the block (half its FFN columns)
+        s = Shard.of(CALIBRATION_BLOCK, shards, 0).spec(CALIBRATION_BLOCK) if shards > 1 else CALIBRATION_BLOCK
+        plain = replace(load_profile("a6000-pcie3"), kind="cpu")
+        plain = replace(plain, device=replace(plain.device, block_shards=shards))
+        launch, rows = plain.device.launch_overhead, []
+        for batch, factor in ((1, 1.3), (16, 1.1)):
+            block = Costs(plain, s, "float32", batch)
+            matmuls = 3 * block.linear(s.hidden, s.ffn_hidden, batch)
+            rows.append((batch, factor * matmuls + launch * FFN_OPS["llama"]
+                         + block.elementwise(3.0 * batch * s.ffn_hidden * 4)))
+        swept = replace(plain, device=replace(plain.device, decode_block_sweep=tuple(rows)))
+        spec = named_model("smollm2-135m")
+        for batch, factor in ((1, 1.3), (4, np.sqrt(1.3 * 1.1)), (16, 1.1), (64, 1.1)):
+            c, roof = Costs(swept, spec, "float32", batch), Costs(plain, spec, "float32", batch)
+            assert c.decode_efficiency == pytest.approx(factor) and roof.decode_efficiency == 1.0
+            assert c.ffn().seconds - roof.ffn().seconds == pytest.approx(
+                (factor - 1) * 3 * roof.linear(spec.hidden, spec.ffn_hidden))
+            assert c.qkv().seconds > roof.qkv().seconds
+            assert c.ffn(batch * 256).seconds == roof.ffn(batch * 256).seconds  # a prompt's rows: not a decode step
 
 
 @pytest.mark.slow

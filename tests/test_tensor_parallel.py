@@ -147,5 +147,22 @@ def test_validate_tp2_calibrates_a_rank_and_replays_each_rank(tmp_path):
                for c in comparisons)
     profile = load_profile(str(tmp_path / "profile.yaml"))
     assert profile.node is not None and profile.node.gpus == 2 and "gloo" in profile.node.interconnect
+    assert profile.node.interconnect_latency > 0  # from the block's all-reduces, as its decode issued them
+    # the calibration block measured as rank 0's shard, between its all-reduces
+    assert profile.device.block_shards == 2 and [b for b, _ in profile.device.decode_block_sweep] == [1, 4]
     # speculation timed on a rank's share of the tiny model (4 of its 8 query heads), between its all-reduces
     assert profile.device.speculation_sweep[0][0] == 1 * 4 * (64 + 4)
+
+
+def test_ring_fit_takes_the_bandwidth_back_to_back_and_the_latency_as_the_model_issued_them():
+    """All-reduces of the ring model (2(tp-1) steps of latency, 2(tp-1)/tp of the bytes): 200 us a step
+    back to back, 500 us between the model's layers; 1 GB/s either way."""
+    from infinisim.executor.parallel import ALL_REDUCE_SIZES, ring_fit
+
+    def ring(nbytes: float, latency: float, tp: int = 2) -> float:
+        return 2 * (tp - 1) * latency + 2 * (tp - 1) / tp * nbytes / 1e9
+
+    back = [(float(b), ring(b, 2e-4)) for b in ALL_REDUCE_SIZES]
+    in_model = [(3072.0, ring(3072, 5e-4)), (12288.0, ring(12288, 5e-4))]
+    assert ring_fit(2, back, in_model) == pytest.approx((5e-4, 1e9))
+    assert ring_fit(2, back, []) == pytest.approx((2e-4, 1e9))  # none measured in the model: the intercept
