@@ -181,7 +181,7 @@ def measure_interconnect(tp: int, device: str, in_model: list[tuple[float, float
     model (2(tp-1) steps of latency plus 2(tp-1)/tp of the bytes over the bandwidth): the bandwidth
     fitted to all-reduces back to back, from decode rows to prefill sizes; the latency from
     `in_model`, (bytes, seconds) of the all-reduces the executor's decode of the calibration block
-    issued between its layers' compute. On this project's 2-core CPU those took 1.2 ms each in two
+    issued between its layers' compute. On this project's 2-core CPU those took 1.1-1.3 ms each in three
     calibrations, where back to back the fitted step ran from 244 to 477 us between calibrations
     (predicting SmolLM2's in-model 0.95-1.05 ms at -10% to -50%)."""
     times = _all_reduce_times(ALL_REDUCE_SIZES, repeats, device)

@@ -75,12 +75,12 @@ class DirectSimulation(Simulation):
     """`Simulation`'s host code on lanes: no events, all decode steps after the first at once,
     cycles of identical layers skipped."""
 
+    phases_per_step = False
+
     def __init__(self, workload: Workload, profile: Profile, memory: MemoryPlan):
         super().__init__(workload, profile, memory)
         self.same_from = {"prefill": speculating_from(workload), "decode": identical_from(workload)}
         self.ops = 0
-
-    phases_per_step = False
 
     def phase_array(self, shape: tuple[int, int, int]) -> np.ndarray:
         """Busy seconds per [layer, phase] of the prefill, the first decode step and all the others
