@@ -250,7 +250,7 @@ def _section(cls: type, data: Any, path: Path, where: str) -> Any:
         if not low <= value <= high:
             raise InfinisimError(f"{raw!r} is out of range [{low:g}, {high:g}] ({f.metadata['doc']})", path,
                                  f"{where}.{name}")
-        values[name] = int(value) if name in ("cores", "gpus", "gpus_per_host_link", "block_shards") else value
+        values[name] = int(value) if f.type == "int" else value  # counts (cores, GPUs, shards)
     return cls(**values)
 
 

@@ -129,6 +129,8 @@ class Stream:
 class Simulation:
     """One run of a workload on a profile."""
 
+    phases_per_step = True  # the result holds each step's phases (the fast path only their sums)
+
     def __init__(self, workload: Workload, profile: Profile, memory: MemoryPlan, timeline: bool = False,
                  collective: Collective | None = None):
         """`collective`: this is one of the tensor-parallel ranks simulated together (`sim.lockstep`),
@@ -155,8 +157,6 @@ class Simulation:
         self.slot_free: list[Any] = [None, None]  # the last copy out of each prefetch slot
         self.timeline = timeline
         self.spans: list[tuple[str, str, int, int, float, float]] = []
-
-    phases_per_step = True  # the result holds each step's phases (the fast path only their sums)
 
     def phase_array(self, shape: tuple[int, int, int]) -> np.ndarray:
         """Busy seconds per [step, layer, phase]."""
