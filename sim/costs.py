@@ -77,6 +77,18 @@ class Costs:
         return Work(one.seconds * self.batch, one.kernels * self.batch)
 
     @functools.cached_property
+    def warm_query_saving(self) -> float:
+        """What a live server's later sequences save on speculation's W_q projection, read from cache
+        after the first sequence read it (the profile's cached_stream_sweep); 0 for OPT, whose folded
+        weight is each sequence's own, or without the sweep."""
+        s, cached = self.spec, self.profile.device.cached_stream_sweep
+        if s.family == "opt" or not cached:
+            return 0.0
+        weight = s.hidden * s.n_heads * s.head_dim * self.e
+        warm = weight / interpolate_log([p[0] for p in cached], [p[1] for p in cached], weight)
+        return max(self.one_sequence.linear(s.hidden, s.n_heads * s.head_dim) - warm, 0.0)
+
+    @functools.cached_property
     def one_sequence(self) -> Costs:
         """The costs of one of the batch's sequences on its own (what `apart` charges each)."""
         return replace(self, batch=1, apart=False)
@@ -183,13 +195,7 @@ class Costs:
         s = self.spec
         if self.apart and self.batch > 1:
             each = self.per_sequence(lambda c, _: c.speculation(n_keys, partial_ratio))
-            cached = self.profile.device.cached_stream_sweep
-            if s.family == "opt" or not cached:
-                return each
-            weight = s.hidden * s.n_heads * s.head_dim * self.e
-            warm = weight / interpolate_log([p[0] for p in cached], [p[1] for p in cached], weight)
-            saved = max(self.one_sequence.linear(s.hidden, s.n_heads * s.head_dim) - warm, 0.0)
-            return Work(each.seconds - (self.batch - 1) * saved, each.kernels)
+            return Work(each.seconds - (self.batch - 1) * self.warm_query_saving, each.kernels)
         r = partial_width(partial_ratio, s.head_dim)
         if s.family == "opt":
             query = self.linear(s.hidden, s.n_heads * r)
