@@ -88,11 +88,12 @@ class SimPolicy:
 
     # ---------------------------------------------------------------- parts several policies share
 
-    def fetch_whole(self, sim: Simulation, s: int, layer: int) -> AttendKV:
-        """The layer's rows copied in at the layer in one block, the new row written back (FlexGen)."""
+    def fetch_whole(self, sim: Simulation, s: int, layer: int, in_place: bool = False) -> AttendKV:
+        """The layer's rows copied in at the layer in one block, the new row written back (FlexGen).
+        in_place: a CPU without a link attends the host rows where they lie; only the write is left."""
         w, compute = sim.w, sim.streams["compute"]
-        fetched = yield from sim.copy("h2d", layer, w.bytes_h2d[s, layer],
-                                      (compute.tail, sim.streams["d2h"].tail))
+        fetched = None if in_place and sim.sync else \
+            (yield from sim.copy("h2d", layer, w.bytes_h2d[s, layer], (compute.tail, sim.streams["d2h"].tail)))
         yield from sim.copy("d2h", layer, w.bytes_d2h[s, layer], (compute.tail,))
         return (fetched,), []
 
@@ -265,7 +266,7 @@ class InfiniGen(SimPolicy):
     def attend_kv(self, sim: Simulation, s: int, layer: int) -> AttendKV:
         if sim.w.speculating[layer]:
             return (yield from self.attend_selected(sim, s, layer))
-        return (yield from self.fetch_whole(sim, s, layer))  # the dense leading layers
+        return (yield from self.fetch_whole(sim, s, layer, in_place=True))  # the dense leading layers
 
 
 class Oracle(InfiniGen):

@@ -157,7 +157,7 @@ def test_selects_per_kv_head_with_budget(smollm2, pg19_text, monkeypatch):
 
 def test_cpu_without_a_link_gathers_the_chosen_rows_into_the_slot(smollm2, pg19_text, monkeypatch):
     """One memory: the slot a speculating layer attends holds the host cache's chosen rows, gathered
-    there directly (no staging, no copy); the dense layer still copies its whole cache."""
+    there directly (no staging, no copy); the dense layer attends the host cache in place."""
     ids = smollm2.tokenizer.encode(pg19_text[:8000]).ids
     checked = []
     original = SelectedRows.attend
@@ -176,10 +176,11 @@ def test_cpu_without_a_link_gathers_the_chosen_rows_into_the_slot(smollm2, pg19_
     monkeypatch.setattr(SelectedRows, "attend", spy)
     policy = InfiniGen(budget=0.1, dense_layers=1)
     gen = generate(smollm2.model, [ids[:300], ids[400:520]], policy, SamplingConfig(3, stop_at_eos=False))
-    assert policy.rows.copies.one_memory and not policy.rows.gathered
+    assert policy.rows.copies.one_memory and not policy.rows.gathered and policy.whole.staging is None
     assert set(checked) == set(range(1, smollm2.model.spec.n_layers))
-    phases = gen.steps[2].times.layer_phases
-    assert phases[0]["h2d"] > 0 and "h2d" not in phases[5] and phases[5]["gather"] > 0
+    phases, counts = gen.steps[2].times.layer_phases, gen.steps[2].times.layer_counts
+    assert "h2d" not in phases[0] and phases[0]["d2h"] > 0 and counts[0]["bytes_h2d"] > 0
+    assert "h2d" not in phases[5] and phases[5]["gather"] > 0
 
 
 def test_oracle_captures_at_least_as_much_exact_attention(smollm2, pg19_text):

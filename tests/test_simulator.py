@@ -116,10 +116,14 @@ def test_cpu_profile_serialises_everything():
     assert on_cpu.phase_s[1:, :, PHASES.index("wait")].sum() == 0
     on_gpu = simulate(w, gpu)
     assert (on_gpu.decode_step_s < on_cpu.decode_step_s).all()  # the GPU overlaps prefetch with compute
-    # one memory: InfiniGen's chosen rows are gathered into the slot, not copied; its dense layer copies
-    h2d, gather = (on_cpu.phase_s[1:, :spec.n_layers, PHASES.index(p)] for p in ("h2d", "gather"))
+    # one memory: InfiniGen's chosen rows are gathered into the slot and its dense layers attend the
+    # host rows in place, so nothing is copied in (`full`'s whole copies remain: its memcpy is the point)
+    h2d, gather, d2h = (on_cpu.phase_s[1:, :spec.n_layers, PHASES.index(p)] for p in ("h2d", "gather", "d2h"))
     chosen = w.speculating
-    assert (h2d[:, ~chosen] > 0).all() and (h2d[:, chosen] == 0).all() and (gather[:, chosen] > 0).all()
+    assert (h2d == 0).all() and (gather[:, chosen] > 0).all() and (gather[:, ~chosen] == 0).all()
+    assert (d2h > 0).all() and (w.bytes_h2d[1:, ~chosen] > 0).all()  # the bytes a link would carry are counted
+    full = simulate(synthetic(spec, 4, 512, 4, "full", "float16"), cpu)
+    assert (full.phase_s[1:, :spec.n_layers, PHASES.index("h2d")] > 0).all()
     linked = simulate(w, cpu.with_link(5e8, 1e-5, True, "emulated"))
     assert (linked.phase_s[1:, :spec.n_layers, PHASES.index("h2d")] > 0).all()  # over a link they cross it
 

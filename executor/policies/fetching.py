@@ -25,15 +25,27 @@ from infinisim.traces.trace import encode_selection
 
 class WholeCache:
     """The cache in host memory; before a layer attends, its whole cache is copied into a
-    one-layer device store and the new rows are written back. Bytes count the padded batch."""
+    one-layer device store and the new rows are written back. Bytes count the padded batch.
 
-    def __init__(self, ctx: PolicyContext):
+    in_place: on a CPU without a link (one memory), attend the host rows where they lie instead
+    (InfiniGen's dense layers: like its chosen rows, nothing is copied; `full` keeps its memcpy,
+    FlexGen's transfer being what it shows). Bytes still count what a link would carry."""
+
+    def __init__(self, ctx: PolicyContext, in_place: bool = False):
         self.host: KVStore = ctx.store(ctx.host_device, pin_memory=ctx.host_pinned)
-        self.staging = ctx.store(ctx.device, n_layers=1)  # one layer's cache on the device at a time
         self.copies = ctx.copy_engine()
+        self.in_place = in_place and self.copies.one_memory
+        # one layer's cache on the device at a time
+        self.staging = None if self.in_place else ctx.store(ctx.device, n_layers=1)
 
     def attend(self, layer: int, k_new: Tensor, v_new: Tensor, step: Step) -> tuple[Tensor, Tensor, Tensor]:
         start, end = step.start, step.start + step.n_new
+        row = self.host.token_bytes
+        record_layer(step, layer, kv_len=end, fetched=start, attended=end, bytes_h2d=start * row,
+                     bytes_d2h=step.n_new * row)
+        if self.staging is None:
+            self.copies.to_host(self.host, layer, start, k_new, v_new, step.recorder)
+            return self.host.k[layer][:, :, :end], self.host.v[layer][:, :, :end], step.valid[:, None, :]
         k, v = self.staging.k[0], self.staging.v[0]
         fetched = self.copies.to_device([k[:, :, :start], v[:, :, :start]],
                                         [self.host.k[layer][:, :, :start], self.host.v[layer][:, :, :start]],
@@ -42,9 +54,6 @@ class WholeCache:
         with step.recorder.span(layer, "attn"):
             self.staging.write(0, start, k_new, v_new)
         self.copies.wait(fetched, layer, step.recorder)
-        row = self.host.token_bytes
-        record_layer(step, layer, kv_len=end, fetched=start, attended=end, bytes_h2d=start * row,
-                     bytes_d2h=step.n_new * row)
         return k[:, :, :end], v[:, :, :end], step.valid[:, None, :]
 
 
@@ -74,6 +83,12 @@ class SelectedRows:
         self.gathered_free: list[torch.cuda.Event | None] = [None, None]
         self.pending: dict[int, Prefetch] = {}
         self.row_base = torch.arange(b * g).view(b, g, 1) * ctx.capacity  # (b, g)'s first row in the host cache
+        # one memory: each layer's host K and V as rows [B*G*capacity, d], and this step's newest row per
+        # (b, g) there (start, rows [B, G, 1]); the same for every layer of a step, so made once a step
+        self.flat = [(k.view(-1, d), v.view(-1, d)) for k, v in zip(self.host.k, self.host.v, strict=True)] \
+            if self.copies.one_memory else []
+        self.newest: tuple[int, Tensor] = (-1, self.row_base)
+        self.all_kept = torch.ones(b, 1, max_rows + 1, dtype=torch.bool, device=ctx.device)  # keep, when every row is
 
     def fetch(self, layer: int, indices: Tensor, keep: Tensor | None, step: Step) -> None:
         """Start moving the chosen rows into the slot layer `layer` reads."""
@@ -107,12 +122,13 @@ class SelectedRows:
         with the newest row, straight into the slot (which is then one contiguous gather); no copy."""
         b, g, n = indices.shape
         d = self.ctx.head_dim
-        newest = torch.full((b, g, 1), step.start, dtype=indices.dtype)  # in capacity; its row is replaced
-        rows = (torch.cat([indices, newest], dim=-1) + self.row_base).view(-1)
+        if self.newest[0] != step.start:  # its position is in capacity; the row gathered there is replaced
+            self.newest = (step.start, self.row_base + step.start)
+        rows = torch.cat([indices + self.row_base, self.newest[1]], dim=-1).view(-1)
+        size = b * g * (n + 1) * d  # the slot as slot_view lays it out, as rows
         with step.recorder.span(layer, "gather", host=True):
-            for cache, dest in zip((self.host.k[layer], self.host.v[layer]), self.slot_view(slot, b, g, n),
-                                   strict=True):
-                torch.index_select(cache.view(-1, d), 0, rows, out=dest.view(-1, d))
+            for cache, dest in zip(self.flat[layer], self.slots[slot], strict=True):
+                torch.index_select(cache, 0, rows, out=dest[:size].view(-1, d))
 
     def attend(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                ) -> tuple[Tensor, Tensor, Tensor]:
@@ -127,8 +143,7 @@ class SelectedRows:
         with step.recorder.span(layer, "attn"):
             k, v = self.slot_view(fetched.slot, b, g, n)
             k[:, :, n:], v[:, :, n:] = k_new, v_new  # after the fetched rows: no copy of them to join
-            keep = torch.ones((1, 1, 1), dtype=torch.bool, device=k.device).expand(b, 1, n + 1) \
-                if fetched.keep is None else \
+            keep = self.all_kept[..., :n + 1] if fetched.keep is None else \
                 torch.cat([fetched.keep, torch.ones(b, g, 1, dtype=torch.bool, device=k.device)], dim=2)
         row = self.host.token_bytes
         record_layer(step, layer, kv_len=step.start + 1, fetched=n, attended=n + 1, bytes_h2d=n * row,

@@ -71,7 +71,7 @@ class InfiniGen(Policy):
     def setup(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
         self.knobs = replace(self.knobs, alpha=self.knobs.alpha_for(ctx.model.spec.family))  # as the trace records it
-        self.whole = WholeCache(ctx)
+        self.whole = WholeCache(ctx, in_place=True)
         self.rows = SelectedRows(ctx, self.whole, self.knobs.max_fetch(ctx.capacity))
         self.r = partial_width(self.knobs.partial_ratio, ctx.head_dim)
         self.skew: dict[int, Tensor] = {}  # layer -> [G, d, r]: A restricted to the partial columns
@@ -166,7 +166,9 @@ class InfiniGen(Policy):
             q = F.linear(x, *self.query_weights[layer]).view(b, g, h // g, d)
             q_partial = q @ self.rotated[layer]  # [B, G, H/G, r]
         keys = self.partial_keys[layer][..., :step.start]  # [B, G, r, L]
-        scores = (q_partial.view(b, g, h // g, self.r) @ keys).view(b, h, step.start).float()  # [B, H, L]
+        scores = (q_partial.view(b, g, h // g, self.r) @ keys).view(b, h, step.start)  # [B, H, L]
+        if scores.dtype != torch.float32:
+            scores = scores.float()
         return scores if self.cached.all_valid else scores.masked_fill_(~self.cached.valid[:, None, :], float("-inf"))
 
     def choose(self, scores: Tensor, rank_scores: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -220,7 +222,8 @@ class InfiniGen(Policy):
         with self.on_spec_stream(), step.recorder.span(target, "spec", self.spec_stream):
             scores = self.speculate(target, residual, step)
             indices, keep = self.choose(scores, scores)
-            indices = indices.cpu()  # the host gather needs them; on CUDA this waits for the spec stream only
+            if indices.is_cuda:  # the host gather needs them; this waits for the spec stream only
+                indices = indices.cpu()
         if self.spec_stream is not None and keep is not None:
             keep.record_stream(torch.cuda.current_stream())  # made on the spec stream, read by the compute stream
         self.record_alpha_counts(target, scores, step)
