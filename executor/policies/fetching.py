@@ -11,6 +11,7 @@ Shapes: B batch, H query heads, G KV heads, n rows fetched per KV head, d head d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +35,8 @@ class WholeCache:
     def __init__(self, ctx: PolicyContext, in_place: bool = False):
         self.host: KVStore = ctx.store(ctx.host_device, pin_memory=ctx.host_pinned)
         self.copies = ctx.copy_engine()
-        self.in_place = in_place and self.copies.one_memory
-        # one layer's cache on the device at a time
-        self.staging = None if self.in_place else ctx.store(ctx.device, n_layers=1)
+        # one layer's cache on the device at a time; None: attended in place
+        self.staging = None if in_place and self.copies.one_memory else ctx.store(ctx.device, n_layers=1)
 
     def attend(self, layer: int, k_new: Tensor, v_new: Tensor, step: Step) -> tuple[Tensor, Tensor, Tensor]:
         start, end = step.start, step.start + step.n_new
@@ -87,7 +87,7 @@ class SelectedRows:
         # (b, g) there (start, rows [B, G, 1]); the same for every layer of a step, so made once a step
         self.flat = [(k.view(-1, d), v.view(-1, d)) for k, v in zip(self.host.k, self.host.v, strict=True)] \
             if self.copies.one_memory else []
-        self.newest: tuple[int, Tensor] = (-1, self.row_base)
+        self.newest: tuple[int, Tensor] = (-1, self.row_base)  # (-1: no step yet, placeholder rows)
         self.all_kept = torch.ones(b, 1, max_rows + 1, dtype=torch.bool, device=ctx.device)  # keep, when every row is
 
     def fetch(self, layer: int, indices: Tensor, keep: Tensor | None, step: Step) -> None:
@@ -125,10 +125,9 @@ class SelectedRows:
         if self.newest[0] != step.start:  # its position is in capacity; the row gathered there is replaced
             self.newest = (step.start, self.row_base + step.start)
         rows = torch.cat([indices + self.row_base, self.newest[1]], dim=-1).view(-1)
-        size = b * g * (n + 1) * d  # the slot as slot_view lays it out, as rows
         with step.recorder.span(layer, "gather", host=True):
-            for cache, dest in zip(self.flat[layer], self.slots[slot], strict=True):
-                torch.index_select(cache, 0, rows, out=dest[:size].view(-1, d))
+            for cache, dest in zip(self.flat[layer], self.slot_as(slot, b * g * (n + 1), d), strict=True):
+                torch.index_select(cache, 0, rows, out=dest)
 
     def attend(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, step: Step
                ) -> tuple[Tensor, Tensor, Tensor]:
@@ -152,8 +151,12 @@ class SelectedRows:
 
     def slot_view(self, slot: int, b: int, g: int, n: int) -> tuple[Tensor, Tensor]:
         """A device slot as K and V [B, G, n + 1, d]: n fetched rows, then the newest."""
-        size = b * g * (n + 1) * self.ctx.head_dim
-        return tuple(buf[:size].view(b, g, n + 1, self.ctx.head_dim) for buf in self.slots[slot])  # type: ignore
+        return self.slot_as(slot, b, g, n + 1, self.ctx.head_dim)
+
+    def slot_as(self, slot: int, *shape: int) -> tuple[Tensor, Tensor]:
+        """A device slot's K and V buffers, their leading elements viewed as `shape`."""
+        size = math.prod(shape)
+        return tuple(buf[:size].view(shape) for buf in self.slots[slot])  # type: ignore[return-value]
 
     def measure_quality(self, layer: int, q: Tensor, k_new: Tensor, fetched: Prefetch, step: Step) -> None:
         """Against exact attention over every cached row (measurement only, not timed as policy work):
