@@ -24,12 +24,13 @@ import torch.nn.functional as F
 
 from infinisim.executor import calibrate_model as runs
 from infinisim.executor.machine import cpu_name, last_level_cache, ram_bytes
-from infinisim.hwprofiles.profile import Device, Host, Link, Profile
+from infinisim.hwprofiles.profile import WIDE_PROJECTION, Device, Host, Link, Profile
 from infinisim.traces.spec import CALIBRATION_BLOCK
 
 SWEEP_SIZES = (4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 QUICK_SWEEP_SIZES = (4 << 10, 256 << 10, 4 << 20)
-
+# rows of the decode projections timed (the rate dips between 8 and 16 rows on some CPUs' GEMM kernels)
+STREAM_ROWS = (1, 2, 4, 8, 12, 16, 32)
 
 UNSTABLE = 0.3  # a measurement whose repeats spread more than this (IQR / median) is flagged
 PLAUSIBLE_LAUNCH = (2e-7, 5e-5)  # seconds per dispatched op outside this: the machine was busy, or is odd
@@ -100,20 +101,28 @@ def _gather(measure: Measure, dt: torch.dtype, pinned: bool, repeats: int, n_row
     return staging.numel() * dt.itemsize / seconds
 
 
+def _stream_rates(measure: Measure, dt: torch.dtype, dev: torch.device, repeats: int, working_set: int,
+                  rows: tuple[int, ...], k: int, n: int) -> list[float]:
+    """B/s of weights through decode projections of each number of rows by k x n weights, more of
+    them than the caches hold (decoding reads every weight from memory each step)."""
+    n_mats = max(2, working_set // (k * n * dt.itemsize))
+    weights = [torch.empty(n, k, device=dev).uniform_(-1, 1).to(dt) for _ in range(n_mats)]
+    rates = []
+    for m in rows:
+        x = torch.randn(m, 1, k, device=dev).to(dt)  # [batch, one new token, hidden], as decoding has it
+        seconds = measure(lambda x=x, ws=weights: [F.linear(x, w) for w in ws], repeats)
+        rates.append(n_mats * k * n * dt.itemsize / seconds)
+    return rates
+
+
 def _streaming(measure: Measure, dt: torch.dtype, dev: torch.device, repeats: int, working_set: int,
                rows: tuple[int, ...], inners: tuple[int, ...]) -> list[tuple[float, float, float]]:
-    """(rows, inner size k, B/s) of weights through decode projections: m rows by k x 2k weights,
-    more of them than the caches hold (decoding reads every weight from memory each step). The
-    rate depends on both: few rows and a short inner size stream slowest."""
+    """(rows, inner size k, B/s) of weights through decode projections by k x 2k weights. The rate
+    depends on both: few rows and a short inner size stream slowest."""
     out = []
     for k in inners:
-        n = 2 * k
-        n_mats = max(2, working_set // (k * n * dt.itemsize))
-        weights = [torch.randn(n, k, device=dev).to(dt) for _ in range(n_mats)]
-        for m in rows:
-            x = torch.randn(m, 1, k, device=dev).to(dt)  # [batch, one new token, hidden], as decoding has it
-            seconds = measure(lambda x=x, ws=weights: [F.linear(x, w) for w in ws], repeats)
-            out.append((float(m), float(k), n_mats * k * n * dt.itemsize / seconds))
+        rates = _stream_rates(measure, dt, dev, repeats, working_set, rows, k, 2 * k)
+        out.extend((float(m), float(k), bw) for m, bw in zip(rows, rates, strict=True))
     return out
 
 
@@ -246,11 +255,16 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
                               working_set // 4, log)
     gather_bw = _gather(measure, dt, cuda, repeats, (1 << 18) if quick else (1 << 20))
     log(f"gather of 256-byte rows: {gather_bw / 1e9:.2f} GB/s")
-    streams = _streaming(measure, dt, dev, repeats, streamed, (1, 8) if quick else (1, 2, 4, 8, 16, 32),
+    streams = _streaming(measure, dt, dev, repeats, streamed, (1, 8) if quick else STREAM_ROWS,
                          (512, 2048) if quick else (512, 1024, 2048, 4096))
     for k in sorted({p[1] for p in streams}):
         log(f"decode projections, inner size {int(k):>4}: " + ", ".join(
             f"{int(m)} rows {bw / 1e9:.1f}" for m, inner, bw in streams if inner == k) + " GB/s")
+    wide_rows = (1, 8) if quick else STREAM_ROWS
+    wide = list(zip(map(float, wide_rows), _stream_rates(measure, dt, dev, repeats, streamed, wide_rows,
+                                                         *WIDE_PROJECTION), strict=True))
+    log(f"a vocabulary-wide projection ({WIDE_PROJECTION[0]} x {WIDE_PROJECTION[1]}): "
+        + ", ".join(f"{int(m)} rows {bw / 1e9:.1f}" for m, bw in wide) + " GB/s")
     stream_bw = sorted(p[2] for p in streams)[len(streams) // 2]  # the median
     cached = _cached_streaming(measure, dt, dev, repeats, (512, 2048) if quick else (512, 1024, 2048, 4096))
     log("a one-row projection by a weight in cache: " + ", ".join(
@@ -278,7 +292,7 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     prompts = runs.prompt_blocks(block, (64, 256) if quick else (64, 256, 1024), 1 if quick else 2)
     log("the executor's prefill per layer: " + ", ".join(
         f"{int(t)} tokens attn {a * 1e3:.2f} ms ffn {f * 1e3:.2f} ms" for t, a, f in prompts))
-    decodes = runs.decode_blocks(block, (1, 4) if quick else (1, 4, 16), 3 if quick else 9)
+    decodes = runs.decode_blocks(block, (1, 4) if quick else (1, 4, 8, 16), 3 if quick else 9)
     log("the executor's decode FFN per layer: " + ", ".join(f"{int(b)} rows {f * 1e3:.3f} ms" for b, f, _ in decodes)
         + "".join(f"; all-reduce of {int(b)} rows {c * 1e3:.3f} ms" for b, _, c in decodes if c > 0))
     del block
@@ -303,7 +317,8 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         name=dev_name, memory=memory, matmul_flops=max(p[2] for p in matmuls),
         matmul_flops_fp32=max(p[1] for p in matmuls), memory_bandwidth=stream_bw, launch_overhead=launch,
         matmul_efficiency=1.0, bandwidth_efficiency=1.0, attention_efficiency=min(1.0, attention_bw / stream_bw),
-        matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), prefill_attention_sweep=tuple(prefill),
+        matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), wide_stream_sweep=tuple(wide),
+        prefill_attention_sweep=tuple(prefill),
         speculation_sweep=tuple(speculation), prefill_block_sweep=tuple(prompts), cached_stream_sweep=tuple(cached),
         decode_block_sweep=tuple((rows, ffn) for rows, ffn, _ in decodes), block_shards=runs.block_shards(tp[0]),
         selection_per_score=selection_per_score, skew_per_row=skew_row, skew_per_head=skew_head)

@@ -21,6 +21,9 @@ from infinisim.core.files import check_mapping, read_yaml, write_text_atomic
 from infinisim.hwprofiles.units import format_quantity, parse_quantity
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data"
+# the weight of wide_stream_sweep, (inner, outer): an output projection's shape (the LM head's, vocabulary-wide),
+# whose streaming rate at a few rows differs from the square-ish projections' of stream_sweep (k x 2k)
+WIDE_PROJECTION = (1024, 32768)
 
 def _q(dimension: str, low: float = 0.0, high: float = math.inf, doc: str = "", optional: bool = False) -> Any:
     meta = {"dimension": dimension, "range": (low, high), "doc": doc}
@@ -47,6 +50,8 @@ class Device:
     # Measured by calibrate; when absent, the simulator derives them from the fields above.
     matmul_sweep: tuple[tuple[float, float, float], ...] = ()  # (inner size, float32 FLOP/s, 16-bit FLOP/s)
     stream_sweep: tuple[tuple[float, float, float], ...] = ()  # (rows, inner size, B/s of weights): a grid
+    # (rows, B/s of weights) of a WIDE_PROJECTION weight, more of them than the caches hold
+    wide_stream_sweep: tuple[tuple[float, float], ...] = ()
     # prompt attention with a causal mask, FLOP/s counting all T x T scores, by prompt length T
     prefill_attention_sweep: tuple[tuple[float, float], ...] = ()
     # InfiniGen's speculation of one layer, measured on the executor's own code on a narrow model (so
@@ -212,6 +217,7 @@ SWEEPS = {"sweep": (("bytes", "h2d", "d2h"), ("bytes", "bandwidth", "bandwidth")
           "prefill_block_sweep": (("tokens", "attn", "ffn"), ("number", "time", "time")),
           "decode_block_sweep": (("rows", "ffn"), ("number", "time")),
           "cached_stream_sweep": (("bytes", "bandwidth"), ("bytes", "bandwidth")),
+          "wide_stream_sweep": (("rows", "bandwidth"), ("number", "bandwidth")),
           "stream_sweep": (("rows", "inner", "bandwidth"), ("number", "number", "bandwidth"))}
 
 

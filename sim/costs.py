@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from infinisim.core.policies import partial_width
-from infinisim.hwprofiles.profile import Profile
+from infinisim.hwprofiles.profile import WIDE_PROJECTION, Profile
 from infinisim.sim.tables import any_positive, choose, copy_time, interpolate_log
 from infinisim.traces.spec import CALIBRATION_BLOCK, DTYPE_BYTES, ModelSpec, Shard
 
@@ -111,12 +111,25 @@ class Costs:
         column = 1 if self.dtype == "float32" else 2
         return interpolate_log([p[0] for p in sweep], [p[column] for p in sweep], min(k, n))
 
-    def weight_stream_bw(self, m: int, k: int) -> float:
-        """B/s at which an m-row projection reads a weight of inner size k: from the calibrated grid
-        (log-interpolated in rows, then inner size) when there is one, else the streaming bandwidth."""
+    def weight_stream_bw(self, m: int, k: int, n: int | None = None) -> float:
+        """B/s at which an m-row projection reads a k x n weight: from the calibrated grid (log-
+        interpolated in rows, then inner size; its weights are k x 2k) when there is one, else the
+        streaming bandwidth. A wider weight (the LM head) goes toward the wide sweep's rate at those rows
+        (log-interpolated in the aspect n / k, from the grid's 2 to the wide weight's; whatever its inner
+        size: the wide rate varies less with it than the rows' kernel choice does)."""
         grid = self.profile.device.stream_sweep
         if not grid:
             return self.stream_bw
+        base = self._grid_bw(m, k)
+        wide = self.profile.device.wide_stream_sweep
+        if not wide or n is None or n <= 2 * k:
+            return base
+        inner, outer = WIDE_PROJECTION
+        at_rows = interpolate_log([p[0] for p in wide], [p[1] for p in wide], m)
+        return interpolate_log([2.0, outer / inner], [base, at_rows], n / k)
+
+    def _grid_bw(self, m: int, k: int) -> float:
+        grid = self.profile.device.stream_sweep
         inners = sorted({p[1] for p in grid})
         by_inner = [interpolate_log([p[0] for p in grid if p[1] == inner], [p[2] for p in grid if p[1] == inner], m)
                     for inner in inners]
@@ -129,7 +142,7 @@ class Costs:
             return self.linear(k, n, self.batch) * self.decode_efficiency
         flops = 2.0 * m * k * n
         nbytes = self.e * (k * n + m * k + m * n)
-        compute, stream = flops / self.matmul_rate(k, n), nbytes / self.weight_stream_bw(m, k)
+        compute, stream = flops / self.matmul_rate(k, n), nbytes / self.weight_stream_bw(m, k, n)
         return np.maximum(compute, stream) if isinstance(m, np.ndarray) else max(compute, stream)  # rows (per lane)
 
     def elementwise(self, nbytes: float) -> float:

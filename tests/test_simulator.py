@@ -287,6 +287,32 @@ def test_decode_projections_scale_by_the_calibrated_block_decode_over_its_roofli
             assert c.ffn(batch * 256).seconds == roof.ffn(batch * 256).seconds  # a prompt's rows: not a decode step
 
 
+def test_a_vocabulary_wide_projection_streams_at_the_wide_sweeps_rate():
+    """With a wide sweep (a 1024 x 32768 weight: 20 GB/s at 1 row, 5 at 8, 10 at 16), a weight of the
+    grid's aspect (k x 2k) streams at the grid's rate, one of the wide aspect or wider (the LM head) at
+    the wide sweep's at its rows (log-interpolated in rows), and between the two log-linearly in n / k."""
+    from infinisim.hwprofiles.profile import WIDE_PROJECTION
+
+    grid = tuple((m, k, bw) for m, bw in ((1, 30e9), (16, 12e9)) for k in (512.0, 4096.0))
+    wide = ((1.0, 20e9), (8.0, 5e9), (16.0, 10e9))
+    plain = replace(load_profile("a6000-pcie3"), kind="cpu")
+    plain = replace(plain, device=replace(plain.device, stream_sweep=grid))
+    swept = replace(plain, device=replace(plain.device, wide_stream_sweep=wide))
+    c, roof = Costs(swept, named_model("smollm2-135m"), "float32", 1), Costs(plain, named_model("smollm2-135m"),
+                                                                            "float32", 1)
+    assert WIDE_PROJECTION[1] / WIDE_PROJECTION[0] == 32
+    for m, at_rows in ((1, 20e9), (8, 5e9), (4, 20e9 * (5e9 / 20e9) ** (2 / 3)), (12, 7.5e9)):
+        assert c.weight_stream_bw(m, 1024, 2048) == roof.weight_stream_bw(m, 1024) == c.weight_stream_bw(m, 1024)
+        assert c.weight_stream_bw(m, 576, 576 * 32) == pytest.approx(at_rows)
+        assert c.weight_stream_bw(m, 576, 49152) == pytest.approx(at_rows)  # wider: clamped at the sweep's
+        base = roof.weight_stream_bw(m, 1024)
+        assert c.weight_stream_bw(m, 1024, 8192) == pytest.approx(np.sqrt(base * at_rows))  # aspect 8: log midpoint
+        assert roof.weight_stream_bw(m, 576, 49152) == roof.weight_stream_bw(m, 576)  # no wide sweep: the grid's
+    spec = named_model("smollm2-135m")
+    weight = spec.hidden * spec.vocab_size * 4
+    assert c.head().seconds == pytest.approx((weight + 4 * (spec.hidden + spec.vocab_size)) / 20e9)
+
+
 @pytest.mark.slow
 def test_validate_runs_calibrates_replays_and_plots(tmp_path, capsys):
     out = tmp_path / "v"
