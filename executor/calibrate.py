@@ -18,6 +18,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -301,7 +302,8 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         from infinisim.executor.parallel import measure_interconnect
 
         in_model = [(rows * CALIBRATION_BLOCK.hidden * dt.itemsize, comm) for rows, _, comm in decodes if comm > 0]
-        node = measure_interconnect(tp[0], device, in_model, 8 if quick else 20, log)
+        # every rank calibrates at once: the copies and host bandwidths above are already one rank's share
+        node = replace(measure_interconnect(tp[0], device, in_model, 8 if quick else 20, log), measured_together=True)
 
     warnings = _implausible(spreads, selection_per_score, launch, streams)
     if selection_per_score <= 0:  # the large case was no slower than the tiny one: noise; take the upper bound

@@ -109,6 +109,9 @@ class Node:
                                                              "(what a ring all-reduce moves at)")
     interconnect_latency: float = _q("time", 0, 1e-3, doc="one step of a ring all-reduce")
     gpus_per_host_link: int = _n(1, 64, "GPUs behind one upstream host link (a PCIe switch); 1: each its own")
+    # the link's and host's figures were measured with every GPU copying at once (`calibrate --tp`: all ranks
+    # calibrate together), so they are one GPU's share already; False: one GPU's alone (datasheets), shared here
+    measured_together: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,13 +151,16 @@ class Profile:
 
     def for_tensor_parallel(self, tp: int) -> Profile:
         """What one of `tp` GPUs offloading at once sees: its link's share of a shared upstream link
-        and of the host's memory bandwidth (all GPUs copy and gather at the same time)."""
+        and of the host's memory bandwidth (all GPUs copy and gather at the same time). A profile
+        measured with its GPUs copying together has those shares in its figures already."""
         if tp == 1:
             return self
         if self.node is None or tp > self.node.gpus:
             have = self.node.gpus if self.node else 1
             raise InfinisimError(f"tensor parallelism {tp} needs {tp} GPUs; profile {self.name} has {have}",
                                  field="--tp")
+        if self.node.measured_together:
+            return self
         sharing = min(tp, self.node.gpus_per_host_link)
         dram = self.host.memory_bandwidth / tp
 
@@ -202,8 +208,8 @@ class Profile:
                              for point in value]
                 elif dimension is not None and value is not None:
                     value = format_quantity(value, dimension)
-                elif f.name == "emulated" and not value:
-                    continue  # only an emulated link says so
+                elif f.name in ("emulated", "measured_together") and not value:
+                    continue  # only an emulated link, or a node calibrated together, says so
                 section[f.name] = value
             out[part] = {k: v for k, v in section.items() if v not in (None, [])}
         return out
@@ -243,7 +249,7 @@ def _section(cls: type, data: Any, path: Path, where: str) -> Any:
             values[name] = _sweep(raw, path, f"{where}.{name}", keys, (dims[0], dims[1]))
             continue
         if dimension is None:
-            expected = bool if name in ("duplex", "emulated") else str
+            expected = bool if name in ("duplex", "emulated", "measured_together") else str
             if not isinstance(raw, expected):
                 raise InfinisimError(f"must be a {expected.__name__}, got {raw!r}", path, f"{where}.{name}")
             values[name] = raw

@@ -139,6 +139,11 @@ def test_node_profiles_round_trip_and_are_checked(tmp_path):
     assert back.node == node.node and back.device == node.device
     shared = node.for_tensor_parallel(8)
     assert shared.link.h2d_bandwidth == pytest.approx(node.link.h2d_bandwidth / 2)  # two GPUs a switch
+    # a profile calibrated with every rank copying at once (calibrate --tp) holds one GPU's share already
+    together = replace(node, node=replace(node.node, measured_together=True))
+    assert together.for_tensor_parallel(8).link == node.link and together.for_tensor_parallel(8).host == node.host
+    again = load_profile(write_profile(together, tmp_path / "t.yaml"))
+    assert again.node.measured_together and "measured_together" not in (tmp_path / "n.yaml").read_text()
     bad = (tmp_path / "n.yaml").read_text().replace("gpus: 8", "gpus: 1")
     (tmp_path / "bad.yaml").write_text(bad)
     with pytest.raises(InfinisimError, match=r"node\.gpus"):

@@ -148,6 +148,7 @@ def test_validate_tp2_calibrates_a_rank_and_replays_each_rank(tmp_path):
     profile = load_profile(str(tmp_path / "profile.yaml"))
     assert profile.node is not None and profile.node.gpus == 2 and "gloo" in profile.node.interconnect
     assert profile.node.interconnect_latency > 0  # from the block's all-reduces, as its decode issued them
+    assert profile.node.measured_together  # every rank calibrated at once: its copies are one rank's share
     # the calibration block measured as rank 0's shard, between its all-reduces
     assert profile.device.block_shards == 2 and [b for b, _ in profile.device.decode_block_sweep] == [1, 4]
     # speculation timed on a rank's share of the tiny model (4 of its 8 query heads), between its all-reduces
