@@ -84,7 +84,7 @@ def main() -> int:
         for key in range(b):
             live.prefill(key, rng.integers(100, 1000, args.prompt_len).tolist(), args.prompt_len + args.steps + 8)
         wall, phases = measured(live, list(range(b)), args.steps)
-        length = args.prompt_len + WARMUP + args.steps // 2  # the timed steps' mean cache length
+        length = args.prompt_len + WARMUP + args.steps // 2  # the timed steps' mean cache length, within a row
         sim_wall, sim_phases = predicted(model.spec, profile, args.policy, b, length)
         rows.append({"batch": b, "measured_ms": wall * 1e3, "predicted_ms": sim_wall * 1e3,
                      "ratio": wall / sim_wall,

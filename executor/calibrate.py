@@ -256,14 +256,14 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
                               working_set // 4, log)
     gather_bw = _gather(measure, dt, cuda, repeats, (1 << 18) if quick else (1 << 20))
     log(f"gather of 256-byte rows: {gather_bw / 1e9:.2f} GB/s")
-    streams = _streaming(measure, dt, dev, repeats, streamed, (1, 8) if quick else STREAM_ROWS,
+    stream_rows = (1, 8) if quick else STREAM_ROWS
+    streams = _streaming(measure, dt, dev, repeats, streamed, stream_rows,
                          (512, 2048) if quick else (512, 1024, 2048, 4096))
     for k in sorted({p[1] for p in streams}):
         log(f"decode projections, inner size {int(k):>4}: " + ", ".join(
             f"{int(m)} rows {bw / 1e9:.1f}" for m, inner, bw in streams if inner == k) + " GB/s")
-    wide_rows = (1, 8) if quick else STREAM_ROWS
-    wide = list(zip(map(float, wide_rows), _stream_rates(measure, dt, dev, repeats, streamed, wide_rows,
-                                                         *WIDE_PROJECTION), strict=True))
+    wide = list(zip(map(float, stream_rows), _stream_rates(measure, dt, dev, repeats, streamed, stream_rows,
+                                                           *WIDE_PROJECTION), strict=True))
     log(f"a vocabulary-wide projection ({WIDE_PROJECTION[0]} x {WIDE_PROJECTION[1]}): "
         + ", ".join(f"{int(m)} rows {bw / 1e9:.1f}" for m, bw in wide) + " GB/s")
     stream_bw = sorted(p[2] for p in streams)[len(streams) // 2]  # the median

@@ -25,6 +25,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "data"
 # whose streaming rate at a few rows differs from the square-ish projections' of stream_sweep (k x 2k)
 WIDE_PROJECTION = (1024, 32768)
 
+
 def _q(dimension: str, low: float = 0.0, high: float = math.inf, doc: str = "", optional: bool = False) -> Any:
     meta = {"dimension": dimension, "range": (low, high), "doc": doc}
     return field(default=None, metadata=meta) if optional else field(metadata=meta)
@@ -208,8 +209,8 @@ class Profile:
                              for point in value]
                 elif dimension is not None and value is not None:
                     value = format_quantity(value, dimension)
-                elif f.name in ("emulated", "measured_together") and not value:
-                    continue  # only an emulated link, or a node calibrated together, says so
+                elif f.type == "bool" and f.default is False and not value:
+                    continue  # a flag off by default is written only when on (emulated link, node measured together)
                 section[f.name] = value
             out[part] = {k: v for k, v in section.items() if v not in (None, [])}
         return out
@@ -249,7 +250,7 @@ def _section(cls: type, data: Any, path: Path, where: str) -> Any:
             values[name] = _sweep(raw, path, f"{where}.{name}", keys, (dims[0], dims[1]))
             continue
         if dimension is None:
-            expected = bool if name in ("duplex", "emulated", "measured_together") else str
+            expected = bool if f.type == "bool" else str
             if not isinstance(raw, expected):
                 raise InfinisimError(f"must be a {expected.__name__}, got {raw!r}", path, f"{where}.{name}")
             values[name] = raw
