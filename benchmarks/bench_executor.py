@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import infinisim  # noqa: F401  before torch loads OpenMP: its wait (infinisim/__init__.py)
+
+# isort: split
 import torch
 
 from infinisim.executor.generate import SamplingConfig

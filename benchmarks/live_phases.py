@@ -18,6 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
+import infinisim  # noqa: F401  before torch loads OpenMP: its wait (infinisim/__init__.py)
+
+# isort: split
 import numpy as np
 import torch
 

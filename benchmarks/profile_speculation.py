@@ -13,6 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+import infinisim  # noqa: F401  before torch loads OpenMP: its wait (infinisim/__init__.py)
+
+# isort: split
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 

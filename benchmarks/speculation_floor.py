@@ -23,6 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import infinisim  # noqa: F401  before torch loads OpenMP: its wait (infinisim/__init__.py)
+
+# isort: split
 import torch
 import torch.nn.functional as F
 

@@ -7,6 +7,10 @@ rest of the copy's link time in slices of at most SLICE seconds, each reserved o
 one clock for both directions (a shared link: H2D and D2H slices interleave and their times add)
 or one per direction (duplex). Sleeping uses no CPU, so the copy threads take only the memcpy from
 the compute threads' cores (the link is slower than memcpy by design: a few percent of its time).
+The memcpy is numpy's, on the copy thread alone: a torch op there would give that thread its own
+OpenMP team, whose workers then slow the compute thread ~2x for as long as the thread lives
+(measured beside a streamed weight copy; benchmarks/link_interference.py). For the same reason
+the compute thread's own OpenMP workers spin while it waits for a copy (infinisim/__init__.py).
 
 Ordering follows the CUDA path's streams and events: each direction runs its copies in issue
 order; a copy may wait for earlier handles (H2D waits for the D2H issued before it, as the H2D
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +37,16 @@ from infinisim.hwprofiles.emulated import LinkSpec
 
 SLICE = 1e-3  # seconds of link time per reservation: copies in both directions interleave at this grain
 TIMER_SLACK_NS = 1000  # Linux lets a sleep overshoot by 50 us by default; a copy engine wakes on time
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a same-size integer view of any dtype
+
+
+def memcpy(dst: Tensor, src: Tensor) -> None:
+    """dst[...] = src on the calling thread alone (numpy: no OpenMP team, the GIL released), any
+    strides; both CPU tensors of one dtype and shape."""
+    if dst.dtype != src.dtype or dst.shape != src.shape:
+        raise ValueError(f"emulated link: copy of {src.dtype} {tuple(src.shape)} into {dst.dtype} {tuple(dst.shape)}")
+    view = _BITS[src.element_size()]
+    np.copyto(dst.view(view).numpy(), src.view(view).numpy())
 
 
 def _precise_sleeps() -> None:
@@ -119,7 +134,7 @@ class EmulatedLink:
                 # on the link from submit or when what it waits for landed; pairs follow each other
                 not_before = max([job.issued] + [h.end for h in job.after])
                 for dst, src in job.pairs:  # a copy per pair: each pays the latency, as on CUDA
-                    dst.copy_(src)  # the memcpy runs inside the copy's link time, not on top of it
+                    memcpy(dst, src)  # the memcpy runs inside the copy's link time, not on top of it
                     seconds = self.spec.latency + src.numel() * src.element_size() / self.spec.bandwidth
                     first, not_before = self._pace(direction, seconds, not_before)
                     job.handle.busy += seconds

@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+
+import infinisim  # noqa: F401  before torch: OpenMP takes the wait that infinisim sets (infinisim/__init__.py)
+
+# isort: split
 import torch
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,13 +3,16 @@ overlap compute, share one link (or not, duplex), and are ordered and waited on 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 from infinisim.core.errors import InfinisimError
-from infinisim.executor.link import EmulatedLink
+from infinisim.executor.link import EmulatedLink, memcpy
 from infinisim.hwprofiles.emulated import LinkSpec, parse_link
 
 MB = 1 << 20
@@ -18,6 +21,28 @@ MB = 1 << 20
 def pairs(n_bytes: int, count: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.empty(n_bytes, dtype=torch.uint8), torch.randint(0, 255, (n_bytes,), dtype=torch.uint8))
             for _ in range(count)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64])
+def test_the_copy_threads_memcpy_writes_strided_rows_of_any_dtype_exactly(dtype):
+    cache = torch.zeros(2, 3, 16, 8).to(dtype)  # a KV store: rows [:10] of every (sequence, head)
+    rows = (torch.randn(2, 3, 10, 8) * 100).to(dtype)
+    memcpy(cache[:, :, :10], rows)
+    assert torch.equal(cache[:, :, :10], rows) and not cache[:, :, 10:].any()
+    back = torch.empty(2, 3, 10, 8, dtype=dtype)
+    memcpy(back, cache[:, :, :10])  # and from a strided source
+    assert torch.equal(back, rows)
+    with pytest.raises(ValueError, match="float32"):
+        memcpy(torch.empty(4, dtype=torch.float32), torch.zeros(4, dtype=torch.int32))
+
+
+def test_importing_infinisim_keeps_openmp_workers_spinning_200ms_unless_the_user_chose():
+    probe = "import infinisim, os; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    run = [sys.executable, "-c", probe]
+    assert subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout.strip() == "20000000"
+    env["GOMP_SPINCOUNT"] = "1000"
+    assert subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout.strip() == "1000"
 
 
 def test_a_transfer_bound_sequence_takes_latency_plus_bytes_over_bandwidth():
