@@ -9,8 +9,8 @@ or one per direction (duplex). Sleeping uses no CPU, so the copy threads take on
 the compute threads' cores (the link is slower than memcpy by design: a few percent of its time).
 The memcpy is numpy's, on the copy thread alone: a torch op there would give that thread its own
 OpenMP team, whose workers then slow the compute thread ~2x for as long as the thread lives
-(measured beside a streamed weight copy; benchmarks/link_interference.py). For the same reason
-the compute thread's own OpenMP workers spin while it waits for a copy (infinisim/__init__.py).
+(measured beside a streamed weight copy; benchmarks/link_interference.py). And the compute
+thread's own OpenMP workers spin while it waits for a copy, not doze (infinisim/__init__.py).
 
 Ordering follows the CUDA path's streams and events: each direction runs its copies in issue
 order; a copy may wait for earlier handles (H2D waits for the D2H issued before it, as the H2D

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import infinisim  # noqa: F401  before torch: OpenMP takes the wait that infinisim sets (infinisim/__init__.py)
+import infinisim  # noqa: F401  before torch loads OpenMP: its wait (infinisim/__init__.py)
 
 # isort: split
 import torch
