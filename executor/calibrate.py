@@ -294,14 +294,18 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
     log("the executor's prefill per layer: " + ", ".join(
         f"{int(t)} tokens attn {a * 1e3:.2f} ms ffn {f * 1e3:.2f} ms" for t, a, f in prompts))
     decodes = runs.decode_blocks(block, (1, 4) if quick else (1, 4, 8, 16), 3 if quick else 9)
-    log("the executor's decode FFN per layer: " + ", ".join(f"{int(b)} rows {f * 1e3:.3f} ms" for b, f, _ in decodes)
-        + "".join(f"; all-reduce of {int(b)} rows {c * 1e3:.3f} ms" for b, _, c in decodes if c > 0))
+    log("the executor's decode FFN per layer: " + ", ".join(f"{int(b)} rows {f * 1e3:.3f} ms" for b, f, _, _ in decodes)
+        + "".join(f"; all-reduce of {int(b)} rows {c * 1e3:.3f} ms" for b, _, c, _ in decodes if c > 0))
+    # on CUDA the spans are device time: the wall outside them is not the host's own work
+    layer_host = None if cuda else decodes[0][3]
+    if layer_host is not None:
+        log(f"the executor's decode step outside its phases: {layer_host * 1e6:.1f} us a layer")
     del block
     node = None
     if tp[0] > 1:  # the all-reduce as the block's decode issued it (where sharded), and back to back
         from infinisim.executor.parallel import measure_interconnect
 
-        in_model = [(rows * CALIBRATION_BLOCK.hidden * dt.itemsize, comm) for rows, _, comm in decodes if comm > 0]
+        in_model = [(rows * CALIBRATION_BLOCK.hidden * dt.itemsize, comm) for rows, _, comm, _ in decodes if comm > 0]
         # every rank calibrates at once: the copies and host bandwidths above are already one rank's share
         node = replace(measure_interconnect(tp[0], device, in_model, 8 if quick else 20, log), measured_together=True)
 
@@ -322,8 +326,9 @@ def calibrate(device: str = "cpu", dtype: str = "float32", quick: bool = False, 
         matmul_sweep=tuple(matmuls), stream_sweep=tuple(streams), wide_stream_sweep=tuple(wide),
         prefill_attention_sweep=tuple(prefill),
         speculation_sweep=tuple(speculation), prefill_block_sweep=tuple(prompts), cached_stream_sweep=tuple(cached),
-        decode_block_sweep=tuple((rows, ffn) for rows, ffn, _ in decodes), block_shards=runs.block_shards(tp[0]),
-        selection_per_score=selection_per_score, skew_per_row=skew_row, skew_per_head=skew_head)
+        decode_block_sweep=tuple((rows, ffn) for rows, ffn, _, _ in decodes), block_shards=runs.block_shards(tp[0]),
+        decode_layer_host=layer_host, selection_per_score=selection_per_score, skew_per_row=skew_row,
+        skew_per_head=skew_head)
     top = sweep[-1]
     link = Link(name="PCIe (measured)" if cuda else "memcpy between buffers (measured)",
                 h2d_bandwidth=top[1], d2h_bandwidth=top[2], pageable_bandwidth=pageable or top[1],

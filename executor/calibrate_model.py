@@ -126,13 +126,17 @@ def prompt_blocks(model: Transformer, lengths: tuple[int, ...], repeats: int) ->
     return out
 
 
-def decode_blocks(model: Transformer, batches: tuple[int, ...], steps: int) -> list[tuple[float, float, float]]:
-    """(rows, FFN seconds, seconds per all-reduce) per layer of the executor's own decode steps of
+def decode_blocks(model: Transformer, batches: tuple[int, ...], steps: int
+                  ) -> list[tuple[float, float, float, float]]:
+    """(rows, FFN seconds, seconds per all-reduce, host seconds) per layer of the executor's own decode steps of
     `block_model` (resident, a 64-token prompt per sequence): its weights streamed from memory between
     the layer's other ops, which on this project's CPU took 1.06x the back-to-back projections' time
     at 1 and 4 rows and 0.83x at 16 (rank 0 of two's shard, between its all-reduces: 1.24x and 1.30x
-    at 1 row); a rank's shard all-reduces twice a layer (0 unsharded). The mean over the layers, the
-    median over `steps` decode steps."""
+    at 1 row); a rank's shard all-reduces twice a layer (0 unsharded). Host seconds: the step's time
+    outside every timed phase over its layers (the layers' Python and the timing itself; on this
+    project's CPU 57-61 us a layer here and 53-58 in SmolLM2's decode, against 30 in the tiny model
+    whose steps measure the launch overhead: a model whose weights stream through the caches slows
+    the host's own work too). The mean over the layers, the median over `steps` decode steps."""
     out = []
     for batch in batches:
         run = generate(model, [[1 + i % 250 for i in range(64)]] * batch, make_policy("resident"),
@@ -140,5 +144,7 @@ def decode_blocks(model: Transformer, batches: tuple[int, ...], steps: int) -> l
         layers = [r.times.layer_phases.values() for r in run.steps[2:]]  # after one warm-up step
         ffn = [statistics.mean(p["ffn"] for p in step) for step in layers]
         comm = [statistics.mean(p.get("comm", 0.0) for p in step) / 2 for step in layers]
-        out.append((float(batch), statistics.median(ffn), statistics.median(comm)))
+        host = [(r.times.wall_s - sum(r.times.step_phases.values()) - sum(sum(p.values()) for p in step))
+                / len(step) for r, step in zip(run.steps[2:], layers, strict=True)]
+        out.append((float(batch), statistics.median(ffn), statistics.median(comm), statistics.median(host)))
     return out

@@ -71,6 +71,10 @@ class Device:
                                            optional=True)
     skew_per_row: float | None = _q("time", 0, 1e-3, doc="building InfiniGen's skew: per query row per KV head",
                                     optional=True)
+    decode_layer_host: float | None = _q("time", 0, 1e-2, doc="host time per decode layer outside its timed phases "
+                                         "(the layer's Python, the policy's hooks, the timing itself), in the "
+                                         "executor's own one-row decode of the calibration block, resident",
+                                         optional=True)
     skew_per_head: float | None = _q("time", 0, 1.0, doc="building InfiniGen's skew: fixed cost per KV head (the "
                                      "SVD's and column choice's own), beside the per-row cost", optional=True)
 

@@ -19,7 +19,7 @@ import numpy as np
 from infinisim.core.errors import InfinisimError
 from infinisim.core.policies import POLICIES as REGISTRY
 from infinisim.core.policies import H2OKnobs, InfiniGenKnobs, Knobs, PolicySpec, budget_cap, partial_width
-from infinisim.sim.costs import Costs, Work
+from infinisim.sim.costs import RESIDENT_HOST_OPS, Costs, Work
 from infinisim.traces.spec import DTYPE_BYTES, ModelSpec
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class Resident(SimPolicy):
     """The cache on the device: nothing moves."""
 
     name = "resident"
-    host_ops = 3
+    host_ops = RESIDENT_HOST_OPS
 
     def decode_counts(self, kv_len: np.ndarray, prompt_len: Any, speculated: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -95,5 +95,6 @@ def test_quick_calibration_writes_a_loadable_profile(tmp_path, capsys):
     assert d.selection_per_score > 0 and d.speculation_sweep and d.prefill_attention_sweep and p.link.sweep
     assert [t for t, _, _ in d.prefill_block_sweep] == [64, 256] and min(min(r[1:]) for r in d.prefill_block_sweep) > 0
     assert [b for b, _ in d.decode_block_sweep] == [1, 4] and min(f for _, f in d.decode_block_sweep) > 0
+    assert 0 < d.decode_layer_host < 1e-2  # the block's decode outside its phases, a layer
     assert [m for m, _ in d.wide_stream_sweep] == [1, 8] and min(bw for _, bw in d.wide_stream_sweep) > 1e8
     assert load_profile(write_profile(p, tmp_path / "again.yaml")).to_dict() == p.to_dict()

@@ -287,6 +287,31 @@ def test_decode_projections_scale_by_the_calibrated_block_decode_over_its_roofli
             assert c.ffn(batch * 256).seconds == roof.ffn(batch * 256).seconds  # a prompt's rows: not a decode step
 
 
+def test_the_calibrated_host_time_outside_a_decode_layers_phases_is_charged_once_a_layer():
+    """A profile whose block decode spent H a layer outside its phases charges every decode layer
+    H less the resident policy's own counted launches, once a layer whatever the batch or policy
+    (the layer's Python), on top of each policy's counted ops; none measured (or less than the
+    launches): nothing extra."""
+    from infinisim.sim.costs import RESIDENT_HOST_OPS
+
+    plain = replace(load_profile("a6000-pcie3"), kind="cpu")
+    launch, spec = plain.device.launch_overhead, named_model("smollm2-135m")
+    measured = replace(plain, device=replace(plain.device, decode_layer_host=60e-6))
+    below = replace(plain, device=replace(plain.device, decode_layer_host=RESIDENT_HOST_OPS * launch / 2))
+    extra = 60e-6 - RESIDENT_HOST_OPS * launch
+    for batch, apart in ((1, False), (8, False), (8, True)):
+        for ops in (RESIDENT_HOST_OPS, 14):
+            base = Costs(plain, spec, "float32", batch, apart=apart).bookkeeping(ops)
+            with_host = Costs(measured, spec, "float32", batch, apart=apart).bookkeeping(ops)
+            assert with_host.kernels == base.kernels and with_host.seconds == pytest.approx(base.seconds + extra)
+            assert Costs(below, spec, "float32", batch, apart=apart).bookkeeping(ops) == base
+    for policy in ("resident", "full"):  # a whole step: the bookkeeping phase grows by layers x extra
+        w = synthetic(spec, 1, 64, 4, policy, "float32")
+        phase = PHASES.index("bookkeeping")
+        steps = [simulate(w, p, memory=memory_plan(w, p)).phase_s[2, :, phase].sum() for p in (plain, measured)]
+        assert steps[1] - steps[0] == pytest.approx(spec.n_layers * extra)
+
+
 def test_a_vocabulary_wide_projection_streams_at_the_wide_sweeps_rate():
     """With a wide sweep (a 1024 x 32768 weight: 20 GB/s at 1 row, 5 at 8, 10 at 16), a weight of the
     grid's aspect (k x 2k) streams at the grid's rate, one of the wide aspect or wider (the LM head) at
